@@ -1,0 +1,168 @@
+"""tools/peft_config.py: configs that load into real peft/transformers, names from the module tree."""
+
+from __future__ import annotations
+
+import pytest
+
+from tools.models import hf_config, spec_from_config
+from tools.peft_config import PeftConfigError, PeftConfigResult, attention_modules, linear_modules, peft_config
+from tools.schemas import TrainingSetup
+
+TINY_LLAMA = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": False,
+    "bos_token_id": 1, "eos_token_id": 2,
+}
+TINY_GPT2 = {
+    "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 3,
+    "n_head": 4, "vocab_size": 256, "n_positions": 128, "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return spec_from_config(dict(TINY_LLAMA), "tiny/llama", "test")
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return spec_from_config(dict(TINY_GPT2), "tiny/gpt2", "test")
+
+
+def _real_model(spec, task="causal-lm", num_labels=2):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = hf_config(spec)
+    if task == "sequence-classification":
+        cfg.num_labels = num_labels
+        cfg.pad_token_id = 0
+        return transformers.AutoModelForSequenceClassification.from_config(cfg)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def _wrap(spec, result: PeftConfigResult, task="causal-lm", num_labels=2):
+    import peft
+
+    model = _real_model(spec, task, num_labels)
+    pm = peft.get_peft_model(model, peft.LoraConfig(**result.lora_config))
+    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    return pm, trainable
+
+
+def test_module_names_come_from_the_llama_tree(llama):
+    assert linear_modules(llama) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert attention_modules(llama) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def test_gpt2_conv1d_names_and_unambiguous_attention_targets(gpt2):
+    # GPT-2 uses Conv1D, and 'c_proj' exists both in attention and in the MLP
+    assert linear_modules(gpt2) == ["c_attn", "c_proj", "c_fc"]
+    names = attention_modules(gpt2)
+    assert names == ["c_attn", "attn.c_proj"]
+    setup = TrainingSetup(model_id=gpt2.model_id, target_modules=names, r=8, lora_alpha=16)
+    result = peft_config(gpt2, setup)
+    pm, trainable = _wrap(gpt2, result)
+    wrapped = {n for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped and all(".attn." in n for n in wrapped)
+    assert not any(".mlp." in n for n in wrapped)
+    assert trainable == result.trainable_parameters
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "attention"])
+def test_lora_config_wraps_a_real_llama_and_counts_match(llama, targets):
+    tm = "all-linear" if targets == "all-linear" else attention_modules(llama)
+    setup = TrainingSetup(model_id=llama.model_id, method="lora", r=8, lora_alpha=16, target_modules=tm)
+    result = peft_config(llama, setup)
+    pm, trainable = _wrap(llama, result)
+    assert trainable == result.trainable_parameters
+    assert result.total_parameters == sum(p.numel() for p in pm.parameters())
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in pm.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    assert wrapped == set(result.target_modules)
+    assert "lm_head" not in result.target_modules
+
+
+def test_dora_counts_magnitude_vectors(llama):
+    plain = peft_config(llama, TrainingSetup(model_id=llama.model_id, r=8, lora_alpha=8))
+    dora = peft_config(llama, TrainingSetup(model_id=llama.model_id, r=8, lora_alpha=8, use_dora=True))
+    _, trainable = _wrap(llama, dora)
+    assert trainable == dora.trainable_parameters > plain.trainable_parameters
+    assert any("DoRA" in g for g in dora.guidance)
+
+
+def test_sequence_classification_counts_the_head(llama):
+    setup = TrainingSetup(model_id=llama.model_id, task="sequence-classification", num_labels=3, r=8, lora_alpha=16)
+    result = peft_config(llama, setup)
+    assert result.lora_config["task_type"] == "SEQ_CLS"
+    _, trainable = _wrap(llama, result, task="sequence-classification", num_labels=3)
+    assert trainable == result.trainable_parameters
+
+
+def test_qlora_bnb_config_constructs_and_python_execs(llama):
+    import torch
+    import transformers
+    import peft
+
+    setup = TrainingSetup(
+        model_id=llama.model_id, method="qlora", load_in_4bit=True, r=16, lora_alpha=32,
+        bnb_4bit_quant_storage="bf16", num_gpus=2, fsdp="full_shard",
+    )
+    result = peft_config(llama, setup)
+    bnb = transformers.BitsAndBytesConfig(**result.bnb_config)
+    assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
+    assert bnb.bnb_4bit_compute_dtype == torch.bfloat16
+    assert bnb.bnb_4bit_quant_storage == torch.bfloat16
+    namespace: dict = {}
+    exec(compile(result.python, "<generated>", "exec"), namespace)
+    assert isinstance(namespace["bnb_config"], transformers.BitsAndBytesConfig)
+    assert isinstance(namespace["lora_config"], peft.LoraConfig)
+    assert namespace["lora_config"].r == 16
+    assert set(namespace["lora_config"].target_modules) == set(result.target_modules)
+    assert namespace["bnb_config"].bnb_4bit_quant_storage == torch.bfloat16
+    assert any("30%" in g for g in result.guidance)
+
+
+def test_fp16_gpu_and_fsdp_storage_guidance(llama):
+    setup = TrainingSetup(
+        model_id=llama.model_id, method="qlora", load_in_4bit=True, bf16=False, fp16=True, dtype="fp16",
+        bnb_4bit_compute_dtype="fp16", num_gpus=2, zero_stage=3,
+    )
+    result = peft_config(llama, setup)
+    assert result.bnb_config["bnb_4bit_compute_dtype"] == "float16"
+    # ZeRO-3 cannot shard uint8-stored 4-bit weights: the guidance says what to set
+    assert any(g.startswith("bnb_4bit_quant_storage") and "fp16" in g for g in result.guidance)
+
+
+def test_rank_alignment_and_alpha_guidance(llama):
+    odd = peft_config(llama, TrainingSetup(model_id=llama.model_id, r=12, lora_alpha=24))
+    assert any("r=12 is neither" in g and "r=16" in g for g in odd.guidance)
+    aligned = peft_config(llama, TrainingSetup(model_id=llama.model_id, r=64, lora_alpha=16, use_rslora=True))
+    assert any("power of two" in g for g in aligned.guidance)
+    assert any("sqrt(r) = 2.00" in g for g in aligned.guidance)
+
+
+def test_full_fine_tuning_has_no_adapter(llama):
+    result = peft_config(llama, TrainingSetup(model_id=llama.model_id, method="full"))
+    assert result.lora_config is None and result.bnb_config is None
+    assert result.trainable_parameters == llama.num_parameters
+    compile(result.python, "<generated>", "exec")
+
+
+def test_unknown_target_module_names_the_field(llama):
+    with pytest.raises(PeftConfigError, match="target_modules: c_attn not found.*q_proj"):
+        peft_config(llama, TrainingSetup(model_id=llama.model_id, target_modules=["c_attn"]))
+
+
+def test_unsupported_method_is_a_clear_error(llama):
+    with pytest.raises(PeftConfigError, match="method: 'ia3'"):
+        peft_config(llama, TrainingSetup(model_id=llama.model_id, method="ia3"))
+
+
+def test_full_depth_count_extrapolates_exactly():
+    # 1- and 2-layer meta models give the full-depth count: check against peft on a 5-layer real model
+    spec = spec_from_config(dict(TINY_LLAMA, num_hidden_layers=5), "tiny/llama5", "test")
+    result = peft_config(spec, TrainingSetup(model_id=spec.model_id, r=4, lora_alpha=8))
+    _, trainable = _wrap(spec, result)
+    assert trainable == result.trainable_parameters
