@@ -138,9 +138,32 @@ def ask() -> None:
 
 
 @app.command()
-def slack() -> None:
-    """Run the Slack bot."""
-    raise NotImplementedError
+def slack(
+    http: bool = typer.Option(False, "--http", help="Serve Slack's Events API over HTTP (needs SLACK_SIGNING_SECRET) instead of Socket Mode (SLACK_APP_TOKEN)."),
+    port: int = typer.Option(3000, "--port", help="Port for --http; Slack posts to http://HOST:PORT/slack/events."),
+    db: Optional[Path] = typer.Option(None, "--db", help="SQLite file keeping every thread's conversation (default $TUNEPILOT_HOME/slack.sqlite)."),
+    trial_users: Optional[str] = typer.Option(None, "--trial-users", help="Comma-separated Slack user ids allowed to start trial runs (default $TUNEPILOT_SLACK_TRIAL_USERS; nobody if unset)."),
+    llm: Optional[str] = typer.Option(None, "--llm", help="Chat model as provider:model, e.g. openai:gpt-4o-mini (default $TUNEPILOT_LLM)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server URL (vLLM, Ollama, llama.cpp, LM Studio)."),
+    slack_api_url: Optional[str] = typer.Option(None, "--slack-api-url", help="Slack Web API base URL (default https://slack.com/api/; for Slack-compatible gateways)."),
+) -> None:
+    """Run the Slack bot: answers mentions, DMs and thread follow-ups; uploads train.py to the thread."""
+    from pydantic import ValidationError
+
+    from tools.schemas import format_validation_error
+
+    if not 1 <= port <= 65535:
+        fail(f"--port {port}: choose a port between 1 and 65535")
+    try:
+        from agent.slack_bot import run
+
+        run(http=http, port=port, db=db, trial_users=trial_users, llm=llm, base_url=base_url, slack_api_url=slack_api_url)
+    except TunepilotError as e:
+        fail(str(e))
+    except ValidationError as e:
+        fail(format_validation_error(e))
+    except KeyboardInterrupt:
+        err_console.print("Slack bot stopped")
 
 
 def main() -> None:
