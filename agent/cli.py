@@ -68,21 +68,110 @@ def _root(
 def models(query: Optional[str] = typer.Argument(None, help="Filter by substring of the id or family."),
            json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the bundled model catalog."""
-    raise NotImplementedError
+    from rich.table import Table
+
+    from tools.models import search_catalog
+
+    try:
+        found = search_catalog(query or "")
+    except TunepilotError as e:
+        fail(str(e))
+    if json_out:
+        print_json([m.model_dump(mode="json", exclude={"config"}) for m in found])
+        return
+    if not found:
+        fail(f"no catalog model matches {query!r}; run `tunepilot models` for the full list, or `tunepilot model HUB_ID` for any Hub model")
+    from rich import box
+
+    table = Table(title=f"Model catalog ({len(found)} models)" + (f" matching {query!r}" if query else ""),
+                  box=box.SIMPLE_HEAD, caption="architecture: transformers class without 'ForCausalLM'")
+    for col, justify in (("id", "left"), ("architecture", "left"), ("params B", "right"), ("layers", "right"),
+                         ("hidden", "right"), ("heads/kv", "right"), ("context", "right"), ("MoE", "left")):
+        table.add_column(col, justify=justify, no_wrap=col == "id")
+    for m in found:
+        moe = f"{m.num_experts}x{m.num_experts_per_tok}" if m.is_moe else ""
+        ctx = f"{m.max_position_embeddings:,}" if m.max_position_embeddings else "-"
+        arch = m.architecture.removesuffix("ForCausalLM")
+        table.add_row(m.model_id, arch, f"{m.num_parameters / 1e9:.2f}", str(m.num_hidden_layers),
+                      str(m.hidden_size), f"{m.num_attention_heads}/{m.num_key_value_heads}", ctx, moe)
+    console.print(table)
 
 
 @app.command()
 def model(model_id: str = typer.Argument(..., help="Hub id, catalog name or local path (config.json or model dir)."),
           json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show one model's architecture and exact parameter count."""
-    raise NotImplementedError
+    from rich.table import Table
+
+    from tools.models import lookup_model
+    from tools.schemas import ModelSpec
+
+    try:
+        spec = lookup_model(model_id)
+    except TunepilotError as e:
+        fail(str(e))
+    if json_out:
+        print_json(spec)
+        return
+    table = Table(title=spec.model_id, show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for name, field in ModelSpec.model_fields.items():
+        if name == "config":
+            continue
+        value = getattr(spec, name)
+        if name == "num_parameters":
+            value = f"{value:,} ({value / 1e9:.2f} B)"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,}"
+        table.add_row(name, "-" if value is None else str(value))
+    console.print(table)
 
 
 @app.command()
 def gpus(json_out: bool = typer.Option(False, "--json", help="Print JSON."),
          local: bool = typer.Option(False, "--local", help="Detect the GPUs of this machine instead of listing the catalog.")) -> None:
     """List the GPU catalog, or detect local GPUs."""
-    raise NotImplementedError
+    from rich.table import Table
+
+    from tools.gpus import detect_hardware, gpu_catalog
+
+    def fmt(x, spec: str = "g") -> str:
+        return "-" if x is None else format(x, spec)
+
+    if local:
+        try:
+            hw = detect_hardware()
+        except TunepilotError as e:
+            fail(str(e))
+        if json_out:
+            print_json(hw)
+            return
+        table = Table(title="GPUs on this machine")
+        for col in ("GPUs", "GPU", "memory GiB", "free GiB", "bf16", "bf16/fp16 TFLOPs", "host RAM GiB"):
+            table.add_column(col)
+        free = ", ".join(f"{f:.1f}" for f in hw.free_memory_gib) if hw.free_memory_gib else "-"
+        g = hw.gpu
+        table.add_row(str(hw.num_gpus), g.name, f"{g.memory_gib:.2f}", free, "yes" if g.bf16 else "no",
+                      f"{fmt(g.bf16_tflops)}/{fmt(g.fp16_tflops)}", fmt(hw.host_ram_gib, ".1f"))
+        console.print(table)
+        return
+
+    try:
+        catalog = sorted(gpu_catalog(), key=lambda g: (-g.memory_gib, g.name))
+    except TunepilotError as e:
+        fail(str(e))
+    if json_out:
+        print_json([g.model_dump(mode="json") for g in catalog])
+        return
+    table = Table(title=f"GPU catalog: {len(catalog)} GPUs", caption="GiB: total as nvidia-smi shows it; TFLOPs: dense bf16/fp16 tensor "
+                  "(FP32 accumulate); GB/s: memory bandwidth; CC: compute capability. Sources: --json")
+    for col, justify in (("GPU", "left"), ("GiB", "right"), ("bf16", "center"), ("TFLOPs", "right"), ("GB/s", "right"), ("CC", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)
+    for g in catalog:
+        table.add_row(g.name, f"{g.memory_gib:.2f}", "yes" if g.bf16 else "no", f"{fmt(g.bf16_tflops)}/{fmt(g.fp16_tflops)}",
+                      fmt(g.memory_bandwidth_gbs), g.compute_capability or "-")
+    console.print(table)
 
 
 # ---------------------------------------------------------------------------------------

@@ -254,7 +254,11 @@ def parse_hardware(text: str) -> HardwareSpec:
         if m and not _is_gpu(rest):  # "2 A100", but "3090 Ti" is one GPU
             readings.append((int(m.group(1)), m.group(2)))
     if readings:
-        count, rest = next((r for r in readings if _is_gpu(r[1])), readings[0])
+        good = [r for r in readings if _is_gpu(r[1])]
+        if good:
+            count, rest = good[0]
+        elif not _is_gpu(rest):  # "RTX 4090" also reads as "RT" x 4090: the whole text wins
+            count, rest = readings[0]
     if count < 1:
         raise TunepilotError(f"hardware {text!r}: GPU count must be at least 1")
     if nodes < 1:
@@ -301,9 +305,17 @@ def _visible(rows: list[tuple[str, float, float | None]]) -> list[tuple[str, flo
     return picked
 
 
+# Device nodes a GPU driver creates (NVIDIA, AMD ROCm, WSL). Without any of them, importing
+# torch only to hear "no CUDA" costs seconds, so detection skips it.
+_GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg", "/proc/driver/nvidia")
+
+
 def _from_torch() -> list[tuple[str, float, float | None]] | None:
     import importlib.util
+    import sys
 
+    if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in _GPU_DEVICE_NODES):
+        return None
     if importlib.util.find_spec("torch") is None:
         return None
     import torch
