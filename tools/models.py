@@ -167,10 +167,11 @@ def _to_pretrained_config(config: dict[str, Any], **overrides: Any):
     hf_logging.set_verbosity_error()  # legacy-value notices are not the user's business
     try:
         return AutoConfig.for_model(model_type, **text)
-    except ValueError as e:
-        if "Unrecognized model" in str(e) or "model_type" in str(e):
+    except Exception as e:  # transformers raises ValueError or huggingface_hub StrictDataclass*Error
+        if isinstance(e, ValueError) and "Unrecognized model" in str(e):
             raise _UnknownArchitecture(model_type) from None
-        raise TunepilotError(f"config.json for model_type {model_type!r} is invalid: {e}") from None
+        detail = " ".join(str(e).split())
+        raise TunepilotError(f"config.json (model_type {model_type!r}) is invalid: {detail[:300]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -361,12 +362,15 @@ def _hub_cache_dir() -> Path:
 
 
 def _from_cache(repo: str) -> ModelSpec | None:
+    cache_dir = _hub_cache_dir()
+    if not (cache_dir / f"models--{repo.replace('/', '--')}").is_dir():
+        return None  # nothing cached: skip importing huggingface_hub
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - core dependency
         return None
     try:
-        found = try_to_load_from_cache(repo, "config.json", cache_dir=str(_hub_cache_dir()))
+        found = try_to_load_from_cache(repo, "config.json", cache_dir=str(cache_dir))
     except Exception:  # malformed ids and unreadable caches mean "not cached"
         return None
     if not isinstance(found, str):
@@ -396,46 +400,82 @@ def _save_to_cache(repo: str, body: bytes, commit: str | None) -> None:
         pass
 
 
-def _hub(repo: str, timeout: float) -> ModelSpec:
-    import httpx
+def _http_get(url: str, headers: dict[str, str], timeout: float, connect_timeout: float) -> tuple[int, dict[str, str], bytes]:
+    """One GET with a short connect timeout and no retries (follows up to 5 redirects)."""
+    import http.client
+    import ssl
+    from urllib.parse import urljoin, urlsplit
 
+    for _ in range(6):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise OSError(f"bad URL {url!r}")
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=connect_timeout,
+                                               context=ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=connect_timeout)
+        try:
+            conn.connect()
+            conn.sock.settimeout(timeout)
+            path = parts.path + (f"?{parts.query}" if parts.query else "")
+            conn.request("GET", path or "/", headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            hdrs = {k.lower(): v for k, v in resp.getheaders()}
+        finally:
+            conn.close()
+        if resp.status in (301, 302, 303, 307, 308) and hdrs.get("location"):
+            new = urljoin(url, hdrs["location"])
+            if urlsplit(new).hostname != parts.hostname:
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}  # no token to CDNs
+            url = new
+            continue
+        return resp.status, hdrs, body
+    raise OSError("too many redirects")
+
+
+def _hub(repo: str, timeout: float) -> ModelSpec:
     endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     url = f"{endpoint}/{repo}/resolve/main/config.json"
-    headers = {"User-Agent": "tunepilot"}
+    headers = {"User-Agent": "tunepilot", "Accept": "application/json"}
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    # one attempt, a connect timeout well under a second: an unreachable Hub fails fast
-    limits = httpx.Timeout(timeout, connect=min(timeout, 0.8))
     try:
-        resp = httpx.get(url, headers=headers, timeout=limits, follow_redirects=True)
-    except httpx.HTTPError as e:
+        # one attempt and a connect timeout well under a second: an unreachable Hub fails fast
+        code, hdrs, body = _http_get(url, headers, timeout=timeout, connect_timeout=min(timeout, 0.7))
+    except (OSError, _http_exceptions()) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise ModelNotFoundError(
-            f"{repo!r} is not in the catalog and the Hugging Face Hub is unreachable ({endpoint}: {type(e).__name__}); "
+            f"{repo!r} is not in the catalog and the Hugging Face Hub is unreachable ({endpoint}: {reason}); "
             f"give a local path to a config.json or model directory, a catalog name ({_did_you_mean(repo)}), "
-            "or pre-download it with `huggingface-cli download " + repo + " config.json`"
+            f"or pre-download it into the HF cache with `huggingface-cli download {repo} config.json`"
         ) from None
-    code = resp.status_code
-    err = resp.headers.get("x-error-code", "")
-    if code == 404 or err in ("RepoNotFound", "EntryNotFound"):
+    err = hdrs.get("x-error-code", "")
+    if code == 404 or err in ("RepoNotFound", "EntryNotFound", "RevisionNotFound"):
         raise ModelNotFoundError(
             f"no such repo on the Hub: {repo!r} (or it is private: set HF_TOKEN); {_did_you_mean(repo)}"
         )
     if code in (401, 403):
-        how = "HF_TOKEN is set but was refused" if token else "set HF_TOKEN"
-        raise ModelNotFoundError(
-            f"{repo!r} is gated on the Hub: {how} and accept the licence at {endpoint}/{repo}"
-        )
+        how = "HF_TOKEN was refused: check it" if token else "set HF_TOKEN"
+        raise ModelNotFoundError(f"{repo!r} is gated on the Hub: {how} and accept the licence at {endpoint}/{repo}")
     if code != 200:
         raise ModelNotFoundError(f"the Hub answered HTTP {code} for {url}; try again later or give a local config.json")
     try:
-        config = json.loads(resp.content)
-    except json.JSONDecodeError:
+        config = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ModelNotFoundError(f"the Hub's config.json for {repo!r} is not valid JSON") from None
     if not isinstance(config, dict):
         raise ModelNotFoundError(f"the Hub's config.json for {repo!r} is not a JSON object")
-    _save_to_cache(repo, resp.content, resp.headers.get("x-repo-commit"))
+    _save_to_cache(repo, body, hdrs.get("x-repo-commit"))
     return spec_from_config(config, repo, source="hub")
+
+
+def _http_exceptions() -> type[Exception]:
+    import http.client
+
+    return http.client.HTTPException
 
 
 def lookup_model(ref: str, *, hub: bool = True, timeout: float = 3.0) -> ModelSpec:
