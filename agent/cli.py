@@ -215,15 +215,42 @@ def trial() -> None:
 # ---------------------------------------------------------------------------------------
 
 @app.command()
-def chat() -> None:
+def chat(
+    llm: Optional[str] = typer.Option(None, "--llm", help="Chat model as provider:model, e.g. openai:gpt-4o-mini (default: $TUNEPILOT_LLM)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server (vLLM, Ollama, llama.cpp, LM Studio), e.g. http://localhost:11434/v1."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the last conversation."),
+) -> None:
     """Interactive chat with the tunepilot agent."""
-    raise NotImplementedError
+    from agent.chat import chat_main
+
+    try:
+        chat_main(llm=llm, base_url=base_url, resume=resume)
+    except TunepilotError as e:
+        fail(str(e))
 
 
 @app.command()
-def ask() -> None:
+def ask(
+    question: str = typer.Argument(..., help="Your question, e.g. \"Can I fine-tune Llama-3.1-8B on one RTX 4090?\""),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON: answer, setup, tool_calls."),
+    llm: Optional[str] = typer.Option(None, "--llm", help="Chat model as provider:model, e.g. openai:gpt-4o-mini (default: $TUNEPILOT_LLM)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server (vLLM, Ollama, llama.cpp, LM Studio), e.g. http://localhost:11434/v1."),
+) -> None:
     """One-shot question to the agent."""
-    raise NotImplementedError
+    from agent.chat import ask_once
+    from agent.core import agent_error_message
+
+    try:
+        ask_once(question, llm=llm, base_url=base_url, json_out=json_out, out=console, err=err_console)
+    except TunepilotError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted", code=130)
+    except Exception as e:  # noqa: BLE001 - the edge: chat-model faults become one line
+        message = agent_error_message(e, strict=True)
+        if not message:
+            raise
+        fail(message)
 
 
 @app.command()

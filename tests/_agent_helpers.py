@@ -6,7 +6,7 @@
   them. `bind_tools` returns the model itself. Every call's messages are kept in `.seen`.
 - `OpenAIStub`: a threaded HTTP server on 127.0.0.1 speaking `/v1/chat/completions` (plain
   JSON, or SSE when the request has `"stream": true`) with scripted replies; it records
-  every request body in `.requests`. Use it with the real `openai` client:
+  every request in `.requests` as {"body", "headers" (lower-case names)}. Use it with the real `openai` client:
   `--llm openai:stub-model --base-url stub.base_url`.
 - `tool_call(name, **args)` / `final(text)` build script entries for both.
 """
@@ -151,7 +151,7 @@ class OpenAIStub:
                     self._json(404, {"error": {"message": f"no route {self.path}"}})
                     return
                 with stub._lock:
-                    stub.requests.append({"body": body, "headers": dict(self.headers)})
+                    stub.requests.append({"body": body, "headers": {k.lower(): v for k, v in self.headers.items()}})
                     i = len(stub.requests) - 1
                     reply = stub.replies[min(i, len(stub.replies) - 1)]
                 if callable(reply):

@@ -1,0 +1,323 @@
+"""The interactive `tunepilot chat` REPL and the one-shot `tunepilot ask`.
+
+Front end only: the agent (agent/core.py) does the work; this module reads lines, streams
+the answer, shows each tool call as one compact step and handles slash commands.
+Conversations persist in `$TUNEPILOT_HOME/chat.sqlite` (a LangGraph SqliteSaver) and the
+last thread id in `$TUNEPILOT_HOME/chat_thread`, so `--resume` continues it. Line editing
+and history use prompt_toolkit on a terminal; piped input falls back to plain `input()`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Callable, Optional
+
+from rich.console import Console
+from rich.markup import escape
+
+from tools.schemas import TunepilotError
+
+HELP = """\
+Ask in plain words (English or Korean), e.g. "Can I fine-tune Llama-3.1-8B on one RTX 4090?"
+  /setup        show the current training setup as YAML
+  /save PATH    write the generated train.py (renders one from the current setup if needed)
+  /model SPEC   switch the chat model, e.g. /model openai:gpt-4o-mini
+  /reset        start a new conversation
+  /help         this help
+  /quit         leave (Ctrl-D works too; Ctrl-C cancels the current answer)"""
+
+
+def _fmt_value(v) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def format_step(step: dict) -> str:
+    """One line for a tool call: name, key arguments, duration, status."""
+    args = ", ".join(f"{k}={_fmt_value(v)}" for k, v in list((step.get("args") or {}).items())[:5])
+    mark = "[green]ok[/]" if step.get("status") == "ok" else "[red]error[/]"
+    line = f"  [dim]→[/] [cyan]{escape(step['tool'])}[/]([dim]{escape(args)}[/]) {step.get('seconds', 0):.1f}s {mark}"
+    if step.get("status") != "ok" and step.get("error"):
+        line += f" [dim]{escape(step['error'][:120])}[/]"
+    return line
+
+
+# --------------------------------------------------------------------------------------
+# Persistence
+# --------------------------------------------------------------------------------------
+
+
+def _home() -> Path:
+    from agent.core import home_dir
+
+    home = home_dir()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def open_checkpointer(path: Path):
+    """A SqliteSaver on `path` (the connection is closed with the process)."""
+    import sqlite3
+
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    conn = sqlite3.connect(str(path), check_same_thread=False)
+    saver = SqliteSaver(conn)
+    saver.setup()
+    return saver
+
+
+def _thread_file() -> Path:
+    return _home() / "chat_thread"
+
+
+def last_thread_id() -> Optional[str]:
+    """The thread id of the last chat, if any."""
+    p = _thread_file()
+    if p.is_file():
+        t = p.read_text(encoding="utf-8").strip()
+        return t or None
+    return None
+
+
+def _new_thread() -> str:
+    tid = f"chat-{uuid.uuid4().hex[:12]}"
+    _thread_file().write_text(tid, encoding="utf-8")
+    return tid
+
+
+# --------------------------------------------------------------------------------------
+# ask
+# --------------------------------------------------------------------------------------
+
+
+def ask_once(question: str, *, llm: Optional[str] = None, base_url: Optional[str] = None, json_out: bool = False,
+             out: Optional[Console] = None, err: Optional[Console] = None, allow_trial: bool = True) -> dict:
+    """Answer one question with a fresh in-memory thread; prints the answer (or JSON) and returns TurnResult.to_json()."""
+    from agent.core import build_agent, run_turn
+    from agent.llm import make_chat_model
+
+    out = out or Console()
+    err = err or Console(stderr=True)
+    model = make_chat_model(llm, base_url=base_url)
+    agent = build_agent(model, workdir=_home() / "work")
+    streamed: list[str] = []
+
+    def on_token(piece: str) -> None:
+        streamed.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    def on_step(step: dict) -> None:
+        if not json_out:
+            if streamed and not "".join(streamed).endswith("\n"):
+                sys.stdout.write("\n")
+                streamed.clear()
+            err.print(format_step(step), highlight=False)
+
+    result = run_turn(agent, f"ask-{uuid.uuid4().hex[:8]}", question, on_step=on_step,
+                      on_token=None if json_out else on_token, allow_trial=allow_trial)
+    data = result.to_json()
+    if json_out:
+        sys.stdout.write(json.dumps({"answer": data["answer"], "setup": data["setup"], "tool_calls": data["tool_calls"],
+                                     "script_path": data["script_path"]}, indent=2, ensure_ascii=False) + "\n")
+    else:
+        text = "".join(streamed)
+        if result.answer and result.answer.strip() not in text:
+            # tokens did not arrive as a stream (or the turn was stopped): print the whole answer
+            sys.stdout.write(("\n" if text and not text.endswith("\n") else "") + result.answer + "\n")
+        elif not text.endswith("\n"):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+    return data
+
+
+# --------------------------------------------------------------------------------------
+# chat
+# --------------------------------------------------------------------------------------
+
+
+class ChatSession:
+    """One interactive chat: a model, an agent over a persistent checkpointer, and a thread."""
+
+    def __init__(self, *, llm: Optional[str] = None, base_url: Optional[str] = None, resume: bool = False,
+                 console: Optional[Console] = None, allow_trial: bool = True):
+        from agent.llm import make_chat_model
+
+        self.console = console or Console()
+        self.base_url = base_url
+        self.llm = llm
+        self.allow_trial = allow_trial
+        self.model = make_chat_model(llm, base_url=base_url)  # raises LLMNotConfiguredError before any prompt
+        self.checkpointer = open_checkpointer(_home() / "chat.sqlite")
+        self.thread_id = (last_thread_id() if resume else None) or _new_thread()
+        self.resumed = resume and self.thread_id == last_thread_id()
+        self.agent = self._build()
+
+    def _build(self):
+        from agent.core import build_agent
+
+        return build_agent(self.model, checkpointer=self.checkpointer, workdir=_home() / "work")
+
+    # -- slash commands ------------------------------------------------------------------
+    def command(self, line: str) -> bool:
+        """Run a slash command; False means quit."""
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        name = name.lower()
+        c = self.console
+        if name in ("/quit", "/exit", "/q"):
+            return False
+        if name == "/help":
+            c.print(escape(HELP), highlight=False)
+        elif name == "/reset":
+            self.thread_id = _new_thread()
+            c.print("[dim]new conversation[/]")
+        elif name == "/setup":
+            self._show_setup()
+        elif name == "/save":
+            self._save(arg)
+        elif name == "/model":
+            self._switch_model(arg)
+        else:
+            c.print(f"[yellow]unknown command {escape(name)}[/]; /help lists them", highlight=False)
+        return True
+
+    def _state(self) -> dict:
+        from agent.core import thread_state
+
+        return thread_state(self.agent, self.thread_id)
+
+    def _show_setup(self) -> None:
+        from rich.syntax import Syntax
+
+        setup = self._state()["setup"]
+        if setup is None:
+            self.console.print("[dim]no setup yet: ask for a plan first (e.g. 'plan Llama-3.1-8B on a 4090')[/]")
+            return
+        self.console.print(f"[bold]{escape(setup.short())}[/]", highlight=False)
+        self.console.print(Syntax(setup.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
+
+    def _save(self, arg: str) -> None:
+        if not arg:
+            self.console.print("[yellow]usage: /save PATH[/] (e.g. /save train.py)")
+            return
+        state = self._state()
+        script = state["script"]
+        if script is None:
+            if state["setup"] is None:
+                self.console.print("[yellow]nothing to save yet[/]: ask for a plan or a script first")
+                return
+            from tools.script import render_script
+
+            script = render_script(state["setup"]).train_py
+        path = Path(arg).expanduser()
+        try:
+            if path.parent and not path.parent.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(script, encoding="utf-8")
+        except OSError as e:
+            self.console.print(f"[red]error:[/] cannot write {escape(str(path))}: {escape(e.strerror or str(e))}", highlight=False)
+            return
+        self.console.print(f"saved {escape(str(path))} ({script.count(chr(10)) + 1} lines); run it with: python {escape(str(path))}", highlight=False)
+
+    def _switch_model(self, spec: str) -> None:
+        from agent.llm import make_chat_model
+
+        if not spec:
+            self.console.print(f"[dim]model: {escape(self.llm or '$TUNEPILOT_LLM')}[/]; usage: /model provider:model", highlight=False)
+            return
+        try:
+            self.model = make_chat_model(spec, base_url=self.base_url)
+        except TunepilotError as e:
+            self.console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+            return
+        self.llm = spec
+        self.agent = self._build()
+        self.console.print(f"[dim]now using {escape(spec)} (same conversation)[/]", highlight=False)
+
+    # -- one turn --------------------------------------------------------------------------
+    def turn(self, text: str) -> None:
+        """Send one message; stream the answer; every failure ends in one line and the session goes on."""
+        from agent.core import agent_error_message, run_turn
+
+        c = self.console
+        streamed: list[str] = []
+
+        def on_token(piece: str) -> None:
+            if not streamed:
+                c.print("[bold magenta]tunepilot[/] ", end="")
+            streamed.append(piece)
+            c.file.write(piece)
+            c.file.flush()
+
+        def on_step(step: dict) -> None:
+            if streamed:
+                if not "".join(streamed).endswith("\n"):
+                    c.file.write("\n")
+                streamed.clear()
+            c.print(format_step(step), highlight=False)
+
+        try:
+            result = run_turn(self.agent, self.thread_id, text, on_step=on_step, on_token=on_token, allow_trial=self.allow_trial)
+        except KeyboardInterrupt:
+            c.print("\n[yellow]cancelled[/]")
+            return
+        except Exception as e:  # noqa: BLE001 - the edge: one line, the session survives
+            c.print(f"\n[red]error:[/] {escape(agent_error_message(e))}" if streamed else f"[red]error:[/] {escape(agent_error_message(e))}", highlight=False)
+            return
+        shown = "".join(streamed)
+        if result.answer and result.answer.strip() not in shown:
+            if shown and not shown.endswith("\n"):
+                c.file.write("\n")
+            c.print("[bold magenta]tunepilot[/] " + escape(result.answer), highlight=False)
+        elif shown and not shown.endswith("\n"):
+            c.file.write("\n")
+            c.file.flush()
+
+    # -- the loop --------------------------------------------------------------------------
+    def _reader(self) -> Callable[[], str]:
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            from prompt_toolkit import PromptSession
+            from prompt_toolkit.history import FileHistory
+
+            session = PromptSession(history=FileHistory(str(_home() / "chat_history")))
+            return lambda: session.prompt("you› ")
+
+        def plain() -> str:
+            self.console.print("you› ", end="")
+            self.console.file.flush()
+            return input()
+
+        return plain
+
+    def loop(self) -> None:
+        """Read lines until /quit or end of input."""
+        c = self.console
+        what = "resumed conversation" if self.resumed else "new conversation"
+        c.print(f"[bold]tunepilot chat[/] [dim]({what} {self.thread_id}; /help for commands, /quit to leave)[/]", highlight=False)
+        read = self._reader()
+        while True:
+            try:
+                line = read()
+            except KeyboardInterrupt:
+                continue  # Ctrl-C at the prompt: a fresh line
+            except EOFError:
+                c.print()
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    break
+                continue
+            self.turn(line)
+
+
+def chat_main(*, llm: Optional[str] = None, base_url: Optional[str] = None, resume: bool = False) -> None:
+    """Run the interactive chat until the user leaves."""
+    ChatSession(llm=llm, base_url=base_url, resume=resume).loop()
