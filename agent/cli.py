@@ -189,9 +189,103 @@ def estimate() -> None:
 # ---------------------------------------------------------------------------------------
 
 @app.command()
-def plan() -> None:
+def plan(
+    model_ref: str = typer.Argument(..., metavar="MODEL", help="Hub id, catalog name or local path (config.json or model dir)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Hardware, e.g. '4090', '2x A100 80GB', '24GB'."),
+    local: bool = typer.Option(False, "--local", help="Plan for the GPUs of this machine."),
+    seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per training sequence."),
+    dataset_tokens: Optional[int] = typer.Option(None, "--dataset-tokens", help="Training tokens per epoch (for time and cost)."),
+    dataset_examples: Optional[int] = typer.Option(None, "--dataset-examples", help="Training examples per epoch (tokens = examples x seq-len)."),
+    effective_batch: int = typer.Option(16, "--effective-batch", help="Sequences per optimizer step across GPUs (micro-batch x accumulation x GPUs)."),
+    method: str = typer.Option("auto", "--method", help="auto | full | lora | qlora."),
+    price_per_gpu_hour: Optional[float] = typer.Option(None, "--price-per-gpu-hour", help="Price of one GPU-hour, for cost."),
+    top: int = typer.Option(5, "--top", help="Candidates to show."),
+    quality: str = typer.Option("balanced", "--quality", help="speed | balanced | quality: how much time to trade for full > LoRA > QLoRA and larger r."),
+    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the dataset."),
+    fast: bool = typer.Option(False, "--fast", help="Skip the simulator confirmation (analytic estimates only)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the winning setup here (YAML, or JSON for a .json suffix)."),
+) -> None:
     """Search the best setup that fits the hardware, ranked by time to train."""
-    raise NotImplementedError
+    from pydantic import ValidationError
+
+    from tools.gpus import detect_hardware, parse_hardware
+    from tools.models import lookup_model
+    from tools.planner import plan as make_plan
+    from tools.schemas import PlanGoals, format_validation_error
+
+    if gpu and local:
+        fail("give either --gpu SPEC or --local, not both")
+    if not gpu and not local:
+        fail("which GPUs? give --gpu SPEC (e.g. --gpu 4090, --gpu '2x A100 80GB') or --local to detect this machine's")
+    if dataset_tokens is not None and dataset_examples is not None:
+        fail("give either --dataset-tokens or --dataset-examples, not both")
+    try:
+        goals = PlanGoals(
+            seq_len=seq_len, dataset_tokens=dataset_tokens, dataset_examples=dataset_examples,
+            effective_batch=effective_batch, method=method, num_train_epochs=epochs,
+            price_per_gpu_hour=price_per_gpu_hour, quality=quality, top=top, confirm=not fast,
+        )
+    except ValidationError as e:
+        fail(format_validation_error(e).replace("invalid setup:", "invalid plan goals:", 1))
+    try:
+        hardware = detect_hardware() if local else parse_hardware(gpu)
+        spec = lookup_model(model_ref)
+        result = make_plan(spec, hardware, goals)
+    except TunepilotError as e:
+        fail(str(e))
+    except ValidationError as e:
+        fail(format_validation_error(e))
+
+    written: Optional[Path] = None
+    if output is not None and result.best is not None:
+        try:
+            written = result.best.setup.save(output)
+        except OSError as e:
+            fail(f"-o {output}: cannot write the setup ({e.strerror or e})")
+    if json_out:
+        print_json(result)
+        return
+
+    from rich import box
+    from rich.table import Table
+
+    def hours(h: Optional[float]) -> str:
+        if h is None:
+            return "-"
+        return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days"
+
+    title = f"{result.model_id} on {result.hardware}"
+    if result.fits:
+        table = Table(title=f"Plan: {title}", box=box.SIMPLE_HEAD,
+                      caption="peak = device total per GPU (what nvidia-smi shows); * = confirmed by the simulator")
+        for col, justify in (("#", "right"), ("setup", "left"), ("peak/GPU", "right"), ("headroom", "right"),
+                             ("tokens/s", "right"), ("time", "right"), ("cost", "right")):
+            table.add_column(col, justify=justify)
+        for i, c in enumerate(result.candidates, 1):
+            est, thr = c.estimate, c.throughput
+            mark = "*" if est.tier == "simulated" else ""
+            headroom = est.headroom_gib if est.headroom_gib is not None else (est.gpu_memory_gib or 0) - est.device_total_gib
+            table.add_row(str(i), c.setup.short(), f"{est.device_total_gib:.1f} GiB{mark}", f"{headroom:.1f} GiB",
+                          f"{thr.tokens_per_second:,.0f}", hours(thr.total_hours),
+                          "-" if thr.cost is None else f"${thr.cost:,.0f}")
+        console.print(table)
+    else:
+        console.print(f"[bold red]Nothing fits[/]: {title}.", highlight=False)
+        if result.candidates:
+            table = Table(title="Closest setups (do not fit)", box=box.SIMPLE_HEAD)
+            for col in ("setup", "peak/GPU", "GPU memory"):
+                table.add_column(col)
+            for c in result.candidates:
+                table.add_row(c.setup.short(), f"{c.estimate.device_total_gib:.1f} GiB", f"{c.estimate.gpu_memory_gib or 0:g} GiB")
+            console.print(table)
+    for line in result.advice:
+        console.print(line if line.startswith("- ") else f"• {line}", highlight=False, soft_wrap=True)
+    if output is not None:
+        if written is not None:
+            console.print(f"Wrote the winning setup to {written}. Next: tunepilot script {written} -o train.py", highlight=False)
+        else:
+            console.print(f"Nothing fits, so {output} was not written.", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,805 @@
+"""The planner: search the fine-tuning setups of a model on given GPUs, keep those that fit,
+rank them by time to train, and explain the winner and every rejected family.
+
+Search space (joint): method (full / LoRA / QLoRA), QLoRA quantization (nf4 with and without
+double quant; fp4 is compared in the advice: same memory as nf4, worse quality), LoRA rank
+(8..128) and targets ('all-linear' or the attention projections read from the model's real
+module tree), micro-batch x gradient accumulation (micro a power of two,
+micro x accum x GPUs = goals.effective_batch), gradient checkpointing, optimizer
+(adamw_torch_fused, adamw_bnb_8bit, paged_adamw_8bit; adafactor for full fine-tuning),
+precision (bf16 where the GPU has it, else fp16; QLoRA's compute dtype follows), attention
+kernel (sdpa; flash_attention_2 on compute capability >= 8.0, same memory) and, on several
+GPUs, DDP / ZeRO-2 / ZeRO-3 / FSDP full_shard, with CPU offload only when nothing else fits.
+
+Memory is pruned with the analytic tier (`estimate(..., fast=True)`); for every configuration
+the largest micro-batch that fits is found by bisection (memory grows with the micro-batch).
+The best few are then confirmed by the simulator (`estimate(..., fast=False)`) when
+goals.confirm; one that no longer fits is retried with half the micro-batch, else dropped.
+Time comes from `tools.throughput.estimate_throughput`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tools.schemas import (
+    Candidate,
+    HardwareSpec,
+    MemoryEstimate,
+    ModelSpec,
+    Plan,
+    PlanGoals,
+    ThroughputEstimate,
+    TrainingSetup,
+    TunepilotError,
+)
+
+__all__ = ["plan", "PlanError", "RANKS", "QUALITY_TOLERANCE"]
+
+RANKS = (8, 16, 32, 64, 128)
+LORA_OPTIMS = ("adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit")
+FULL_OPTIMS = ("adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit", "adafactor")
+MIN_SEQ_LEN = 256
+MAX_CONFIRM = 3  # simulator runs for the top of the list (each ~1 s)
+MAX_SIM_CALLS = 6
+# Time window within which a higher-quality setup beats a faster one (fraction of the fastest).
+QUALITY_TOLERANCE = {"speed": 0.0, "balanced": 0.05, "quality": 0.15}
+_METHOD_QUALITY = {"full": 2, "lora": 1, "qlora": 0}
+_METHOD_NAME = {"full": "Full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
+
+
+class PlanError(TunepilotError):
+    """The goals or hardware cannot be planned for; the message names the field."""
+
+
+@dataclass(frozen=True)
+class _Strategy:
+    label: str
+    zero_stage: int = 0
+    fsdp: str = "none"
+    offload: str = "none"
+
+    @property
+    def sharded_params(self) -> bool:
+        return self.zero_stage == 3 or self.fsdp == "full_shard"
+
+
+_SINGLE = _Strategy("single GPU")
+_MULTI = (
+    _Strategy("DDP"),
+    _Strategy("ZeRO-2", zero_stage=2),
+    _Strategy("ZeRO-3", zero_stage=3),
+    _Strategy("FSDP full_shard", fsdp="full_shard"),
+)
+_OFFLOAD = (
+    _Strategy("ZeRO-3 + optimizer offload", zero_stage=3, offload="optimizer"),
+    _Strategy("ZeRO-3 + full CPU offload", zero_stage=3, offload="all"),
+)
+
+
+@dataclass
+class _Option:
+    setup: TrainingSetup
+    strategy: _Strategy
+    est: MemoryEstimate
+    fits: bool
+    thr: Optional[ThroughputEstimate] = None
+    why: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return self.setup.method
+
+    @property
+    def family(self) -> tuple[str, str]:
+        return (self.setup.method, self.strategy.label)
+
+    def time(self) -> float:
+        """Hours to train when the dataset size is known, else seconds per token (same order)."""
+        if self.thr is None:
+            return math.inf
+        if self.thr.total_hours is not None:
+            return self.thr.total_hours
+        return 1.0 / max(self.thr.tokens_per_second, 1e-9)
+
+
+# --------------------------------------------------------------------------------------
+# Engine calls
+# --------------------------------------------------------------------------------------
+
+
+def _estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec, *, fast: bool) -> MemoryEstimate:
+    try:
+        from tools.estimator import estimate
+    except ImportError:  # TEMPORARY until tools/estimator.py lands
+        return _tmp_estimate(model, setup, hardware)
+    return estimate(model, setup, hardware, fast=fast)
+
+
+def _tmp_estimate(model, setup, hardware) -> MemoryEstimate:  # TEMPORARY: remove when tools/estimator.py lands
+    from tools.analytic import analytic_step_memory
+    from tools.schemas import BYTES_PER_GIB, Uncertainty
+
+    sm = analytic_step_memory(model, setup)
+    b = {k: v / BYTES_PER_GIB for k, v in sm.peak_breakdown.items()}
+    n = setup.num_gpus
+    if setup.zero_stage >= 2 or setup.fsdp != "none":
+        b["gradients"] /= n
+        b["optimizer_state"] /= n
+    if setup.zero_stage == 3 or setup.fsdp == "full_shard":
+        b["weights"] = b["weights"] / n + 2 * sm.largest_layer_param_bytes / BYTES_PER_GIB
+        b["adapters"] /= n
+    if setup.offload != "none":
+        b["optimizer_state"] = 0.0
+    if setup.offload == "all":
+        b["weights"] = 2 * sm.largest_layer_param_bytes / BYTES_PER_GIB
+    alloc = sum(b.values())
+    reserved = alloc * 1.05
+    total = reserved + 0.5
+    b["allocator_overhead"], b["cuda_context"] = reserved - alloc, 0.5
+    mem = hardware.gpu.memory_gib
+    return MemoryEstimate(
+        model_id=model.model_id, setup_summary=setup.short(), tier="analytic", num_parameters=sm.num_parameters,
+        trainable_parameters=sm.trainable_parameters, peak_allocated_gib=alloc, peak_reserved_gib=reserved,
+        device_total_gib=total, breakdown=b, gpu=hardware.gpu.name, gpu_memory_gib=mem, fits=total <= mem,
+        headroom_gib=mem - total, uncertainty=Uncertainty(low_gib=total * 0.9, high_gib=total * 1.1, pct=10),
+    )
+
+
+def _throughput(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec, goals: PlanGoals) -> ThroughputEstimate:
+    from tools.throughput import estimate_throughput
+
+    return estimate_throughput(
+        model, setup, hardware, dataset_tokens=_dataset_tokens(goals), price_per_gpu_hour=goals.price_per_gpu_hour
+    )
+
+
+def _dataset_tokens(goals: PlanGoals) -> Optional[int]:
+    if goals.dataset_tokens is not None:
+        return goals.dataset_tokens
+    if goals.dataset_examples is not None:
+        return goals.dataset_examples * goals.seq_len
+    return None
+
+
+def _usable(hardware: HardwareSpec, goals: PlanGoals) -> float:
+    return hardware.gpu.memory_gib * (1.0 - goals.safety_margin)
+
+
+def _fits(est: MemoryEstimate, hardware: HardwareSpec, goals: PlanGoals) -> bool:
+    return est.device_total_gib <= _usable(hardware, goals)
+
+
+# --------------------------------------------------------------------------------------
+# Building setups
+# --------------------------------------------------------------------------------------
+
+
+def _cc(hardware: HardwareSpec) -> float:
+    try:
+        return float(hardware.gpu.compute_capability or 0)
+    except ValueError:
+        return 0.0
+
+
+def _make_setup(
+    model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals, *, method: str, strategy: _Strategy,
+    micro: int, ckpt: bool, optim: str, r: int = 16, targets="all-linear", double_quant: bool = True,
+    quant_type: str = "nf4", num_gpus: Optional[int] = None, attn: str = "sdpa", seq_len: Optional[int] = None,
+) -> TrainingSetup:
+    n = num_gpus or hardware.num_gpus
+    bf16 = hardware.gpu.bf16
+    half = "bf16" if bf16 else "fp16"
+    per_gpu = goals.effective_batch // n
+    kw = dict(
+        model_id=model.model_id,
+        method=method,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=max(1, per_gpu // micro),
+        max_length=seq_len or goals.seq_len,
+        gradient_checkpointing=ckpt,
+        optim=optim,
+        bf16=bf16,
+        fp16=not bf16,
+        # full fine-tuning with fp16 AMP needs fp32 master weights (GradScaler refuses fp16 grads)
+        dtype=half if (bf16 or method != "full") else "fp32",
+        attn_implementation=attn,
+        num_train_epochs=goals.num_train_epochs,
+        learning_rate=1e-5 if method == "full" else 2e-4,
+        num_gpus=n,
+        num_nodes=min(hardware.num_nodes, n),
+        zero_stage=strategy.zero_stage,
+        fsdp=strategy.fsdp,
+        offload=strategy.offload,
+        gpu=hardware.gpu.name,
+    )
+    if method != "full":
+        kw.update(r=r, lora_alpha=2 * r, target_modules=targets)
+    if method == "qlora":
+        kw.update(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=half,
+            # FSDP / ZeRO-3 shard only float storages: store the packed 4-bit weights as the compute dtype
+            bnb_4bit_quant_storage=half if strategy.sharded_params else "uint8",
+        )
+    return TrainingSetup(**kw)
+
+
+def _micro_sizes(per_gpu: int) -> list[int]:
+    sizes, m = [], 1
+    while m <= per_gpu:
+        if per_gpu % m == 0:
+            sizes.append(m)
+        m *= 2
+    return sizes
+
+
+@dataclass
+class _Config:
+    method: str
+    strategy: _Strategy
+    ckpt: bool
+    optim: str
+    r: int = 16
+    targets: object = "all-linear"
+    double_quant: bool = True
+
+
+def _configs(methods: list[str], strategies: list[_Strategy], attention: Optional[list[str]]) -> list[_Config]:
+    out: list[_Config] = []
+    target_sets: list[object] = ["all-linear"] + ([attention] if attention else [])
+    for strategy in strategies:
+        for method in methods:
+            if method != "full" and strategy.zero_stage == 2:
+                continue  # PEFT states are tiny: ZeRO-2 saves nothing over DDP and is not faster
+            if method == "full":
+                optims = FULL_OPTIMS
+                if strategy.offload != "none":
+                    optims = ("adamw_torch",)  # DeepSpeed swaps in its CPU Adam when states live on the host
+                for optim in optims:
+                    for ckpt in (False, True):
+                        out.append(_Config(method, strategy, ckpt, optim))
+                continue
+            optims = LORA_OPTIMS if strategy.offload == "none" else ("adamw_torch",)
+            for dq in ((True, False) if method == "qlora" else (True,)):
+                for targets in target_sets:
+                    for r in RANKS:
+                        for optim in optims:
+                            for ckpt in (False, True):
+                                out.append(_Config(method, strategy, ckpt, optim, r, targets, dq))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Search
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Search:
+    fitting: list[_Option]
+    leanest: dict[str, _Option]  # method -> least memory option seen (fits or not)
+    evaluated: list[_Option]
+    count: int = 0
+
+
+def _search(
+    model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals, methods: list[str], strategies: list[_Strategy],
+    *, attention: Optional[list[str]], seq_len: Optional[int] = None, num_gpus: Optional[int] = None,
+    configs: Optional[list[_Config]] = None,
+) -> _Search:
+    n = num_gpus or hardware.num_gpus
+    micros = _micro_sizes(goals.effective_batch // n)
+    result = _Search([], {}, [])
+    flash = _cc(hardware) >= 8.0
+    for cfg in configs if configs is not None else _configs(methods, strategies, attention):
+        def at(micro: int) -> _Option:
+            setup = _make_setup(
+                model, hardware, goals, method=cfg.method, strategy=cfg.strategy, micro=micro, ckpt=cfg.ckpt,
+                optim=cfg.optim, r=cfg.r, targets=cfg.targets, double_quant=cfg.double_quant, num_gpus=n, seq_len=seq_len,
+            )
+            est = _estimate(model, setup, hardware, fast=True)
+            result.count += 1
+            opt = _Option(setup, cfg.strategy, est, _fits(est, hardware, goals))
+            result.evaluated.append(opt)
+            lean = result.leanest.get(cfg.method)
+            if lean is None or est.device_total_gib < lean.est.device_total_gib:
+                result.leanest[cfg.method] = opt
+            return opt
+
+        try:
+            lo_opt = at(micros[0])
+        except TunepilotError:
+            continue  # e.g. targets the analytic tier cannot place: skip this configuration
+        if not lo_opt.fits:
+            continue
+        best, lo, hi = lo_opt, 0, len(micros) - 1
+        while lo < hi:  # largest micro-batch that fits (memory grows with it)
+            mid = (lo + hi + 1) // 2
+            opt = at(micros[mid])
+            if opt.fits:
+                best, lo = opt, mid
+            else:
+                hi = mid - 1
+        best.thr = _throughput(model, best.setup, hardware, goals)
+        if flash:
+            fa = best.setup.model_copy(update={"attn_implementation": "flash_attention_2"})
+            thr = _throughput(model, fa, hardware, goals)
+            if thr.tokens_per_second > best.thr.tokens_per_second * 1.001:
+                best.setup, best.thr = fa, thr
+        result.fitting.append(best)
+    return result
+
+
+def _quality(opt: _Option, mode: str) -> tuple:
+    s = opt.setup
+    method = _METHOD_QUALITY.get(s.method, 0)
+    all_linear = 1 if s.target_modules == "all-linear" or s.method == "full" else 0
+    if mode == "quality":
+        r = s.r if s.method != "full" else 1024
+    else:  # balanced: the common default r=16 over extremes
+        r = -abs(math.log2(s.r) - 4) if s.method != "full" else 0
+    return (method, all_linear, r)
+
+
+def _order(options: list[_Option], goals: PlanGoals) -> list[_Option]:
+    """Rank fitting options. speed: fastest first. balanced/quality: every option within 5%/15% of
+    the fastest time is ranked ahead of the rest by quality (full > LoRA > QLoRA, all-linear over
+    attention-only, then r nearest 16 for balanced or the larger r for quality), then by time."""
+    if not options:
+        return []
+    fastest = min(o.time() for o in options)
+    tol = QUALITY_TOLERANCE[goals.quality]
+
+    def key(o: _Option):
+        in_band = o.time() <= fastest * (1 + tol) + 1e-12
+        q = _quality(o, goals.quality)
+        if goals.quality == "speed" or not in_band:
+            return (0 if in_band else 1, o.time(), tuple(-x for x in q))
+        return (0, tuple(-x for x in q), o.time())
+
+    return sorted(options, key=key)
+
+
+def _config_key(o: _Option) -> tuple:
+    s = o.setup
+    return (s.method, o.strategy.label, str(s.target_modules), s.gradient_checkpointing)
+
+
+def _select(ranked: list[_Option], top: int) -> list[_Option]:
+    """Best first; the best of each method and of each strategy family kept; then by rank without near-duplicates."""
+    chosen: list[_Option] = []
+    for key in (lambda o: o.method, lambda o: o.strategy.label):
+        seen = {key(o) for o in chosen}
+        for o in ranked:
+            if key(o) not in seen:
+                chosen.append(o)
+                seen.add(key(o))
+    if ranked and ranked[0] not in chosen:
+        chosen.insert(0, ranked[0])
+    seen_cfg = {_config_key(o) for o in chosen}
+    for o in ranked:
+        if len(chosen) >= max(top, 1) * 3:
+            break
+        if o not in chosen and _config_key(o) not in seen_cfg:
+            chosen.append(o)
+            seen_cfg.add(_config_key(o))
+    order = {id(o): i for i, o in enumerate(ranked)}
+    chosen.sort(key=lambda o: order[id(o)])
+    # keep the per-method bests within `top` even when strategies crowd the list
+    head = chosen[:top]
+    missing = [o for o in chosen[top:] if o.method not in {h.method for h in head}]
+    for o in missing:
+        if len(head) < top:
+            head.append(o)
+        else:
+            # replace the lowest-ranked entry whose method is represented twice
+            for i in range(len(head) - 1, 0, -1):
+                if sum(1 for h in head if h.method == head[i].method) > 1:
+                    head[i] = o
+                    break
+        head.sort(key=lambda x: order[id(x)])
+    return head
+
+
+# --------------------------------------------------------------------------------------
+# Confirmation with the simulator
+# --------------------------------------------------------------------------------------
+
+
+def _confirm(model, hardware, goals, selected: list[_Option], ranked: list[_Option], advice_notes: list[str]) -> list[_Option]:
+    confirmed: list[_Option] = []
+    queue = list(selected[:MAX_CONFIRM])
+    rest = selected[MAX_CONFIRM:]
+    sims = 0
+    while queue and sims < MAX_SIM_CALLS:
+        opt = queue.pop(0)
+        sims += 1
+        try:
+            est = _estimate(model, opt.setup, hardware, fast=False)
+        except TunepilotError as e:
+            advice_notes.append(f"simulator could not confirm {opt.setup.short()}: {e}; kept the analytic estimate")
+            confirmed.append(opt)
+            continue
+        if _fits(est, hardware, goals):
+            opt.est = est
+            confirmed.append(opt)
+            continue
+        micro = opt.setup.per_device_train_batch_size
+        note = (f"{opt.setup.short()}: the simulator measures {est.device_total_gib:.1f} GiB per GPU "
+                f"(analytic {opt.est.device_total_gib:.1f}), over {_usable(hardware, goals):.1f} usable")
+        if micro > 1:
+            half = opt.setup.model_copy(update={
+                "per_device_train_batch_size": micro // 2,
+                "gradient_accumulation_steps": opt.setup.gradient_accumulation_steps * 2,
+            })
+            analytic = _estimate(model, half, hardware, fast=True)
+            retry = _Option(half, opt.strategy, analytic, True, _throughput(model, half, hardware, goals))
+            queue.insert(0, retry)
+            advice_notes.append(note + f"; retried with micro-batch {micro // 2}")
+        else:
+            advice_notes.append(note + "; dropped")
+    confirmed.extend(queue)
+    confirmed.extend(rest)
+    return _order(confirmed, goals)
+
+
+# --------------------------------------------------------------------------------------
+# Advice
+# --------------------------------------------------------------------------------------
+
+
+def _gib(x: float) -> str:
+    return f"{x:.1f} GiB"
+
+
+def _fmt_time(thr: Optional[ThroughputEstimate]) -> str:
+    if thr is None:
+        return "?"
+    parts = [f"{thr.tokens_per_second:,.0f} tokens/s"]
+    if thr.total_hours is not None:
+        parts.append(f"{thr.total_hours:.1f} h")
+    if thr.cost is not None:
+        parts.append(f"${thr.cost:,.0f}")
+    return ", ".join(parts)
+
+
+def _hardware_label(hardware: HardwareSpec, num_gpus: Optional[int] = None, gpu=None) -> str:
+    gpu = gpu or hardware.gpu
+    n = num_gpus or hardware.num_gpus
+    return f"{n}x {gpu.name} ({gpu.memory_gib:g} GiB)"
+
+
+def _rejected_reason(model, hardware, goals, method: str, search: _Search) -> str:
+    lean = search.leanest.get(method)
+    usable = _usable(hardware, goals)
+    if lean is None:
+        return f"{_METHOD_NAME[method]}: not evaluated (the analytic tier could not model it for this architecture)."
+    b = lean.est.breakdown
+    dominant = max(b, key=b.get) if b else "?"
+    text = (f"{_METHOD_NAME[method]} does not fit: even the leanest setup ({lean.setup.short()}) needs "
+            f"{_gib(lean.est.device_total_gib)} per GPU, over the {_gib(usable)} usable of {hardware.gpu.memory_gib:g} GiB "
+            f"(largest part: {dominant} {_gib(b.get(dominant, 0.0))})")
+    if method == "full":
+        adam = [o for o in search.evaluated if o.setup.method == "full" and o.setup.optim == "adamw_torch_fused"]
+        if adam:
+            states = min(o.est.breakdown.get("optimizer_state", 0.0) for o in adam)
+            weights = min(o.est.breakdown.get("weights", 0.0) for o in adam)
+            text += f"; with AdamW the optimizer states alone take {_gib(states)} per GPU on top of {_gib(weights)} of weights"
+    return text + "."
+
+
+def _lost_reason(o: _Option, winner: _Option) -> str:
+    slower = (o.time() / winner.time() - 1) * 100 if winner.time() > 0 else 0.0
+    name = _METHOD_NAME.get(o.method, o.method)
+    pace = f"{slower:.0f}% slower" if slower >= 0.5 else "as fast"
+    text = (f"{name} fits ({o.setup.short()}: {_gib(o.est.device_total_gib)} per GPU, {_fmt_time(o.thr)}) "
+            f"but is {pace} than the winner")
+    if o.method == "qlora":
+        text += "; 4-bit de-quantisation costs speed, QLoRA only pays off when LoRA does not fit"
+    elif o.method == "full" and _METHOD_QUALITY[o.method] > _METHOD_QUALITY.get(winner.method, 0):
+        text += f", beyond the {QUALITY_TOLERANCE['quality'] * 100:.0f}% a --quality quality plan would trade for it"
+    return text + "."
+
+
+def _ckpt_reason(winner: _Option, search: _Search) -> str:
+    same = [o for o in search.evaluated if not o.setup.gradient_checkpointing and _same_config(o.setup, winner.setup)]
+    fit = [o for o in same if o.fits]
+    if not fit:
+        lean = min(same, key=lambda o: o.est.device_total_gib, default=None)
+        if lean is None:
+            return "gradient checkpointing is on (recomputes activations in backward)"
+        return (f"gradient checkpointing is needed: without it even micro-batch {lean.setup.per_device_train_batch_size} "
+                f"needs {_gib(lean.est.device_total_gib)} per GPU")
+    best = max(fit, key=lambda o: o.setup.per_device_train_batch_size)
+    return (f"gradient checkpointing is on because it allows micro-batch {winner.setup.per_device_train_batch_size}, "
+            f"faster overall than micro-batch {best.setup.per_device_train_batch_size} without it")
+
+
+def _same_config(a: TrainingSetup, b: TrainingSetup) -> bool:
+    keys = ("method", "r", "target_modules", "optim", "bnb_4bit_use_double_quant", "zero_stage", "fsdp", "offload", "max_length")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def _winner_reason(winner: _Option, ranked: list[_Option], hardware, goals, search: _Search) -> str:
+    fastest = min(ranked, key=lambda o: o.time())
+    usable = _usable(hardware, goals)
+    b = winner.est.breakdown
+    dominant = max(b, key=b.get) if b else "?"
+    text = (f"Recommended: {winner.setup.short()} on {_hardware_label(hardware, winner.setup.num_gpus)}: "
+            f"{_gib(winner.est.device_total_gib)} per GPU of {_gib(usable)} usable "
+            f"({winner.est.headroom_gib if winner.est.headroom_gib is not None else hardware.gpu.memory_gib - winner.est.device_total_gib:.1f} GiB headroom, "
+            f"{winner.est.tier}; largest part {dominant} {_gib(b.get(dominant, 0.0))}), {_fmt_time(winner.thr)}. ")
+    pct = (winner.time() / fastest.time() - 1) * 100
+    if fastest is winner or pct < 0.5:
+        text += "It is the fastest setup that fits" if fastest is winner else "It is as fast as any setup that fits"
+    else:
+        text += (f"It is {pct:.0f}% slower than the fastest ({fastest.setup.short()}) but within the "
+                 f"{QUALITY_TOLERANCE[goals.quality] * 100:.0f}% a '{goals.quality}' plan trades for quality "
+                 "(full > LoRA > QLoRA, all-linear, rank)")
+    if winner.setup.gradient_checkpointing:
+        text += "; " + _ckpt_reason(winner, search)
+    if winner.strategy.offload != "none":
+        text += f"; CPU offload ({winner.strategy.offload}) is a last resort: slow and needs {_gib(winner.est.host_ram_gib)} of host RAM"
+        lean = search.leanest.get(winner.method)
+        if lean is not None:
+            text += (f". Without offload the leanest {_METHOD_NAME[winner.method]} setup ({lean.setup.short()}) needs "
+                     f"{_gib(lean.est.device_total_gib)} per GPU")
+    return text + "."
+
+
+def _quant_variants_advice(model, hardware, goals, winner: _Option) -> Optional[str]:
+    if winner.method != "qlora":
+        return None
+    s = winner.setup
+    notes = []
+    try:
+        if s.bnb_4bit_use_double_quant:
+            no_dq = _estimate(model, s.model_copy(update={"bnb_4bit_use_double_quant": False}), hardware, fast=True)
+            notes.append(f"without double quantization it needs {_gib(no_dq.device_total_gib)} "
+                         f"(+{no_dq.device_total_gib - winner.est.device_total_gib:.2f} GiB)")
+        fp4 = _estimate(model, s.model_copy(update={"bnb_4bit_quant_type": "fp4"}), hardware, fast=True)
+        notes.append(f"fp4 takes the same {_gib(fp4.device_total_gib)} as nf4 but fits normally distributed weights worse (QLoRA paper), so nf4 is used")
+    except TunepilotError:
+        return None
+    return "QLoRA quantization: " + "; ".join(notes) + "."
+
+
+def _flash_advice(hardware: HardwareSpec, winner: _Option) -> Optional[str]:
+    if _cc(hardware) >= 8.0 and winner.setup.attn_implementation == "sdpa":
+        return ("Attention: sdpa (PyTorch's built-in flash kernel). flash_attention_2 also runs on this GPU "
+                "(compute capability >= 8.0) with the same memory; it needs `pip install flash-attn`.")
+    if _cc(hardware) and _cc(hardware) < 8.0:
+        return f"Attention: sdpa; flash_attention_2 needs compute capability >= 8.0 and {hardware.gpu.name} has {hardware.gpu.compute_capability}."
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# When nothing fits: the smallest changes that would
+# --------------------------------------------------------------------------------------
+
+
+def _lean_configs(methods: list[str], strategies: list[_Strategy]) -> list[_Config]:
+    """One least-memory configuration per method and strategy (checkpointing, 8-bit states, r=16)."""
+    out = []
+    for strategy in strategies:
+        for method in methods:
+            offload = strategy.offload != "none"
+            if method == "full":
+                out.append(_Config(method, strategy, True, "adamw_torch" if offload else "adafactor"))
+            else:
+                out.append(_Config(method, strategy, True, "adamw_torch" if offload else "paged_adamw_8bit", 16, "all-linear", True))
+    return out
+
+
+def _quick_fit(model, hardware, goals, methods, *, num_gpus=None, seq_len=None) -> Optional[_Option]:
+    n = num_gpus or hardware.num_gpus
+    strategies = [_SINGLE] if n == 1 else [_Strategy("FSDP full_shard", fsdp="full_shard"), _Strategy("ZeRO-3", zero_stage=3)]
+    hw = hardware.model_copy(update={"num_gpus": n, "num_nodes": min(hardware.num_nodes, n)})
+    if goals.effective_batch % n:
+        goals = goals.model_copy(update={"effective_batch": n * max(1, goals.effective_batch // n)})
+    s = _search(model, hw, goals, methods, strategies, attention=None, seq_len=seq_len, num_gpus=n,
+                configs=_lean_configs(methods, strategies))
+    ranked = _order(s.fitting, goals)
+    return ranked[0] if ranked else None
+
+
+def _alternatives(model, hardware: HardwareSpec, goals: PlanGoals, methods: list[str], search: _Search) -> list[str]:
+    from tools.gpus import gpu_catalog
+
+    out: list[str] = []
+    lean = min(search.leanest.values(), key=lambda o: o.est.device_total_gib, default=None)
+    usable = _usable(hardware, goals)
+    if lean is not None:
+        out.append(f"Nothing fits on {_hardware_label(hardware)}: the leanest setup ({lean.setup.short()}) needs "
+                   f"{_gib(lean.est.device_total_gib)} per GPU, over the {_gib(usable)} usable "
+                   f"({goals.safety_margin * 100:.0f}% kept free). Smallest changes that would fit:")
+    # 1. shorter sequences
+    seq = goals.seq_len // 2
+    while seq >= MIN_SEQ_LEN:
+        hit = _quick_fit(model, hardware, goals, methods, seq_len=seq)
+        if hit:
+            out.append(f"- Shorter sequences: --seq-len {seq} fits with {hit.setup.short()}: "
+                       f"{_gib(hit.est.device_total_gib)} per GPU (analytic).")
+            break
+        seq //= 2
+    else:
+        out.append(f"- Shorter sequences: even --seq-len {MIN_SEQ_LEN} does not fit.")
+    # 2. QLoRA (or LoRA) when the user excluded it: say what it needs, do not switch silently
+    for other in ("qlora", "lora"):
+        if other in methods:
+            continue
+        hit = _quick_fit(model, hardware, goals, [other])
+        s = _search(model, hardware, goals, [other], [_SINGLE] if hardware.num_gpus == 1 else list(_MULTI[2:]),
+                    attention=None, configs=_lean_configs([other], [_SINGLE] if hardware.num_gpus == 1 else list(_MULTI[2:])))
+        need = s.leanest.get(other)
+        if hit:
+            out.append(f"- {_METHOD_NAME[other]} (you asked for {goals.method}): {hit.setup.short()} needs "
+                       f"{_gib(hit.est.device_total_gib)} per GPU and fits; rerun with --method {other}.")
+        elif need is not None:
+            out.append(f"- {_METHOD_NAME[other]} (you asked for {goals.method}) would need {_gib(need.est.device_total_gib)} per GPU: does not fit either.")
+        if hit:
+            break
+    # 3. more GPUs of the same kind (sharded)
+    for n_total in (2, 4, 8, 16):
+        if n_total <= hardware.num_gpus:
+            continue
+        hit = _quick_fit(model, hardware, goals, methods, num_gpus=n_total)
+        if hit:
+            out.append(f"- More GPUs: {_hardware_label(hardware, n_total)} with {hit.strategy.label}: {hit.setup.short()} "
+                       f"needs {_gib(hit.est.device_total_gib)} per GPU (analytic).")
+            break
+    else:
+        out.append(f"- More GPUs: even 16x {hardware.gpu.name} do not fit without CPU offload.")
+    # 4. a GPU with more memory
+    bigger = sorted((g for g in gpu_catalog() if g.memory_gib > hardware.gpu.memory_gib), key=lambda g: g.memory_gib)
+    for gpu in bigger:
+        hw = hardware.model_copy(update={"gpu": gpu})
+        hit = _quick_fit(model, hw, goals, methods)
+        if hit:
+            out.append(f"- A GPU with more memory: {_hardware_label(hardware, gpu=gpu)}: {hit.setup.short()} needs "
+                       f"{_gib(hit.est.device_total_gib)} per GPU of {_gib(_usable(hw, goals))} usable (analytic).")
+            break
+    else:
+        out.append(f"- A GPU with more memory: no single GPU in the catalog holds it at {hardware.num_gpus} GPU(s).")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------
+
+
+def _check_goals(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> None:
+    if goals.seq_len < 16:
+        raise PlanError(f"seq_len: {goals.seq_len} tokens is too short to fine-tune on; use at least 16 (typical: 512-8192)")
+    if goals.effective_batch % hardware.num_gpus:
+        lo = hardware.num_gpus * max(1, goals.effective_batch // hardware.num_gpus)
+        raise PlanError(
+            f"effective_batch: {goals.effective_batch} sequences cannot be split evenly over {hardware.num_gpus} GPUs; "
+            f"use a multiple of {hardware.num_gpus} such as {lo} or {lo + hardware.num_gpus}"
+        )
+    if model.num_hidden_layers < 1 or model.num_parameters < 1:
+        raise PlanError(f"model {model.model_id}: has no layers or parameters to train")
+
+
+def _attention_names(model: ModelSpec) -> Optional[list[str]]:
+    """Attention projection names from the real module tree (None when transformers cannot build it)."""
+    try:
+        from tools.peft_config import attention_modules
+
+        return attention_modules(model)
+    except TunepilotError:
+        return None
+    except ImportError:  # torch/transformers not installed: light install
+        return None
+
+
+def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
+    """Best fine-tuning setups of this model on this hardware, ranked by time to train, each with its memory estimate and time/cost, plus advice: why the winner, why each rejected method, and (when nothing fits) the smallest changes that would fit.
+
+    Ranking: only setups that fit (device total <= GPU memory x (1 - safety_margin)) are ranked.
+    quality='speed' ranks purely by estimated time; 'balanced' lets a setup up to 5% slower than
+    the fastest win when it is higher quality (full > LoRA > QLoRA, all-linear over attention-only,
+    r nearest 16); 'quality' allows 15% and prefers the larger r.
+    """
+    _check_goals(model, hardware, goals)
+    methods = ["full", "lora", "qlora"] if goals.method == "auto" else [goals.method]
+    strategies = [_SINGLE] if hardware.num_gpus == 1 else list(_MULTI)
+    attention = _attention_names(model)
+    if attention and set(attention) == {"all-linear"}:
+        attention = None
+
+    search = _search(model, hardware, goals, methods, strategies, attention=attention)
+    advice: list[str] = []
+    if hardware.num_gpus > 1:
+        # CPU offload only for the methods that fit no other way
+        stuck = [m for m in methods if not any(o.method == m for o in search.fitting)]
+        if stuck:
+            extra = _search(model, hardware, goals, stuck, list(_OFFLOAD), attention=None)
+            search.fitting.extend(extra.fitting)
+            search.evaluated.extend(extra.evaluated)
+            search.count += extra.count
+
+    ranked = _order(search.fitting, goals)
+    hw_label = _hardware_label(hardware)
+    if not ranked:
+        candidates = []
+        for m in methods:
+            lean = search.leanest.get(m)
+            if lean is not None:
+                candidates.append(_candidate(model, hardware, goals, lean, fits=False,
+                                             why=f"needs {_gib(lean.est.device_total_gib)} per GPU > {_gib(_usable(hardware, goals))} usable"))
+        advice.extend(_alternatives(model, hardware, goals, methods, search))
+        for m in methods:
+            advice.append(_rejected_reason(model, hardware, goals, m, search))
+        return Plan(model_id=model.model_id, hardware=hw_label, candidates=candidates, best=None, fits=False, advice=advice)
+
+    selected = _select(ranked, goals.top)
+    sim_notes: list[str] = []
+    if goals.confirm:
+        selected = _confirm(model, hardware, goals, selected, ranked, sim_notes)
+        if not selected:  # every candidate failed confirmation: fall back to the next analytic ones
+            selected = _select([o for o in ranked if o not in selected], goals.top)
+    winner = selected[0]
+    advice.append(_winner_reason(winner, ranked, hardware, goals, search))
+    for m in methods:
+        if m == winner.method:
+            continue
+        fit_m = [o for o in selected if o.method == m] or [o for o in ranked if o.method == m]
+        if fit_m:
+            advice.append(_lost_reason(fit_m[0], winner))
+        else:
+            advice.append(_rejected_reason(model, hardware, goals, m, search))
+    if hardware.num_gpus > 1:
+        advice.extend(_strategy_advice(selected, ranked, winner))
+    extra = _quant_variants_advice(model, hardware, goals, winner)
+    if extra:
+        advice.append(extra)
+    fa = _flash_advice(hardware, winner)
+    if fa:
+        advice.append(fa)
+    if not hardware.gpu.bf16:
+        advice.append(f"Precision: {hardware.gpu.name} has no bf16, so the plan uses fp16 mixed precision"
+                      + (" (QLoRA compute dtype fp16)" if any(o.method == "qlora" for o in selected) else "")
+                      + (" and fp32 master weights for full fine-tuning" if any(o.method == "full" for o in selected) else "") + ".")
+    if model.max_position_embeddings and goals.seq_len > model.max_position_embeddings:
+        advice.append(f"seq_len {goals.seq_len} is longer than the {model.max_position_embeddings} positions {model.model_id} was trained for.")
+    advice.extend(sim_notes)
+    advice.append(f"Searched {search.count} setups with the analytic tier"
+                  + (f"; confirmed the top {min(MAX_CONFIRM, len(selected))} with the simulator" if goals.confirm else "") + ".")
+
+    candidates = []
+    for i, o in enumerate(selected):
+        why = "recommended" if i == 0 else _short_why(o, winner)
+        candidates.append(_candidate(model, hardware, goals, o, fits=True, why=why))
+    return Plan(model_id=model.model_id, hardware=hw_label, candidates=candidates, best=candidates[0], fits=True, advice=advice)
+
+
+def _short_why(o: _Option, winner: _Option) -> str:
+    slower = (o.time() / winner.time() - 1) * 100 if winner.time() else 0.0
+    name = _METHOD_NAME.get(o.method, o.method)
+    return f"best {name} / {o.strategy.label}: {slower:+.0f}% time vs the winner"
+
+
+def _strategy_advice(selected: list[_Option], ranked: list[_Option], winner: _Option) -> list[str]:
+    out = []
+    seen = {winner.strategy.label}
+    for o in ranked:
+        if o.strategy.label in seen or o.method != winner.method:
+            continue
+        seen.add(o.strategy.label)
+        slower = (o.time() / winner.time() - 1) * 100
+        out.append(f"{o.strategy.label} also fits for {_METHOD_NAME[o.method]} ({_gib(o.est.device_total_gib)} per GPU) "
+                   f"but is {slower:.0f}% slower than {winner.strategy.label}.")
+    return out
+
+
+def _candidate(model, hardware, goals, o: _Option, *, fits: bool, why: str) -> Candidate:
+    thr = o.thr or _throughput(model, o.setup, hardware, goals)
+    return Candidate(setup=o.setup, estimate=o.est, throughput=thr, fits=fits, why=why)
