@@ -232,6 +232,7 @@ def test_local_config_file_and_directory(tmp_path):
     by_dir = lookup_model(str(model_dir))
     by_file = lookup_model(str(model_dir / "config.json"))
     assert by_dir.num_parameters == by_file.num_parameters == llama_formula()
+    assert by_dir.model_id == by_file.model_id == str(model_dir.resolve())
     assert by_dir.source == f"local:{(model_dir / 'config.json').resolve()}"
     assert (by_dir.num_hidden_layers, by_dir.num_key_value_heads, by_dir.head_dim) == (3, 2, 16)
     assert by_dir.num_parameters_method == "meta-instantiation"

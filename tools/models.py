@@ -299,7 +299,11 @@ def spec_from_config(config: dict, model_id: str, source: str) -> ModelSpec:
     except _UnknownArchitecture:
         cfg = None
     if cfg is not None:
-        n, tied, cls_name = _meta_count(cfg)
+        try:
+            n, tied, cls_name = _meta_count(cfg)
+        except Exception:  # a config transformers parses but cannot build: use the stated formula
+            cfg = None
+    if cfg is not None:
         fields["tie_word_embeddings"] = tied
         # the instantiated config knows the defaults config.json left out
         if getattr(cfg, "max_position_embeddings", None) is not None and fields["max_position_embeddings"] is None:
@@ -351,7 +355,9 @@ def _local(ref: str) -> ModelSpec | None:
     else:
         cfg_path = path
     config = _read_config_file(cfg_path)
-    return spec_from_config(config, str(path.resolve()), source=f"local:{cfg_path.resolve()}")
+    # a model directory (or its config.json) is named by the directory, which from_pretrained loads
+    model_dir = path if path.is_dir() else path.parent if path.name == "config.json" else path
+    return spec_from_config(config, str(model_dir.resolve()), source=f"local:{cfg_path.resolve()}")
 
 
 def _hub_cache_dir() -> Path:
