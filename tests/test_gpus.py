@@ -180,7 +180,7 @@ def test_wrong_memory_variant_lists_the_real_ones():
         find_gpu("A100 24GB")
 
 
-@pytest.mark.parametrize("text", ["", "   ", "0x A100", "gtx 9999 turbo"])
+@pytest.mark.parametrize("text", ["", "   ", "0x A100", "gtx 9999 turbo", "RTX 4090 Laptop GPU"])
 def test_bad_hardware_strings_raise_one_clear_error(text):
     with pytest.raises(TunepilotError) as e:
         parse_hardware(text)

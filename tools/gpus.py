@@ -196,7 +196,9 @@ def find_gpu(text: str) -> GPUSpec:
     # plural ("A100s") and trailing words ("4090 founders edition", "H100 SXM5 HBM3"):
     if base.endswith("s") and base[:-1] in family:
         return _pick(base[:-1], family[base[:-1]], mem, text)
-    inside = [k for k in family if len(k) >= 3 and base.startswith(k) and not base[len(k):][:1].isdigit()]
+    # ...but a laptop/mobile part is a different, slower GPU than the desktop card it is named after
+    inside = [k for k in family if len(k) >= 3 and base.startswith(k) and not base[len(k):][:1].isdigit()
+              and not base[len(k):].startswith(("laptop", "mobile", "maxq", "notebook"))]
     if inside:
         k = max(inside, key=len)
         return _pick(k, family[k], mem, text)

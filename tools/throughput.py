@@ -367,8 +367,9 @@ def estimate_throughput(
     With calibrate=True, measured trial runs for this GPU and method in $TUNEPILOT_HOME/calibration.jsonl
     scale the utilisation (pass calibrate=False to get the raw model, e.g. to record a prediction).
     """
-    if dataset_tokens is not None and (not isinstance(dataset_tokens, int) or dataset_tokens <= 0):
-        raise TunepilotError(f"dataset_tokens: must be a positive whole number of training tokens per epoch, got {dataset_tokens!r}")
+    if dataset_tokens is not None and (isinstance(dataset_tokens, bool) or not isinstance(dataset_tokens, (int, float))
+                                       or not dataset_tokens > 0):
+        raise TunepilotError(f"dataset_tokens: must be a positive number of training tokens per epoch, got {dataset_tokens!r}")
     if price_per_gpu_hour is not None and price_per_gpu_hour < 0:
         raise TunepilotError(f"price_per_gpu_hour: must be >= 0, got {price_per_gpu_hour!r}")
 
