@@ -172,6 +172,8 @@ def test_calibration_file_scales_the_utilisation():
         {"gpu": "NVIDIA A100-SXM4-80GB", "method": "lora", "tokens_per_second": 100, "predicted_tokens_per_second": 1000},
         {"gpu": "NVIDIA GeForce RTX 4090", "method": "full", "tokens_per_second": 100, "predicted_tokens_per_second": 1000},
         {"gpu": "NVIDIA GeForce RTX 4090", "method": "lora"},  # incomplete record: ignored
+        # a failed trial (OOM) measured no steady rate: ignored
+        {"gpu": "NVIDIA GeForce RTX 4090", "method": "lora", "ok": False, "tokens_per_second": 1, "predicted_tokens_per_second": 1000},
     ])
     cal = estimate_throughput(LLAMA2_7B, setup(), hw)
     assert cal.mfu == pytest.approx(raw.mfu * 0.6)  # median of 0.5, 0.6, 0.9

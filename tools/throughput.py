@@ -301,6 +301,8 @@ def _calibration_ratio(hardware: HardwareSpec, method: str) -> tuple[float, int,
     want = _canonical_gpu(hardware.gpu.name)
     ratios = []
     for rec in _calibration_records(path):
+        if rec.get("ok") is False:  # a failed trial (OOM, crash) measured no steady rate
+            continue
         try:
             gpu, m = str(rec["gpu"]), str(rec["method"])
             measured, predicted = float(rec["tokens_per_second"]), float(rec["predicted_tokens_per_second"])
