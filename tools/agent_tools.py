@@ -403,7 +403,7 @@ class PlanArgs(BaseModel):
     dataset_examples: Optional[int] = Field(default=None, ge=1, description="Training examples per epoch (e.g. 20000 tickets); tokens = examples x seq_len when dataset_tokens is not given.")
     effective_batch: int = Field(default=16, ge=1, le=65536, description="Sequences per optimizer step across all GPUs (micro-batch x accumulation x GPUs). Keep the user's value.")
     method: Literal["auto", "full", "lora", "qlora"] = Field(default="auto", description="The method the user asked for, or 'auto' to compare full, LoRA and QLoRA.")
-    num_train_epochs: float = Field(default=1.0, gt=0, le=100, description="Epochs.")
+    num_train_epochs: float = Field(default=1.0, gt=0, le=100, description="Passes over the dataset (1 unless the user says otherwise).")
     price_per_gpu_hour: Optional[float] = Field(default=None, ge=0, description="Price of one GPU-hour in the user's currency, for a cost figure.")
     quality: Literal["speed", "balanced", "quality"] = Field(default="balanced", description="speed prefers the fastest fitting setup; quality prefers full > LoRA > QLoRA and larger r.")
     exact: bool = Field(default=True, description="Confirm the best candidates with the exact dry-run simulator (a few seconds); false = analytic only.")

@@ -1,0 +1,200 @@
+"""The real `create_agent` loop, driven by a scripted chat model through the real engine.
+
+The scripted model's final answers are built from the ToolMessages it received, so a test
+can check that every number in the answer is one a tool produced.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import StructuredTool
+from pydantic import BaseModel, Field
+
+from agent.core import build_agent, run_turn
+from tests._agent_helpers import ScriptedChatModel, final, tool_call, tool_outputs
+
+pytest.importorskip("tools.planner")
+
+LLAMA = "meta-llama/Llama-3.1-8B"
+POLYGLOT = "EleutherAI/polyglot-ko-1.3b"
+
+
+def _numbers(text: str) -> set[str]:
+    return set(re.findall(r"\d+(?:\.\d+)?", text))
+
+
+def _run(model, text, *, thread="t1", agent=None, **kw):
+    steps: list[dict] = []
+    agent = agent or build_agent(model, **kw)
+    result = run_turn(agent, thread, text, on_step=steps.append)
+    return agent, result, steps
+
+
+def test_english_4090_plan_then_script_quotes_only_tool_numbers(tmp_path):
+    from tools.gpus import parse_hardware
+    from tools.models import lookup_model
+    from tools.planner import plan
+    from tools.schemas import PlanGoals
+
+    def answer(messages):
+        p = tool_outputs(messages, "plan_training")[-1]
+        s = tool_outputs(messages, "write_training_script")[-1]
+        best = p["best"]
+        return final(
+            f"Yes. {best['setup']['summary']} needs {best['memory']['per_gpu_total_gib']} GiB of the "
+            f"{best['memory']['gpu_memory_gib']} GiB (headroom {best['memory']['headroom_gib']} GiB); "
+            f"about {best['time']['hours_per_epoch']} h per epoch. Run: {s['launch_command']}"
+        )
+
+    model = ScriptedChatModel(script=[
+        tool_call("parse_hardware", hardware="RTX 4090"),
+        tool_call("plan_training", model=LLAMA, gpu="RTX 4090", seq_len=1024, dataset_examples=20000, exact=False),
+        tool_call("write_training_script", dataset="tickets.jsonl"),
+        answer,
+    ])
+    question = "I have one RTX 4090. Can I fine-tune Llama-3.1-8B on ~20k support tickets (about 1k tokens each)? How long?"
+    _, result, steps = _run(model, question, workdir=tmp_path)
+
+    # the loop really ran: system prompt first, the question, then tool results fed back
+    first = model.seen[0]
+    assert isinstance(first[0], SystemMessage) and "tunepilot" in first[0].content
+    assert isinstance(first[1], HumanMessage) and first[1].content == question
+    assert [s["tool"] for s in steps] == ["parse_hardware", "plan_training", "write_training_script"]
+    assert all(s["status"] == "ok" and s["seconds"] >= 0 for s in steps), steps
+    assert steps[1]["args"] == {"model": LLAMA, "gpu": "RTX 4090", "seq_len": 1024, "dataset_examples": 20000, "exact": False}
+
+    # the setup the plan tool recorded is the planner's best, for this GPU
+    goals = PlanGoals(seq_len=1024, dataset_examples=20000, confirm=False)
+    direct = plan(lookup_model(LLAMA), parse_hardware("RTX 4090"), goals)
+    assert direct.fits and result.setup is not None
+    assert result.setup.method == direct.best.setup.method and result.setup.max_length == 1024
+    assert result.setup.dataset == "tickets.jsonl" and "4090" in (result.setup.gpu or "")
+
+    # the numbers in the tool output are the engine's, rounded to 1 decimal GiB
+    p = tool_outputs(model.seen[-1], "plan_training")[-1]
+    assert p["best"]["memory"]["per_gpu_total_gib"] == round(direct.best.estimate.device_total_gib, 1)
+    assert p["best"]["setup"]["seq_len"] == 1024
+
+    # every number in the answer comes from a tool output
+    tool_text = " ".join(m.content for m in model.seen[-1] if isinstance(m, ToolMessage))
+    assert _numbers(result.answer) - {"1"} <= _numbers(tool_text) | _numbers(question)
+    assert str(p["best"]["memory"]["per_gpu_total_gib"]) in result.answer
+
+    # the script was written into the thread's work dir and compiles
+    assert result.script_path and result.script_path.startswith(str(tmp_path))
+    with open(result.script_path, encoding="utf-8") as f:
+        assert f.read() == result.script
+    compile(result.script, "train.py", "exec")
+    s = tool_outputs(model.seen[-1], "write_training_script")[-1]
+    assert s["path"] == result.script_path and s["launch_command"] in result.answer
+    assert "def " not in json.dumps(s)  # the script text stays out of the model's context
+
+
+def test_korean_polyglot_on_t4_plans_fp16(tmp_path):
+    def answer(messages):
+        p = tool_outputs(messages, "plan_training")[-1]
+        b = p["best"]
+        return final(f"네, T4에서 가능합니다. {b['setup']['summary']} 설정으로 GPU당 {b['memory']['per_gpu_total_gib']} GiB를 "
+                     f"사용하고, T4는 bf16을 지원하지 않아 {b['setup']['precision']}로 학습합니다. "
+                     "다음 명령: tunepilot script setup.yaml -o train.py")
+
+    model = ScriptedChatModel(script=[tool_call("plan_training", model=POLYGLOT, gpu="T4", seq_len=1024, exact=False), answer])
+    _, result, steps = _run(model, "EleutherAI/polyglot-ko-1.3b를 T4에서 파인튜닝할 수 있어?", workdir=tmp_path)
+    assert steps[0]["args"]["gpu"] == "T4" and steps[0]["args"]["model"] == POLYGLOT
+    setup = result.setup
+    assert setup is not None and setup.model_id == POLYGLOT
+    assert setup.fp16 is True and setup.bf16 is False  # a T4 has no bf16
+    p = tool_outputs(model.seen[-1], "plan_training")[-1]
+    assert p["best"]["setup"]["precision"] == "fp16" and p["best"]["memory"]["fits"] is True
+    assert "fp16" in result.answer and str(p["best"]["memory"]["per_gpu_total_gib"]) in result.answer
+    assert "T4에서" in result.answer
+
+
+def test_follow_up_estimate_starts_from_the_threads_setup(tmp_path):
+    pytest.importorskip("tools.estimator")
+
+    def answer(messages):
+        e = tool_outputs(messages, "estimate_memory")[-1]
+        return final(f"With 8k context: {e['memory']['per_gpu_total_gib']} GiB per GPU.")
+
+    model = ScriptedChatModel(script=[
+        tool_call("plan_training", model=POLYGLOT, gpu="T4", seq_len=1024, exact=False), final("planned"),
+        tool_call("estimate_memory", seq_len=8192, fast=True), answer,
+    ])
+    agent, first, _ = _run(model, "plan polyglot-ko-1.3b on a T4", workdir=tmp_path)
+    _, second, steps = _run(model, "and with 8k context?", agent=agent)
+    assert steps[0]["args"] == {"seq_len": 8192, "fast": True}
+    assert second.setup.max_length == 8192
+    # only the sequence length changed
+    assert second.setup.model_dump(exclude={"max_length"}) == first.setup.model_dump(exclude={"max_length"})
+    # another thread does not see this setup
+    other = ScriptedChatModel(script=[tool_call("estimate_memory", seq_len=8192), lambda m: final(tool_outputs(m)[-1])])
+    _, r, steps = _run(other, "and with 8k context?", thread="t2", agent=build_agent(other, workdir=tmp_path))
+    assert steps[0]["status"] == "error" and r.answer.startswith("error: model: there is no setup")
+
+
+def test_tool_errors_come_back_as_observations_and_the_model_recovers(tmp_path):
+    def recover(messages):
+        last = messages[-1]
+        assert isinstance(last, ToolMessage) and last.status == "error"
+        assert last.content.startswith("error:") and "GPU" in last.content
+        return tool_call("parse_hardware", hardware="RTX 4090")
+
+    model = ScriptedChatModel(script=[
+        tool_call("parse_hardware", hardware="RTX 9999 Hyper"),
+        recover,
+        tool_call("make_peft_config", model=LLAMA, r=0),  # bad argument: schema validation
+        lambda m: final("fixed: " + m[-1].content[:60]),
+    ])
+    _, result, steps = _run(model, "plan for my 9999", workdir=tmp_path)
+    assert [s["status"] for s in steps] == ["error", "ok", "error"]
+    assert "r" in steps[2]["error"] and result.answer.startswith("fixed: ")
+
+
+def test_a_bug_in_a_tool_stops_the_turn_but_not_the_thread(tmp_path):
+    class Args(BaseModel):
+        x: int = Field(description="A number that makes this tool crash.")
+
+    def broken(x: int) -> str:
+        """A tool with a bug."""
+        raise RuntimeError("bug in tool")
+
+    tool = StructuredTool.from_function(broken, name="broken", description="A tool with a bug.", args_schema=Args)
+    model = ScriptedChatModel(script=[tool_call("broken", x=1), final("recovered")])
+    agent = build_agent(model, tools=[tool], workdir=tmp_path)
+    with pytest.raises(RuntimeError, match="bug in tool"):
+        run_turn(agent, "t", "crash please")
+    # the open tool call was answered, so the next turn is valid and works
+    assert run_turn(agent, "t", "again").answer == "recovered"
+    last = model.seen[-1]
+    assert any(isinstance(m, ToolMessage) and m.content == "error: failed" for m in last)
+
+
+def test_a_runaway_model_ends_with_a_clear_message_and_the_session_goes_on(tmp_path):
+    def loop_until_told(messages):
+        human = [m for m in messages if isinstance(m, HumanMessage)][-1]
+        return final("done") if human.content == "stop" else tool_call("parse_hardware", hardware="T4")
+
+    model = ScriptedChatModel(script=[loop_until_told], repeat_last=True)
+    agent = build_agent(model, max_model_calls=4, workdir=tmp_path)
+    result = run_turn(agent, "t", "loop forever")
+    assert result.stopped == "limit" and result.answer.startswith("I stopped after 4 model calls")
+    assert model.calls == 4 and len(result.tool_calls) == 4
+    assert run_turn(agent, "t", "stop").answer == "done"
+
+
+def test_trial_is_refused_with_an_estimate_when_not_allowed(tmp_path):
+    pytest.importorskip("tools.estimator")
+    model = ScriptedChatModel(script=[
+        tool_call("run_trial", model=POLYGLOT, gpu="T4", seq_len=512),
+        lambda m: final(m[-1].content),
+    ])
+    agent = build_agent(model, workdir=tmp_path)
+    result = run_turn(agent, "t", "trial it", allow_trial=False)
+    assert result.answer.startswith("trial runs are not permitted for this user; here is the estimate instead")
+    assert "per_gpu_total_gib" in result.answer
+    assert result.tool_calls[0]["status"] == "ok"
