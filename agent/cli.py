@@ -271,7 +271,7 @@ def plan(
                           "-" if thr.cost is None else f"${thr.cost:,.0f}")
         console.print(table)
     else:
-        console.print(f"[bold red]Nothing fits[/]: {title}.", highlight=False)
+        console.print(f"[bold red]Nothing fits[/]: {title}.", highlight=False, soft_wrap=True)
         if result.candidates:
             table = Table(title="Closest setups (do not fit)", box=box.SIMPLE_HEAD)
             for col in ("setup", "peak/GPU", "GPU memory"):
@@ -283,9 +283,10 @@ def plan(
         console.print(line if line.startswith("- ") else f"• {line}", highlight=False, soft_wrap=True)
     if output is not None:
         if written is not None:
-            console.print(f"Wrote the winning setup to {written}. Next: tunepilot script {written} -o train.py", highlight=False)
+            console.print(f"Wrote the winning setup to {written}. Next: tunepilot script {written} -o train.py",
+                          highlight=False, soft_wrap=True)
         else:
-            console.print(f"Nothing fits, so {output} was not written.", highlight=False)
+            console.print(f"Nothing fits, so {output} was not written.", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------
