@@ -294,15 +294,135 @@ def plan(
 # ---------------------------------------------------------------------------------------
 
 @app.command()
-def script() -> None:
+def script(
+    setup_file: Path = typer.Argument(..., metavar="SETUP.yaml", help="Training setup (YAML or JSON), e.g. from `tunepilot plan -o setup.yaml`."),
+    output: Path = typer.Option(Path("train.py"), "-o", "--output", help="Where to write the script; extra config files go beside it."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Hub dataset id or local jsonl/json/csv/parquet (default: the setup's)."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Column holding the training text."),
+    chat: bool = typer.Option(False, "--chat", help="Data is a 'messages' column: format it with the tokenizer's chat template."),
+    json_out: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+) -> None:
     """Render a ready-to-run training script for a setup file."""
-    raise NotImplementedError
+    from pydantic import ValidationError
+
+    from tools.schemas import TrainingSetup, format_validation_error
+    from tools.script import write_script
+
+    if text_field and chat:
+        fail("give either --text-field F or --chat, not both")
+    try:
+        setup = TrainingSetup.load(setup_file)
+        rendered = write_script(setup, output, dataset=dataset, text_field=text_field, chat=chat)
+    except ValidationError as e:
+        fail(format_validation_error(e))
+    except TunepilotError as e:
+        fail(str(e))
+    script_path = output / "train.py" if output.is_dir() else output
+    extra = [str(script_path.parent / name) for name in rendered.files]
+    if json_out:
+        print_json({"script": str(script_path), "files": extra, "launch_command": rendered.launch_command,
+                    "trial_command": rendered.trial_command, "notes": rendered.notes})
+        return
+    console.print(f"[bold green]wrote[/] {script_path}  ({setup.short()})", highlight=False)
+    for path in extra:
+        console.print(f"[green]wrote[/] {path}", highlight=False)
+    console.print(f"launch (from {script_path.parent}):  [bold]{rendered.launch_command}[/]", highlight=False)
+    console.print(f"trial first:  {rendered.trial_command}", highlight=False)
+    for note in rendered.notes:
+        console.print(f"[dim]note: {note}[/]", highlight=False)
+
+
+def _trial_table(report) -> "object":
+    from rich.table import Table
+
+    table = Table(title=f"Trial: {report.setup_summary}", title_justify="left")
+    table.add_column("quantity")
+    table.add_column("measured", justify="right")
+    table.add_column("estimated", justify="right")
+    table.add_column("error", justify="right")
+
+    def fmt(value, unit: str = "") -> str:
+        return "—" if value is None else f"{value:,.2f}{unit}"
+
+    if report.device == "cuda":
+        labels = {"allocated_gib": "peak allocated", "reserved_gib": "peak reserved",
+                  "device_total_gib": "device total", "tokens_per_second": "tokens/s"}
+        for key, label in labels.items():
+            row = report.comparison.get(key, {})
+            unit = "" if key == "tokens_per_second" else " GiB"
+            err = row.get("error_pct")
+            table.add_row(label, fmt(row.get("measured"), unit), fmt(row.get("estimated"), unit), "—" if err is None else f"{err:+.1f}%")
+    else:
+        table.add_row("peak RSS (CPU)", fmt(report.cpu_peak_rss_gib, " GiB"), "n/a", "n/a")
+        table.add_row("tokens/s (CPU)", fmt(report.tokens_per_second), "n/a", "n/a")
+    if report.loss_per_step:
+        table.add_row("loss per step", " ".join(f"{x:.3f}" for x in report.loss_per_step), "", "")
+    if report.wall_seconds is not None:
+        table.add_row("wall time", f"{report.wall_seconds:.1f} s", "", "")
+    return table
 
 
 @app.command()
-def trial() -> None:
+def trial(
+    setup_file: Path = typer.Argument(..., metavar="SETUP.yaml", help="Training setup (YAML or JSON) to trial-run."),
+    steps: int = typer.Option(3, "--steps", help="Optimizer steps to run on worst-case batches."),
+    timeout: float = typer.Option(900, "--timeout", help="Seconds before the trial is killed."),
+    find_max_batch: bool = typer.Option(False, "--find-max-batch", help="Search the largest micro-batch that fits (a few trials, seeded by the estimate)."),
+    model_path: Optional[str] = typer.Option(None, "--model", help="Load the weights from this local directory instead of the setup's model_id."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset for the worst-case batches (default: the setup's; random tokens without one)."),
+    memory_limit_gib: Optional[float] = typer.Option(None, "--memory-limit-gib", help="Limit the trial process's address space (GiB); mainly for tests."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where to write the script, report and log (default: a temp dir)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="With --find-max-batch: write the best setup here."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report(s) as JSON."),
+) -> None:
     """Trial-run a setup for a few steps and compare measured memory to the estimate."""
-    raise NotImplementedError
+    from pydantic import ValidationError
+
+    from tools.schemas import TrainingSetup, format_validation_error
+    from tools.trial import find_max_batch as search_batch
+    from tools.trial import run_trial
+
+    kw = dict(steps=steps, timeout=timeout, workdir=workdir, model_path=model_path, dataset=dataset,
+              memory_limit_gib=memory_limit_gib)
+    try:
+        setup = TrainingSetup.load(setup_file)
+        if find_max_batch:
+            best, reports = search_batch(setup, **kw)
+        else:
+            best, reports = setup, [run_trial(setup, **kw)]
+        if output is not None and find_max_batch:
+            best.save(output)
+    except ValidationError as e:
+        fail(format_validation_error(e))
+    except TunepilotError as e:
+        fail(str(e))
+    ok = any(r.ok for r in reports)
+    if json_out:
+        if find_max_batch:
+            print_json({"best_setup": best.model_dump(mode="json"), "best": best.short(), "ok": ok,
+                        "trials": [r.model_dump(mode="json") for r in reports]})
+        else:
+            print_json(reports[0])
+        raise typer.Exit(0 if ok else 1)
+    for r in reports:
+        console.print(_trial_table(r))
+        style = "bold green" if r.ok else "bold red"
+        console.print(f"[{style}]{'ok' if r.ok else (r.error_kind or 'failed')}:[/] {r.verdict}", highlight=False)
+        if r.error_message and not r.ok:
+            console.print(f"  {r.error_message.splitlines()[0][:300]}", highlight=False, markup=False)
+        for line in r.advice:
+            console.print(f"  • {line}", highlight=False, markup=False)
+        if r.comparison.get("note"):
+            console.print(f"[dim]{r.comparison['note']}[/]", highlight=False)
+        console.print(f"[dim]log: {r.log_path}[/]", highlight=False)
+    if find_max_batch:
+        if ok:
+            console.print(f"[bold]largest micro-batch that ran:[/] {best.short()}", highlight=False)
+            if output is not None:
+                console.print(f"wrote {output}", highlight=False)
+        else:
+            console.print("[bold red]no micro-batch ran[/]", highlight=False)
+    raise typer.Exit(0 if ok else 1)
 
 
 # ---------------------------------------------------------------------------------------
