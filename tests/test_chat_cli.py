@@ -1,0 +1,239 @@
+"""`tunepilot ask` and `tunepilot chat` end to end: real subprocesses, the real openai client, a loopback stub.
+
+The chat test runs the REPL in a pseudo-terminal (pty.fork), as a person would: prompt_toolkit
+line editing, a question, a tool step, /setup, /save, a failing model call, Ctrl-C, /quit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests._agent_helpers import OpenAIStub, stub_tool_call
+
+ROOT = Path(__file__).resolve().parent.parent
+POLYGLOT = "EleutherAI/polyglot-ko-1.3b"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Za-z0-9]|\x1b[=>]|\r")
+
+
+def _env(home: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TUNEPILOT_LLM", "OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    env.update(TUNEPILOT_HOME=str(home), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", COLUMNS="160", **extra)
+    return env
+
+
+def _cli(*args: str, home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], cwd=ROOT, env=_env(home),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _tool_result(body: dict) -> dict:
+    msg = body["messages"][-1]
+    assert msg["role"] == "tool", msg
+    return json.loads(msg["content"])
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# --------------------------------------------------------------------------------------
+# ask
+# --------------------------------------------------------------------------------------
+
+
+def test_ask_json_round_trips_a_plan_tool_call(tmp_path):
+    def answer(body):
+        p = _tool_result(body)
+        return f"It fits: {p['best']['setup']['summary']}, {p['best']['memory']['per_gpu_total_gib']} GiB per GPU."
+
+    replies = [stub_tool_call("plan_training", model=POLYGLOT, gpu="T4", seq_len=512, exact=False), answer]
+    with OpenAIStub(replies) as stub:
+        r = _cli("ask", "Can I fine-tune polyglot-ko-1.3b on a T4?", "--json", "--llm", "openai:stub-model",
+                 "--base-url", stub.base_url, home=tmp_path)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert len(stub.requests) == 2
+        first, second = (q["body"] for q in stub.requests)
+        assert first["model"] == "stub-model" and not first.get("stream")
+        assert {t["function"]["name"] for t in first["tools"]} >= {"plan_training", "write_training_script", "web_search"}
+        assert first["messages"][0]["role"] == "system" and first["messages"][1]["content"].startswith("Can I fine-tune")
+        # the second request carries the tool result, and the answer quotes it
+        plan = _tool_result(second)
+        assert plan["best"]["setup"]["precision"] == "fp16"
+    assert out["answer"] == answer(second)
+    assert out["setup"]["model_id"] == POLYGLOT and out["setup"]["fp16"] is True
+    assert [c["tool"] for c in out["tool_calls"]] == ["plan_training"] and out["tool_calls"][0]["status"] == "ok"
+
+
+def test_ask_streams_sse_answers(tmp_path):
+    def answer(body):
+        hw = _tool_result(body)
+        return f"A {hw['gpu']} has {hw['memory_gib_per_gpu']} GiB and bf16={hw['bf16']}."
+
+    with OpenAIStub([stub_tool_call("parse_hardware", hardware="T4"), answer]) as stub:
+        r = _cli("ask", "how big is a T4?", "--llm", "openai:stub-model", "--base-url", stub.base_url, home=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert [q["body"].get("stream") for q in stub.requests] == [True, True]
+        expected = answer(stub.requests[1]["body"])
+    assert r.stdout.strip() == expected == "A NVIDIA T4 has 15.0 GiB and bf16=False."
+    assert "parse_hardware" in r.stderr and "ok" in r.stderr  # the step, on stderr
+
+
+def test_ask_without_a_model_or_with_an_unreachable_one_says_so_in_one_line(tmp_path):
+    r = _cli("ask", "hi", home=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--llm openai:gpt-4o-mini" in r.stderr and "tunepilot plan" in r.stderr and r.stdout == ""
+    r = _cli("chat", home=tmp_path)
+    assert r.returncode == 2 and "TUNEPILOT_LLM" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("ask", "hi", "--llm", "openai:m", "--base-url", f"http://127.0.0.1:{_closed_port()}/v1", home=tmp_path)
+    assert r.returncode == 2 and "cannot reach the chat model server" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------------------
+# chat in a pseudo-terminal
+# --------------------------------------------------------------------------------------
+
+
+class Terminal:
+    """A child process on a pty: read what it shows, type into it (answers cursor-position queries)."""
+
+    def __init__(self, argv: list[str], env: dict):
+        pid, fd = pty.fork()
+        if pid == 0:  # child
+            os.chdir(ROOT)
+            os.execve(sys.executable, [sys.executable, *argv], env)
+        self.pid, self.fd = pid, fd
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+        self.raw = ""
+        self.seen = 0  # how much of the screen text expect() has consumed
+
+    @property
+    def text(self) -> str:
+        return ANSI.sub("", self.raw)
+
+    def _read(self, timeout: float) -> bool:
+        r, _, _ = select.select([self.fd], [], [], timeout)
+        if not r:
+            return False
+        try:
+            data = os.read(self.fd, 65536).decode("utf-8", "replace")
+        except OSError:
+            return False
+        if "\x1b[6n" in data:  # prompt_toolkit asks where the cursor is
+            os.write(self.fd, b"\x1b[1;1R")
+        self.raw += data
+        return bool(data)
+
+    def expect(self, pattern: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.search(pattern, self.text[self.seen:])
+            if m:
+                self.seen += m.end()
+                return m.group(0)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"did not see {pattern!r}; screen:\n{self.text[-3000:]}")
+            self._read(0.2)
+
+    def type(self, line: str) -> None:
+        os.write(self.fd, line.encode() + b"\r")
+
+    def wait(self, timeout: float = 20) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._read(0.1)
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        raise AssertionError(f"chat did not exit; screen:\n{self.text[-2000:]}")
+
+
+def test_chat_in_a_terminal_tool_step_save_errors_cancel_and_resume(tmp_path):
+    def answer(body):
+        s = _tool_result(body)
+        return f"Script ready at {s['path']}; run {s['launch_command']}"
+
+    replies = [
+        stub_tool_call("write_training_script", model=POLYGLOT, gpu="T4", seq_len=512),
+        answer,
+        {"status": 401, "error": "Incorrect API key provided"},
+        "slow answer",  # cancelled with Ctrl-C while the stub waits
+        "still here",
+    ]
+    home = tmp_path / "home"
+    with OpenAIStub(replies) as stub:
+        term = Terminal(["-m", "agent.cli", "chat", "--llm", "openai:stub-model", "--base-url", stub.base_url],
+                        _env(home, TERM="xterm"))
+        try:
+            term.expect(r"tunepilot chat.*new conversation (chat-[0-9a-f]+)")
+            term.expect(r"you›")
+            term.type("write a training script for polyglot-ko-1.3b on my T4")
+            term.expect(r"→ write_training_script\(.*gpu=T4.*\) [0-9.]+s ok")
+            term.expect(r"Script ready at \S+train\.py; run python train\.py")
+            term.expect(r"you›")
+            term.type("/setup")
+            term.expect(r"model_id: EleutherAI/polyglot-ko-1\.3b")
+            term.expect(r"fp16: true")
+            out = tmp_path / "saved" / "train.py"
+            term.type(f"/save {out}")
+            term.expect(r"saved .*train\.py \(\d+ lines\)")
+            term.type("a question the server refuses")
+            term.expect(r"error: the chat model .*refused the credentials")
+            term.expect(r"you›")
+            stub.delay = 3.0
+            term.type("a slow question")
+            time.sleep(1.0)
+            os.write(term.fd, b"\x03")  # Ctrl-C
+            term.expect(r"cancelled")
+            term.expect(r"you›")
+            stub.delay = 0.0
+            term.type("are you still there?")
+            term.expect(r"still here")
+            term.type("/quit")
+            assert term.wait() == 0
+        finally:
+            try:
+                os.kill(term.pid, signal.SIGKILL)
+                os.waitpid(term.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        compile(out.read_text(encoding="utf-8"), str(out), "exec")
+        assert "polyglot-ko-1.3b" in out.read_text(encoding="utf-8")
+        # every request after the refused and the cancelled one still carried the whole thread
+        last = stub.requests[-1]["body"]["messages"]
+        users = [m["content"] for m in last if m["role"] == "user"]
+        assert users[0].startswith("write a training script") and users[-1] == "are you still there?"
+    assert (home / "chat.sqlite").is_file() and (home / "chat_history").is_file()
+    thread = (home / "chat_thread").read_text().strip()
+
+    # --resume with piped input (no terminal): the setup of the last conversation is still there
+    with OpenAIStub(["unused"]) as stub:
+        p = subprocess.run([sys.executable, "-m", "agent.cli", "chat", "--resume", "--llm", "openai:stub-model",
+                            "--base-url", stub.base_url], cwd=ROOT, env=_env(home), input="/setup\n/help\n/nope\n/quit\n",
+                           capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"resumed conversation {thread}" in p.stdout
+    assert "model_id: EleutherAI/polyglot-ko-1.3b" in p.stdout and "/save PATH" in p.stdout
+    assert "unknown command /nope" in p.stdout
