@@ -252,6 +252,8 @@ def render_reply(result: Any, *, trial_refused: bool = False, script_uploaded: b
 
 def error_reply(exc: BaseException) -> str:
     """'Sorry, something went wrong: <one line>' for any failure of a turn."""
+    if type(exc).__name__ == "SlackApiError" and getattr(exc, "response", None) is not None:
+        return f"Sorry, something went wrong: Slack refused a call ({exc.response.get('error', 'error')})"
     try:
         from agent.core import agent_error_message
 
@@ -416,10 +418,7 @@ class SlackBot:
                 reply_text, blocks = render_reply(result, trial_refused=trial_refused, script_uploaded=upload)
                 self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=reply_text, blocks=blocks)
                 if upload:
-                    self.client.files_upload_v2(
-                        channel=channel, thread_ts=thread_ts, content=script, filename="train.py",
-                        title="train.py", initial_comment="The training script for this setup:",
-                    )
+                    self._upload_script(channel, thread_ts, script, getattr(result, "script_path", None))
                 log.info("answered %s in %.1fs (tools: %s)", thread_id, time.monotonic() - started, ", ".join(used) or "none")
                 self._react(channel, ts, "eyes", remove=True)
                 self._react(channel, ts, "white_check_mark")
@@ -431,6 +430,22 @@ class SlackBot:
                     log.exception("could not post the error reply in %s", thread_id)
                 self._react(channel, ts, "eyes", remove=True)
                 self._react(channel, ts, "x")
+
+    def _upload_script(self, channel: str, thread_ts: str, script: str, script_path: str | None) -> None:
+        from slack_sdk.errors import SlackApiError
+
+        try:
+            self.client.files_upload_v2(
+                channel=channel, thread_ts=thread_ts, content=script, filename="train.py",
+                title="train.py", initial_comment="The training script for this setup:",
+            )
+        except SlackApiError as e:  # e.g. missing_scope: say so in the thread, keep the answer
+            where = f" It is saved on the bot's host at `{script_path}`." if script_path else ""
+            self.client.chat_postMessage(
+                channel=channel, thread_ts=thread_ts,
+                text=f"I could not upload train.py (Slack said `{e.response.get('error', 'error')}`; "
+                     f"does the app have the files:write scope?).{where}",
+            )
 
     # -- lifecycle -------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ class SlackStub:
     def __init__(self) -> None:
         self.calls: list[Call] = []
         self.rate_limits: dict[str, int] = {}  # method -> how many 429s to answer first
+        self.errors: dict[str, str] = {}  # method -> Slack error code to answer with ({"ok": false})
         self.uploads: dict[str, bytes] = {}
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -73,7 +74,11 @@ class SlackStub:
                                "application/json", extra={"Retry-After": "1"})
                     return
                 stub._record(Call(method, params))
-                self._send(200, json.dumps(stub._answer(method, params)).encode(), "application/json")
+                if method in stub.errors:
+                    answer = {"ok": False, "error": stub.errors[method]}
+                else:
+                    answer = stub._answer(method, params)
+                self._send(200, json.dumps(answer).encode(), "application/json")
 
             def _send(self, status, body, ctype, extra=None):
                 self.send_response(status)
@@ -138,7 +143,7 @@ class SlackStub:
         return {"ok": True}
 
     def of(self, method: str) -> list[Call]:
-        """Successful calls of one method, in order."""
+        """Calls of one method answered with HTTP 200 (not rate-limited), in order."""
         with self._cond:
             return [c for c in self.calls if c.method == method and c.status == 200]
 

@@ -179,6 +179,21 @@ def test_plan_and_script_upload_to_thread(stub, make_app):
     assert "train.py" in blocks[-1]["elements"][0]["text"]
 
 
+def test_upload_refused_keeps_the_answer_and_says_why(stub, make_app):
+    stub.errors["files.getUploadURLExternal"] = "missing_scope"
+    model = ScriptedChatModel(script=[
+        tool_call("write_training_script", model="Qwen/Qwen2.5-0.5B", gpu="RTX 4090"),
+        final("Here is your script."),
+    ])
+    app = make_app(model)
+    ev = mention("script please")
+    run(app, ev, timeout=60)
+    texts = [reply_text(c) for c in stub.replies()]
+    assert texts[0] == "Here is your script."
+    assert len(texts) == 2 and "missing_scope" in texts[1] and "files:write" in texts[1] and "train.py" in texts[1]
+    assert not stub.of("upload")
+
+
 # --------------------------------------------------------------------------------------
 # (c) thread memory, follow-ups without a mention, and a restart on the same SQLite file
 # --------------------------------------------------------------------------------------
