@@ -112,11 +112,16 @@ class _Option:
 
 
 def _estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec, *, fast: bool) -> MemoryEstimate:
-    try:
-        from tools.estimator import estimate
-    except ImportError:  # TEMPORARY until tools/estimator.py lands
-        return _tmp_estimate(model, setup, hardware)
-    return estimate(model, setup, hardware, fast=fast)
+    global _ESTIMATE
+    if _ESTIMATE is None:
+        try:
+            from tools.estimator import estimate as _ESTIMATE
+        except ImportError:  # TEMPORARY until tools/estimator.py lands
+            _ESTIMATE = lambda m, s, h, fast: _tmp_estimate(m, s, h)  # noqa: E731
+    return _ESTIMATE(model, setup, hardware, fast=fast)
+
+
+_ESTIMATE = None
 
 
 def _tmp_estimate(model, setup, hardware) -> MemoryEstimate:  # TEMPORARY: remove when tools/estimator.py lands
@@ -261,16 +266,16 @@ def _configs(methods: list[str], strategies: list[_Strategy], attention: Optiona
                 optims = FULL_OPTIMS
                 if strategy.offload != "none":
                     optims = ("adamw_torch",)  # DeepSpeed swaps in its CPU Adam when states live on the host
-                for optim in optims:
-                    for ckpt in (False, True):
+                for ckpt in (False, True):
+                    for optim in optims:
                         out.append(_Config(method, strategy, ckpt, optim))
                 continue
             optims = LORA_OPTIMS if strategy.offload == "none" else ("adamw_torch",)
             for dq in ((True, False) if method == "qlora" else (True,)):
                 for targets in target_sets:
-                    for r in RANKS:
-                        for optim in optims:
-                            for ckpt in (False, True):
+                    for r in RANKS:  # order matters: _search bounds each config by the ones before it
+                        for ckpt in (False, True):
+                            for optim in optims:
                                 out.append(_Config(method, strategy, ckpt, optim, r, targets, dq))
     return out
 
@@ -293,11 +298,51 @@ def _search(
     *, attention: Optional[list[str]], seq_len: Optional[int] = None, num_gpus: Optional[int] = None,
     configs: Optional[list[_Config]] = None,
 ) -> _Search:
+    """For every configuration, the largest micro-batch that fits (bisection), with its throughput.
+
+    Memory is monotone, which bounds the bisection and prunes whole configurations: a larger r
+    never fits a larger micro-batch than a smaller r (and does not fit at all when the smaller
+    did not); checkpointing and 8-bit optimizer states never fit a smaller one than no
+    checkpointing / fused AdamW. Time is monotone too: when fused AdamW without checkpointing
+    already reaches the largest micro-batch, the checkpointed / 8-bit variants are only slower
+    or identical, and are skipped.
+    """
     n = num_gpus or hardware.num_gpus
     micros = _micro_sizes(goals.effective_batch // n)
+    top_idx = len(micros) - 1
     result = _Search([], {}, [])
     flash = _cc(hardware) >= 8.0
+    reached: dict[tuple, Optional[int]] = {}  # (group, r, ckpt, optim) -> largest fitting micro index (None: none fits)
+
     for cfg in configs if configs is not None else _configs(methods, strategies, attention):
+        group = (cfg.method, cfg.strategy.label, cfg.double_quant, str(cfg.targets))
+        heavy_optim = "adamw_torch_fused" if cfg.optim != "adafactor" else None
+        lo, hi = 0, top_idx
+        known_fit = -1
+        prev_r = [x for x in RANKS if x < cfg.r] if cfg.method != "full" else []
+        if prev_r:
+            above = reached.get((group, prev_r[-1], cfg.ckpt, cfg.optim), "unknown")
+            if above is None:
+                reached[(group, cfg.r, cfg.ckpt, cfg.optim)] = None
+                continue  # the smaller rank did not fit at micro-batch 1: neither does this one
+            if above != "unknown":
+                hi = above
+        if cfg.ckpt:
+            plain = reached.get((group, cfg.r, False, cfg.optim))
+            if plain == top_idx:
+                reached[(group, cfg.r, True, cfg.optim)] = top_idx
+                continue  # fits without checkpointing at the largest micro-batch: recompute only costs time
+            if plain is not None:
+                known_fit = max(known_fit, plain)
+        if heavy_optim and cfg.optim != heavy_optim:
+            fused = reached.get((group, cfg.r, cfg.ckpt, heavy_optim))
+            if fused == top_idx:
+                reached[(group, cfg.r, cfg.ckpt, cfg.optim)] = top_idx
+                continue  # fused AdamW already fits the largest micro-batch and is as fast
+            if fused is not None:
+                known_fit = max(known_fit, fused)
+        known_fit = min(known_fit, hi)
+
         def at(micro: int) -> _Option:
             setup = _make_setup(
                 model, hardware, goals, method=cfg.method, strategy=cfg.strategy, micro=micro, ckpt=cfg.ckpt,
@@ -312,20 +357,30 @@ def _search(
                 result.leanest[cfg.method] = opt
             return opt
 
+        best: Optional[_Option] = None
         try:
-            lo_opt = at(micros[0])
+            if known_fit < 0:
+                first = at(micros[0])
+                if not first.fits:
+                    reached[(group, cfg.r, cfg.ckpt, cfg.optim)] = None
+                    continue
+                best, lo = first, 0
+            else:
+                lo = known_fit
+            while lo < hi:  # largest micro-batch that fits (memory grows with it)
+                mid = (lo + hi + 1) // 2
+                opt = at(micros[mid])
+                if opt.fits:
+                    best, lo = opt, mid
+                else:
+                    hi = mid - 1
+            if best is None or best.setup.per_device_train_batch_size != micros[lo]:
+                best = at(micros[lo])
         except TunepilotError:
             continue  # e.g. targets the analytic tier cannot place: skip this configuration
-        if not lo_opt.fits:
+        reached[(group, cfg.r, cfg.ckpt, cfg.optim)] = lo
+        if not best.fits:  # a bound from a neighbour was wrong (non-monotone estimate): trust the estimate
             continue
-        best, lo, hi = lo_opt, 0, len(micros) - 1
-        while lo < hi:  # largest micro-batch that fits (memory grows with it)
-            mid = (lo + hi + 1) // 2
-            opt = at(micros[mid])
-            if opt.fits:
-                best, lo = opt, mid
-            else:
-                hi = mid - 1
         best.thr = _throughput(model, best.setup, hardware, goals)
         if flash:
             fa = best.setup.model_copy(update={"attn_implementation": "flash_attention_2"})
@@ -784,7 +839,8 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
 def _short_why(o: _Option, winner: _Option) -> str:
     slower = (o.time() / winner.time() - 1) * 100 if winner.time() else 0.0
     name = _METHOD_NAME.get(o.method, o.method)
-    return f"best {name} / {o.strategy.label}: {slower:+.0f}% time vs the winner"
+    pace = f"{slower:.0f}% slower than the winner" if abs(slower) >= 0.5 else "as fast as the winner"
+    return f"best {name} / {o.strategy.label}: {pace}"
 
 
 def _strategy_advice(selected: list[_Option], ranked: list[_Option], winner: _Option) -> list[str]:
@@ -795,8 +851,9 @@ def _strategy_advice(selected: list[_Option], ranked: list[_Option], winner: _Op
             continue
         seen.add(o.strategy.label)
         slower = (o.time() / winner.time() - 1) * 100
+        pace = f"is {slower:.0f}% slower than" if slower >= 0.5 else "is as fast as"
         out.append(f"{o.strategy.label} also fits for {_METHOD_NAME[o.method]} ({_gib(o.est.device_total_gib)} per GPU) "
-                   f"but is {slower:.0f}% slower than {winner.strategy.label}.")
+                   f"and {pace} {winner.strategy.label}.")
     return out
 
 

@@ -1,0 +1,69 @@
+"""Planner speed: a full search for a 70B model (analytic prune + simulator confirmation of the top few).
+
+Run from the repository root:
+
+    .venv/bin/python bench/bench_planner_speed.py            # Llama-3.1-70B on 2x RTX 4090 and 1x H100
+    .venv/bin/python bench/bench_planner_speed.py --fast     # analytic only
+
+Prints, per case: setups searched, seconds for the analytic search alone, seconds for the
+whole plan (search + confirmation), and the winner. Import time (torch/transformers, paid
+once per process) is reported separately and not counted. Target: <= 5 s per full plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CASES = [
+    ("meta-llama/Llama-3.1-70B", "2x RTX 4090"),
+    ("meta-llama/Llama-3.1-70B", "H100 80GB"),
+    ("meta-llama/Llama-3.1-70B", "8x A100 80GB"),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fast", action="store_true", help="skip the simulator confirmation")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    import tools.simulator  # noqa: F401  (torch, transformers)
+    from tools.gpus import parse_hardware
+    from tools.models import lookup_model
+    from tools.peft_config import attention_modules
+    from tools.planner import plan
+    from tools.schemas import PlanGoals
+
+    attention_modules(lookup_model(CASES[0][0], hub=False))  # module-tree cache, once per model
+    print(f"imports + module tree: {time.perf_counter() - t0:.1f} s (once per process, not counted below)")
+
+    worst = 0.0
+    for model_id, hw in CASES:
+        model, hardware = lookup_model(model_id, hub=False), parse_hardware(hw)
+        goals = PlanGoals(seq_len=args.seq_len, dataset_tokens=10_000_000, confirm=False)
+        t = time.perf_counter()
+        p_fast = plan(model, hardware, goals)
+        t_fast = time.perf_counter() - t
+        searched = next((a for a in p_fast.advice if a.startswith("Searched")), "")
+        if args.fast:
+            t_full, p = t_fast, p_fast
+        else:
+            t = time.perf_counter()
+            p = plan(model, hardware, goals.model_copy(update={"confirm": True}))
+            t_full = time.perf_counter() - t
+        worst = max(worst, t_full)
+        best = p.best.setup.short() if p.best else "nothing fits"
+        tier = p.best.estimate.tier if p.best else "-"
+        print(f"{model_id} on {hw}: {searched.rstrip('.')}; analytic search {t_fast:.2f} s; "
+              f"full plan {t_full:.2f} s -> {best} [{tier}]")
+    print(f"slowest full plan: {worst:.2f} s (target <= 5 s)")
+
+
+if __name__ == "__main__":
+    main()
