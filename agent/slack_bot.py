@@ -176,8 +176,25 @@ def split_sections(mrkdwn: str, limit: int = SECTION_LIMIT) -> list[str]:
     return chunks or [""]
 
 
-def setup_fields(setup: Any) -> list[dict]:
-    """The setup as a Slack section's fields: method, r, batch×accum, seq len, checkpointing, optimizer, GPUs."""
+def memory_line(memory: dict | None) -> str | None:
+    """'21.3 GiB of 24.0 GiB per GPU, fits (2.7 GiB headroom)' from the agent's memory view, or None."""
+    if not isinstance(memory, dict) or memory.get("per_gpu_total_gib") is None:
+        return None
+    line = f"{memory['per_gpu_total_gib']:g} GiB"
+    if memory.get("gpu_memory_gib"):
+        line += f" of {memory['gpu_memory_gib']:g} GiB"
+    line += " per GPU"
+    if memory.get("fits") is True:
+        line += ", fits :white_check_mark:"
+    elif memory.get("fits") is False:
+        line += ", does not fit :x:"
+    if memory.get("headroom_gib") is not None:
+        line += f" ({memory['headroom_gib']:g} GiB headroom)"
+    return line
+
+
+def setup_fields(setup: Any, memory: dict | None = None) -> list[dict]:
+    """The setup as a Slack section's fields: method, r, batch×accum, seq len, checkpointing, optimizer, GPUs, memory."""
     method = setup.method
     if setup.load_in_4bit and method != "qlora":
         method += " (4-bit)"
@@ -205,6 +222,9 @@ def setup_fields(setup: Any) -> list[dict]:
         ("Optimizer", f"`{setup.optim}`, {precision}"),
         ("GPUs", gpus),
     ]
+    mem = memory_line(memory)
+    if mem:
+        items.append(("Memory", mem))
     return [{"type": "mrkdwn", "text": f"*{k}*\n{v}"} for k, v in items][:10]
 
 
@@ -242,7 +262,7 @@ def render_reply(result: Any, *, trial_refused: bool = False, script_uploaded: b
     setup = getattr(result, "setup", None)
     if setup is not None and _tools_used(result):
         blocks.append({"type": "divider"})
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "*Setup*"}, "fields": setup_fields(setup)})
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "*Setup*"}, "fields": setup_fields(setup, getattr(result, "memory", None))})
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": next_command(result, script_uploaded=script_uploaded)}]})
     text = answer + (f"\n\n{TRIAL_REFUSED_NOTE}" if trial_refused else "")
     if len(text) > FALLBACK_TEXT_LIMIT:

@@ -37,6 +37,7 @@ from agent.slack_bot import (
     markdown_to_mrkdwn,
     parse_trial_users,
     render_reply,
+    setup_fields,
     split_sections,
     wait_idle,
 )
@@ -451,6 +452,25 @@ def test_render_reply_limits_blocks_and_notes_refused_trial():
     assert all(len(b["text"]["text"]) <= 3000 for b in blocks if b["type"] == "section")
     assert any(TRIAL_REFUSED_NOTE == b.get("text", {}).get("text") for b in blocks)
     assert len(text) <= 4000
+
+
+def test_setup_fields_show_the_setup_and_its_memory():
+    from tools.schemas import TrainingSetup
+
+    setup = TrainingSetup(model_id="meta-llama/Llama-3.1-8B", method="qlora", load_in_4bit=True, r=64, lora_alpha=128,
+                          per_device_train_batch_size=2, gradient_accumulation_steps=8, max_length=4096,
+                          optim="paged_adamw_8bit", num_gpus=2, zero_stage=2, gpu="NVIDIA A10G")
+    memory = {"per_gpu_total_gib": 21.3, "gpu_memory_gib": 22.0, "fits": True, "headroom_gib": 0.7}
+    fields = {f["text"].split("\n")[0]: f["text"].split("\n", 1)[1] for f in setup_fields(setup, memory)}
+    assert fields["*Method*"] == "qlora"
+    assert fields["*LoRA r / alpha*"] == "64 / 128"
+    assert fields["*Batch × accum*"] == "2 × 8 (effective 32)"
+    assert fields["*Seq len*"] == "4096"
+    assert fields["*Optimizer*"] == "`paged_adamw_8bit`, bf16"
+    assert fields["*GPUs*"] == "2 × NVIDIA A10G, ZeRO-2"
+    assert fields["*Memory*"] == "21.3 GiB of 22 GiB per GPU, fits :white_check_mark: (0.7 GiB headroom)"
+    assert "*Memory*" not in {f["text"].split("\n")[0] for f in setup_fields(setup)}
+    assert len(setup_fields(setup, memory)) <= 10  # Slack's limit for a section's fields
 
 
 def test_parse_trial_users():
