@@ -45,6 +45,35 @@ def format_step(step: dict) -> str:
     return line
 
 
+SETUP_TOOLS = ("plan_training", "estimate_memory", "write_training_script", "make_peft_config", "run_trial")
+
+
+def setup_table(setup, memory: Optional[dict] = None):
+    """A rich table of a setup's knobs and, when known, its memory per GPU."""
+    from rich import box
+    from rich.table import Table
+
+    from tools.agent_tools import setup_view
+
+    table = Table(box=box.SIMPLE, show_header=False, pad_edge=False)
+    table.add_column(style="dim")
+    table.add_column()
+    view = setup_view(setup)
+    for key in ("model", "method", "r", "quantization", "micro_batch", "grad_accum", "effective_batch", "seq_len",
+                "precision", "gradient_checkpointing", "optim", "num_gpus", "sharding", "offload", "gpu"):
+        if key in view:
+            table.add_row(key.replace("_", " "), escape(str(view[key])))
+    if memory and memory.get("per_gpu_total_gib") is not None:
+        mem = f"{memory['per_gpu_total_gib']} GiB per GPU"
+        if memory.get("gpu_memory_gib") is not None:
+            mem += f" of {memory['gpu_memory_gib']} GiB"
+        if memory.get("headroom_gib") is not None:
+            mem += f" (headroom {memory['headroom_gib']} GiB)"
+        verdict = {True: "[green]fits[/]", False: "[red]does not fit[/]"}.get(memory.get("fits"), "")
+        table.add_row("memory", escape(mem) + (f" {verdict}" if verdict else ""))
+    return table
+
+
 # --------------------------------------------------------------------------------------
 # Persistence
 # --------------------------------------------------------------------------------------
@@ -277,6 +306,8 @@ class ChatSession:
         elif shown and not shown.endswith("\n"):
             c.file.write("\n")
             c.file.flush()
+        if result.setup is not None and any(s["tool"] in SETUP_TOOLS and s["status"] == "ok" for s in result.tool_calls):
+            c.print(setup_table(result.setup, result.memory))
 
     # -- the loop --------------------------------------------------------------------------
     def _reader(self) -> Callable[[], str]:

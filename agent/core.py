@@ -48,6 +48,7 @@ class TurnResult:
     script_path: Optional[str] = None
     tool_calls: list[dict] = field(default_factory=list)  # this turn's steps, as passed to on_step
     stopped: Optional[str] = None  # None, or why the turn ended early: "limit"
+    memory: Optional[dict] = None  # the memory estimate (per-GPU GiB, fits, headroom) of `setup`, when a tool made one
 
     def to_json(self) -> dict:
         return {
@@ -56,6 +57,7 @@ class TurnResult:
             "script_path": self.script_path,
             "tool_calls": self.tool_calls,
             "stopped": self.stopped,
+            "memory": self.memory,
         }
 
 
@@ -251,7 +253,7 @@ def run_turn(agent, thread_id: str, text: str, *, on_step: Callable[[dict], None
             # keep the thread ending with an assistant message
             agent.update_state({"configurable": {"thread_id": thread_id}}, {"messages": [AIMessage(content=answer)]}, as_node="model")
     return TurnResult(answer=answer, setup=state["setup"], script=state["script"], script_path=state["script_path"],
-                      tool_calls=steps, stopped=stopped)
+                      tool_calls=steps, stopped=stopped, memory=state["memory"])
 
 
 def agent_error_message(exc: BaseException, *, strict: bool = False) -> str:

@@ -192,6 +192,7 @@ def test_chat_in_a_terminal_tool_step_save_errors_cancel_and_resume(tmp_path):
             term.type("write a training script for polyglot-ko-1.3b on my T4")
             term.expect(r"→ write_training_script\(.*gpu=T4.*\) [0-9.]+s ok")
             term.expect(r"Script ready at \S+train\.py; run python train\.py")
+            term.expect(r"precision\s+fp16")  # the setup table after the turn
             term.expect(r"you›")
             term.type("/setup")
             term.expect(r"model_id: EleutherAI/polyglot-ko-1\.3b")
@@ -231,9 +232,10 @@ def test_chat_in_a_terminal_tool_step_save_errors_cancel_and_resume(tmp_path):
     # --resume with piped input (no terminal): the setup of the last conversation is still there
     with OpenAIStub(["unused"]) as stub:
         p = subprocess.run([sys.executable, "-m", "agent.cli", "chat", "--resume", "--llm", "openai:stub-model",
-                            "--base-url", stub.base_url], cwd=ROOT, env=_env(home), input="/setup\n/help\n/nope\n/quit\n",
+                            "--base-url", stub.base_url], cwd=ROOT, env=_env(home), input="/setup\n/help\n/nope\n/model openai:other-model\n/quit\n",
                            capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert f"resumed conversation {thread}" in p.stdout
     assert "model_id: EleutherAI/polyglot-ko-1.3b" in p.stdout and "/save PATH" in p.stdout
     assert "unknown command /nope" in p.stdout
+    assert "now using openai:other-model (same conversation)" in p.stdout

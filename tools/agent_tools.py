@@ -83,7 +83,7 @@ def current_context() -> ToolContext:
 
 def session_state(messages: Sequence[Any]) -> dict:
     """The last setup / script / script path the tools produced in these messages (from ToolMessage artifacts)."""
-    out: dict[str, Any] = {"setup": None, "script": None, "script_path": None}
+    out: dict[str, Any] = {"setup": None, "script": None, "script_path": None, "memory": None}
     for msg in reversed(list(messages or ())):
         art = getattr(msg, "artifact", None)
         if getattr(msg, "type", "") != "tool" or not isinstance(art, dict):
@@ -91,6 +91,8 @@ def session_state(messages: Sequence[Any]) -> dict:
         if out["setup"] is None and art.get("setup"):
             try:
                 out["setup"] = TrainingSetup.model_validate(art["setup"])
+                # the memory estimate that belongs to exactly this setup, when the tool made one
+                out["memory"] = art.get("memory")
             except Exception:  # noqa: BLE001 - a stale artifact from an older schema is skipped
                 pass
         if out["script"] is None and art.get("script"):
@@ -391,7 +393,7 @@ def estimate_memory_tool(**kw) -> tuple[str, dict]:
         out["note"] = "no GPU given: memory only, no fit verdict; pass gpu to check it"
     if notes:
         out["assumptions"] = notes
-    return _dumps(_compact(out)), {"setup": setup.model_dump(mode="json"), "estimate": estimate_view(est)}
+    return _dumps(_compact(out)), {"setup": setup.model_dump(mode="json"), "memory": out["memory"]}
 
 
 class PlanArgs(BaseModel):
@@ -461,7 +463,7 @@ def plan_training_tool(**kw) -> tuple[str, dict]:
     if notes:
         out["assumptions"] = list(dict.fromkeys(notes))
     artifact = {"setup": best_setup.model_dump(mode="json") if best_setup else None, "hardware": hw.model_dump(mode="json"),
-                "fits": result.fits}
+                "fits": result.fits, "memory": out["best"]["memory"] if "best" in out else None}
     return _dumps(_compact(out)), artifact
 
 
