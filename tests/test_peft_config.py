@@ -166,3 +166,22 @@ def test_full_depth_count_extrapolates_exactly():
     result = peft_config(spec, TrainingSetup(model_id=spec.model_id, r=4, lora_alpha=8))
     _, trainable = _wrap(spec, result)
     assert trainable == result.trainable_parameters
+
+
+@pytest.mark.gpu
+def test_qlora_configs_load_a_real_4bit_model_on_cuda(llama, tmp_path):
+    import peft
+    import torch
+    import transformers
+
+    setup = TrainingSetup(model_id=llama.model_id, method="qlora", load_in_4bit=True, r=8, lora_alpha=16)
+    result = peft_config(llama, setup)
+    _real_model(llama).save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=transformers.BitsAndBytesConfig(**result.bnb_config), device_map={"": 0}
+    )
+    model = peft.prepare_model_for_kbit_training(model)
+    pm = peft.get_peft_model(model, peft.LoraConfig(**result.lora_config))
+    assert sum(p.numel() for p in pm.parameters() if p.requires_grad) == result.trainable_parameters
+    ids = torch.randint(0, 256, (2, 16), device="cuda")
+    pm(input_ids=ids, labels=ids).loss.backward()
