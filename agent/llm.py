@@ -74,15 +74,15 @@ def make_chat_model(spec: str | None = None, *, base_url: str | None = None, api
 
 
 def _openai(name: str, *, base_url: str | None, api_key: str | None, timeout: float, max_retries: int):
-    try:
-        from langchain_openai import ChatOpenAI
-    except ImportError:
-        raise TunepilotError("OpenAI-compatible models need langchain-openai: pip install 'tunepilot[agent]'") from None
     key = api_key or os.environ.get("OPENAI_API_KEY")
     if not key:
         if not base_url:
             raise LLMNotConfiguredError(not_configured_message(f"openai:{name} needs OPENAI_API_KEY, or --base-url for a local server"))
         key = LOCAL_DUMMY_KEY  # local servers (Ollama, vLLM, llama.cpp) ignore the key
+    try:
+        from langchain_openai import ChatOpenAI
+    except ImportError:
+        raise TunepilotError("OpenAI-compatible models need langchain-openai: pip install 'tunepilot[agent]'") from None
     return ChatOpenAI(model=name, base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
 
 

@@ -198,3 +198,25 @@ def test_trial_is_refused_with_an_estimate_when_not_allowed(tmp_path):
     assert result.answer.startswith("trial runs are not permitted for this user; here is the estimate instead")
     assert "per_gpu_total_gib" in result.answer
     assert result.tool_calls[0]["status"] == "ok"
+
+
+def test_unknown_model_falls_back_to_web_search_and_says_it_is_offline(tmp_path, monkeypatch):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    monkeypatch.setenv("DDGS_PROXY", f"http://127.0.0.1:{s.getsockname()[1]}")  # closed: offline
+    s.close()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def after_lookup(messages):
+        assert messages[-1].content.startswith("error:") and "web_search" in messages[-1].content
+        return tool_call("web_search", query="newco/brand-new-7b config.json hidden_size")
+
+    def answer(messages):
+        return final("I could not find newco/brand-new-7b: " + messages[-1].content.split(":")[0])
+
+    model = ScriptedChatModel(script=[tool_call("lookup_model", model="newco/brand-new-7b"), after_lookup, answer])
+    _, result, steps = _run(model, "Fine-tune newco/brand-new-7b on a 4090?", workdir=tmp_path)
+    assert [(s["tool"], s["status"]) for s in steps] == [("lookup_model", "error"), ("web_search", "ok")]
+    assert result.answer == "I could not find newco/brand-new-7b: web search unavailable"

@@ -101,6 +101,8 @@ def test_ask_without_a_model_or_with_an_unreachable_one_says_so_in_one_line(tmp_
     assert "--llm openai:gpt-4o-mini" in r.stderr and "tunepilot plan" in r.stderr and r.stdout == ""
     r = _cli("chat", home=tmp_path)
     assert r.returncode == 2 and "TUNEPILOT_LLM" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("ask", "hi", "--llm", "openai:gpt-4o-mini", home=tmp_path)  # no OPENAI_API_KEY
+    assert r.returncode == 2 and "needs OPENAI_API_KEY" in r.stderr and "Traceback" not in r.stderr
     r = _cli("ask", "hi", "--llm", "openai:m", "--base-url", f"http://127.0.0.1:{_closed_port()}/v1", home=tmp_path)
     assert r.returncode == 2 and "cannot reach the chat model server" in r.stderr and "Traceback" not in r.stderr
 
