@@ -117,18 +117,23 @@ def _estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec, *,
         try:
             from tools.estimator import estimate as _ESTIMATE
         except ImportError:  # TEMPORARY until tools/estimator.py lands
-            _ESTIMATE = lambda m, s, h, fast: _tmp_estimate(m, s, h)  # noqa: E731
+            _ESTIMATE = lambda m, s, h, fast: _tmp_estimate(m, s, h, fast)  # noqa: E731
     return _ESTIMATE(model, setup, hardware, fast=fast)
 
 
 _ESTIMATE = None
 
 
-def _tmp_estimate(model, setup, hardware) -> MemoryEstimate:  # TEMPORARY: remove when tools/estimator.py lands
+def _tmp_estimate(model, setup, hardware, fast=True) -> MemoryEstimate:  # TEMPORARY: remove when tools/estimator.py lands
     from tools.analytic import analytic_step_memory
     from tools.schemas import BYTES_PER_GIB, Uncertainty
 
-    sm = analytic_step_memory(model, setup)
+    if fast:
+        sm = analytic_step_memory(model, setup)
+    else:
+        from tools.simulator import simulate
+
+        sm = simulate(model, setup)
     b = {k: v / BYTES_PER_GIB for k, v in sm.peak_breakdown.items()}
     n = setup.num_gpus
     if setup.zero_stage >= 2 or setup.fsdp != "none":
@@ -147,7 +152,7 @@ def _tmp_estimate(model, setup, hardware) -> MemoryEstimate:  # TEMPORARY: remov
     b["allocator_overhead"], b["cuda_context"] = reserved - alloc, 0.5
     mem = hardware.gpu.memory_gib
     return MemoryEstimate(
-        model_id=model.model_id, setup_summary=setup.short(), tier="analytic", num_parameters=sm.num_parameters,
+        model_id=model.model_id, setup_summary=setup.short(), tier=sm.tier, num_parameters=sm.num_parameters,
         trainable_parameters=sm.trainable_parameters, peak_allocated_gib=alloc, peak_reserved_gib=reserved,
         device_total_gib=total, breakdown=b, gpu=hardware.gpu.name, gpu_memory_gib=mem, fits=total <= mem,
         headroom_gib=mem - total, uncertainty=Uncertainty(low_gib=total * 0.9, high_gib=total * 1.1, pct=10),
@@ -468,17 +473,23 @@ def _select(ranked: list[_Option], top: int) -> list[_Option]:
 
 
 def _confirm(model, hardware, goals, selected: list[_Option], ranked: list[_Option], advice_notes: list[str]) -> list[_Option]:
+    """Re-estimate the top candidates with the simulator; the winner is the best confirmed one.
+
+    A candidate the simulator finds over the limit is retried with half the micro-batch (twice
+    the accumulation), or dropped at micro-batch 1; the next analytic candidates fill in, within
+    MAX_SIM_CALLS simulator runs. Returns [] when no candidate survives.
+    """
     confirmed: list[_Option] = []
-    queue = list(selected[:MAX_CONFIRM])
-    rest = selected[MAX_CONFIRM:]
+    pending = list(selected)
+    backlog = [o for o in ranked if o not in selected]
     sims = 0
-    while queue and sims < MAX_SIM_CALLS:
-        opt = queue.pop(0)
+    while sims < MAX_SIM_CALLS and len(confirmed) < min(MAX_CONFIRM, len(selected)) and (pending or backlog):
+        opt = pending.pop(0) if pending else backlog.pop(0)
         sims += 1
         try:
             est = _estimate(model, opt.setup, hardware, fast=False)
         except TunepilotError as e:
-            advice_notes.append(f"simulator could not confirm {opt.setup.short()}: {e}; kept the analytic estimate")
+            advice_notes.append(f"The simulator could not run {opt.setup.short()} ({e}); its analytic estimate is kept.")
             confirmed.append(opt)
             continue
         if _fits(est, hardware, goals):
@@ -486,22 +497,23 @@ def _confirm(model, hardware, goals, selected: list[_Option], ranked: list[_Opti
             confirmed.append(opt)
             continue
         micro = opt.setup.per_device_train_batch_size
-        note = (f"{opt.setup.short()}: the simulator measures {est.device_total_gib:.1f} GiB per GPU "
-                f"(analytic {opt.est.device_total_gib:.1f}), over {_usable(hardware, goals):.1f} usable")
+        note = (f"The simulator measures {est.device_total_gib:.1f} GiB per GPU for {opt.setup.short()} "
+                f"(analytic {opt.est.device_total_gib:.1f}), over the {_usable(hardware, goals):.1f} usable")
         if micro > 1:
             half = opt.setup.model_copy(update={
                 "per_device_train_batch_size": micro // 2,
                 "gradient_accumulation_steps": opt.setup.gradient_accumulation_steps * 2,
             })
             analytic = _estimate(model, half, hardware, fast=True)
-            retry = _Option(half, opt.strategy, analytic, True, _throughput(model, half, hardware, goals))
-            queue.insert(0, retry)
-            advice_notes.append(note + f"; retried with micro-batch {micro // 2}")
+            pending.insert(0, _Option(half, opt.strategy, analytic, True, _throughput(model, half, hardware, goals)))
+            advice_notes.append(note + f"; retried with micro-batch {micro // 2}.")
         else:
-            advice_notes.append(note + "; dropped")
-    confirmed.extend(queue)
-    confirmed.extend(rest)
-    return _order(confirmed, goals)
+            advice_notes.append(note + "; dropped.")
+    if not confirmed:
+        return []
+    ordered = _order(confirmed, goals)
+    others = _order([o for o in pending if o not in confirmed], goals)
+    return (ordered + others)[: max(goals.top, 1)]
 
 
 # --------------------------------------------------------------------------------------
@@ -799,8 +811,11 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
     sim_notes: list[str] = []
     if goals.confirm:
         selected = _confirm(model, hardware, goals, selected, ranked, sim_notes)
-        if not selected:  # every candidate failed confirmation: fall back to the next analytic ones
-            selected = _select([o for o in ranked if o not in selected], goals.top)
+        if not selected:  # the simulator rejects every analytic candidate it had time to run
+            advice = [f"Nothing confirmed on {hw_label}: the analytic tier found setups that fit, but the simulator "
+                      "measured each of the best over the limit."] + sim_notes
+            advice.extend(_alternatives(model, hardware, goals, methods, search)[1:])
+            return Plan(model_id=model.model_id, hardware=hw_label, candidates=[], best=None, fits=False, advice=advice)
     winner = selected[0]
     advice.append(_winner_reason(winner, ranked, hardware, goals, search))
     for m in methods:
@@ -826,8 +841,9 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
     if model.max_position_embeddings and goals.seq_len > model.max_position_embeddings:
         advice.append(f"seq_len {goals.seq_len} is longer than the {model.max_position_embeddings} positions {model.model_id} was trained for.")
     advice.extend(sim_notes)
+    n_sim = sum(1 for o in selected if o.est.tier == "simulated")
     advice.append(f"Searched {search.count} setups with the analytic tier"
-                  + (f"; confirmed the top {min(MAX_CONFIRM, len(selected))} with the simulator" if goals.confirm else "") + ".")
+                  + (f"; confirmed the top {n_sim} with the simulator" if goals.confirm else " (--fast: not confirmed by the simulator)") + ".")
 
     candidates = []
     for i, o in enumerate(selected):
