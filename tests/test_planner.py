@@ -71,6 +71,17 @@ def test_llama8b_on_a100_80gb_considers_full_fine_tuning_and_explains_it():
     assert {c.setup.method for c in p.candidates} >= {"lora", "qlora"}
 
 
+def test_a_short_list_keeps_the_best_of_each_method_family():
+    wide = _plan(LLAMA8, "A100 80GB", seq_len=2048, dataset_tokens=50_000_000, top=10)
+    fitting_methods = {c.setup.method for c in wide.candidates}
+    short = _plan(LLAMA8, "A100 80GB", seq_len=2048, dataset_tokens=50_000_000, top=len(fitting_methods))
+    assert len(short.candidates) == len(fitting_methods)
+    assert {c.setup.method for c in short.candidates} == fitting_methods
+    assert short.best.setup == wide.best.setup
+    hours = [c.throughput.total_hours for c in wide.candidates]
+    assert wide.best.throughput.total_hours <= min(hours) * 1.05 + 1e-9  # balanced: within 5% of the fastest
+
+
 def test_quality_mode_trades_time_for_quality():
     times, methods = {}, {}
     order = {"qlora": 0, "lora": 1, "full": 2}

@@ -453,8 +453,9 @@ def _select(ranked: list[_Option], top: int) -> list[_Option]:
     chosen.sort(key=lambda o: order[id(o)])
     # keep the per-method bests within `top` even when strategies crowd the list
     head = chosen[:top]
-    missing = [o for o in chosen[top:] if o.method not in {h.method for h in head}]
-    for o in missing:
+    for o in chosen[top:]:
+        if o.method in {h.method for h in head}:
+            continue
         if len(head) < top:
             head.append(o)
         else:
