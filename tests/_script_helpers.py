@@ -86,3 +86,29 @@ def write_chat_dataset(path: Path, rows: int = 12) -> Path:
             ]
             f.write(json.dumps({"messages": msgs}) + "\n")
     return path
+
+
+def shared_assets(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(tiny model dir, text jsonl, chat jsonl), built once per pytest session and shared by the script and trial tests."""
+    base = tmp_path_factory.getbasetemp() / "tunepilot_tiny_assets"
+    model_dir, text, chat = base / "tiny-llama", base / "text.jsonl", base / "chat.jsonl"
+    if not (model_dir / "model.safetensors").is_file():
+        base.mkdir(parents=True, exist_ok=True)
+        build_tiny_model(model_dir)
+        write_text_dataset(text)
+        write_chat_dataset(chat)
+    return model_dir, text, chat
+
+
+def run_env(tmp_path: Path) -> dict:
+    """Environment for generated-script subprocesses: offline, quiet, project on the path."""
+    import os
+
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"),
+        TUNEPILOT_HOME=str(tmp_path / "tp_home"),
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
+    return env
