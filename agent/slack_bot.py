@@ -529,6 +529,13 @@ def _auth_test(client) -> dict:
     return auth.data if hasattr(auth, "data") else dict(auth)
 
 
+class _DropTokenUnusedWarning(logging.Filter):
+    """Bolt warns that $SLACK_BOT_TOKEN is unused when a client is given: it is the client's token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`token` will be unused" not in record.getMessage()
+
+
 def create_app(*, bot_token: str, signing_secret: str | None = None, chat_model, checkpointer_path,
                trial_users: set[str], slack_api_url: str | None = None, executor_workers: int = 4,
                workdir: str | Path | None = None, max_model_calls: int = 12):
@@ -563,12 +570,15 @@ def create_app(*, bot_token: str, signing_secret: str | None = None, chat_model,
                    bot_user_id=auth["user_id"], bot_id=auth.get("bot_id"),
                    trial_users=trial_users, executor_workers=executor_workers)
 
+    bolt_log = logging.getLogger("tunepilot.slack.bolt")
+    if not any(isinstance(f, _DropTokenUnusedWarning) for f in bolt_log.filters):
+        bolt_log.addFilter(_DropTokenUnusedWarning())
     app = App(
         client=client,
         signing_secret=signing_secret if signing_secret is not None else os.environ.get("SLACK_SIGNING_SECRET", ""),
         process_before_response=False,  # ack at once; the listener and the turn run in background pools
         listener_executor=bot.listener_executor,
-        logger=logging.getLogger("tunepilot.slack.bolt"),
+        logger=bolt_log,
     )
 
     @app.event("app_mention")
@@ -613,6 +623,8 @@ def run(*, http: bool = False, port: int = 3000, db: str | Path | None = None, t
     db_path = Path(db) if db else default_db_path()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for noisy in ("httpx", "httpx2", "openai"):  # one line per LLM request otherwise
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     app = create_app(bot_token=bot_token, signing_secret=signing_secret, chat_model=chat_model,
                      checkpointer_path=db_path, trial_users=users, slack_api_url=slack_api_url)
     bot = app.tunepilot_bot
@@ -625,7 +637,15 @@ def run(*, http: bool = False, port: int = 3000, db: str | Path | None = None, t
         else:
             from slack_bolt.adapter.socket_mode import SocketModeHandler
 
-            log.info("Socket Mode: waiting for events")
-            SocketModeHandler(app, app_token).start()
+            from slack_sdk.errors import SlackApiError
+
+            log.info("Socket Mode: connecting")
+            try:
+                SocketModeHandler(app, app_token).start()
+            except SlackApiError as e:
+                raise SlackConfigError(
+                    f"Slack refused SLACK_APP_TOKEN ({e.response.get('error', 'error')}): generate an app-level token "
+                    "(xapp-...) with connections:write under Basic Information > App-Level Tokens, and enable Socket Mode"
+                ) from None
     finally:
         close(app)

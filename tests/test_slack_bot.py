@@ -509,6 +509,20 @@ def test_cli_missing_configuration(env_extra, args, needle):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+def test_socket_mode_refused_app_token_is_one_line(stub, tmp_path, monkeypatch):
+    """Socket Mode with an app token Slack refuses: a clear SlackConfigError, not a traceback."""
+    from agent.slack_bot import SlackConfigError
+    from agent.slack_bot import run as run_bot
+
+    stub.errors["apps.connections.open"] = "invalid_auth"
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-test")
+    monkeypatch.setenv("SLACK_APP_TOKEN", "xapp-refused")
+    with OpenAIStub(["unused"]) as llm:
+        with pytest.raises(SlackConfigError, match=r"SLACK_APP_TOKEN \(invalid_auth\)"):
+            run_bot(llm="openai:stub-model", base_url=llm.base_url, slack_api_url=stub.api_url, db=tmp_path / "s.sqlite")
+    assert stub.of("apps.connections.open")  # it really asked Slack for a Socket Mode URL
+
+
 def _free_port() -> int:
     import socket
 
