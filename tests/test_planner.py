@@ -233,3 +233,17 @@ def test_cli_plan_error_in_a_real_process_has_no_traceback():
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "seq_len" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_plan_local_without_a_gpu_is_one_clear_line():
+    from tools.gpus import NoGPUError, detect_hardware
+
+    try:
+        detect_hardware()
+    except NoGPUError:
+        pass
+    else:
+        pytest.skip("this machine has a GPU")
+    r = _cli(LLAMA8, "--local")
+    assert r.exit_code == 2
+    assert "no GPU" in r.output and "--gpu" in r.output
