@@ -163,8 +163,8 @@ def test_stored_counts_match_published_counts(model_id, count):
 
 
 def test_every_catalog_entry_instantiates_on_meta_and_matches_its_stored_count():
-    """Recount all entries with the real transformers classes (full depth, meta device)."""
-    t = time.perf_counter()
+    """Recount every entry with its real transformers class at full depth on the meta device
+    (one build each, ~10 s on an idle 2-core machine) and re-derive every shape field."""
     mismatches = []
     for stored in catalog():
         fresh = spec_from_config(stored.config, stored.model_id, source="catalog")
@@ -174,7 +174,18 @@ def test_every_catalog_entry_instantiates_on_meta_and_matches_its_stored_count()
             if getattr(fresh, f) != getattr(stored, f):
                 mismatches.append((stored.model_id, f, getattr(stored, f), getattr(fresh, f)))
     assert not mismatches, mismatches
-    assert time.perf_counter() - t < 60
+
+
+@pytest.mark.parametrize("model_id", ["google/gemma-2-9b", "google/gemma-3-1b-pt", "openai-community/gpt2",
+                                      "Qwen/Qwen3-30B-A3B", "tiiuae/falcon-7b"])
+def test_shallow_hf_config_extrapolates_to_the_full_count(model_id):
+    """hf_config(spec, num_hidden_layers=k) is the same architecture at depth k (what the simulator
+    builds): 1 and 2 layers extrapolated linearly give exactly the full-depth count."""
+    from tools.models import _meta_count
+
+    spec = lookup_model(model_id, hub=False)
+    c1, c2 = (_meta_count(hf_config(spec, num_hidden_layers=k))[0] for k in (1, 2))
+    assert c1 + (spec.num_hidden_layers - 1) * (c2 - c1) == spec.num_parameters
 
 
 def test_catalog_shapes_across_families():

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,23 @@ def _transformers_version() -> str:
         return "(unknown version)"
 
 
+@contextmanager
+def _skip_torch_init():
+    """No-op torch.nn.init while building on meta: random init of meta tensors is pure overhead
+    (most of the build time). transformers' own init_weights still runs, so weight tying is untouched."""
+    import torch.nn.init as init
+
+    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+    saved = {n: getattr(init, n) for n in names}
+    try:
+        for n in names:
+            setattr(init, n, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(init, n, f)
+
+
 def _meta_count(cfg) -> tuple[int, bool, str]:
     """(parameters, tied, class name) of the real transformers model built on the meta device."""
     import torch
@@ -215,7 +233,7 @@ def _meta_count(cfg) -> tuple[int, bool, str]:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _skip_torch_init():
             model = AutoModelForCausalLM.from_config(cfg)
     finally:
         hf_logging.set_verbosity(verbosity)
