@@ -102,9 +102,17 @@ def test_korean_polyglot_on_t4_plans_fp16(tmp_path):
                      f"사용하고, T4는 bf16을 지원하지 않아 {b['setup']['precision']}로 학습합니다. "
                      "다음 명령: tunepilot script setup.yaml -o train.py")
 
-    model = ScriptedChatModel(script=[tool_call("plan_training", model=POLYGLOT, gpu="T4", seq_len=1024, exact=False), answer])
-    _, result, steps = _run(model, "EleutherAI/polyglot-ko-1.3b를 T4에서 파인튜닝할 수 있어?", workdir=tmp_path)
+    model = ScriptedChatModel(script=[tool_call("plan_training", model=POLYGLOT, gpu="T4", seq_len=1024, exact=False),
+                                      tool_call("make_peft_config"), answer])
+    agent, result, steps = _run(model, "EleutherAI/polyglot-ko-1.3b를 T4에서 파인튜닝할 수 있어?", workdir=tmp_path)
     assert steps[0]["args"]["gpu"] == "T4" and steps[0]["args"]["model"] == POLYGLOT
+    # the peft config follows the planned setup (no arguments: the thread's setup), in fp16
+    peft = tool_outputs(model.seen[-1], "make_peft_config")[-1]
+    assert steps[1]["status"] == "ok" and steps[1]["args"] == {}
+    assert peft["lora_config"]["r"] == result.setup.r and peft["trainable_parameters"] > 0
+    assert "python" not in peft  # the source stays in the artifact
+    art = [m for m in model.seen[-1] if isinstance(m, ToolMessage) and m.name == "make_peft_config"][-1].artifact
+    compile(art["python"], "peft_config.py", "exec")
     setup = result.setup
     assert setup is not None and setup.model_id == POLYGLOT
     assert setup.fp16 is True and setup.bf16 is False  # a T4 has no bf16

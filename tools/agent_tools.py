@@ -486,11 +486,11 @@ def make_peft_config_tool(**kw) -> tuple[str, dict]:
         "total_parameters": res.total_parameters,
         "trainable_percent": round(100 * res.trainable_parameters / max(res.total_parameters, 1), 3),
         "guidance": res.guidance,
-        "python": res.python,
+        "usage": "LoraConfig(**lora_config); BitsAndBytesConfig(**bnb_config) with compute dtype as torch dtype; write_training_script wires both",
     }
     if notes:
         out["assumptions"] = notes
-    return _dumps(_compact(out)), {"setup": setup.model_dump(mode="json")}
+    return _dumps(_compact(out)), {"setup": setup.model_dump(mode="json"), "python": res.python}
 
 
 class ScriptArgs(SetupArgs):
