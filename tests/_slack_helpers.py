@@ -225,3 +225,40 @@ def message(text: str, *, channel: str = "C0CHAN01", user: str | None = "U0ALICE
     if thread_ts:
         ev["thread_ts"] = thread_ts
     return ev
+
+
+def measure_latency(n: int = 20) -> str:
+    """Ack and mention→reply latency of the real bot (stub Slack API, scripted model answering at once)."""
+    import statistics
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+    from _agent_helpers import ScriptedChatModel, final
+
+    from agent.slack_bot import close, create_app, wait_idle
+
+    stub = SlackStub()
+    model = ScriptedChatModel(script=[lambda m: final("ok")], repeat_last=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        app = create_app(bot_token="xoxb-test", signing_secret=SIGNING_SECRET, chat_model=model,
+                         checkpointer_path=Path(tmp) / "slack.sqlite", trial_users=set(),
+                         slack_api_url=stub.api_url, workdir=Path(tmp) / "work")
+        acks, turns = [], []
+        for i in range(n):
+            before = len(stub.replies())
+            t = time.perf_counter()
+            app.dispatch(signed_event(mention(f"question {i}")))
+            acks.append(time.perf_counter() - t)
+            stub.wait_for(lambda s: len(s.replies()) > before, 10)
+            turns.append(time.perf_counter() - t)
+        wait_idle(app)
+        close(app)
+    stub.close()
+    return (f"ack median {statistics.median(acks) * 1000:.1f} ms (max {max(acks) * 1000:.1f}); "
+            f"mention->threaded reply median {statistics.median(turns) * 1000:.0f} ms (max {max(turns) * 1000:.0f}) over {n} mentions")
+
+
+if __name__ == "__main__":  # .venv/bin/python tests/_slack_helpers.py
+    print(measure_latency())
