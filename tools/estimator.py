@@ -1,0 +1,306 @@
+"""Per-GPU memory estimate of a training setup: one replica's step memory, sharded, plus CUDA terms.
+
+`estimate(model, setup, hardware)` takes the StepMemory of one model replica from the dry-run
+simulator (tier 'simulated', the default) or the closed-form analytic tier (`fast=True`, or as a
+fallback when the simulator does not support a setup), then:
+
+1. shards it per GPU: DDP replicates everything; ZeRO-1 splits optimizer states, ZeRO-2 also
+   gradients, ZeRO-3 also weights (plus all-gather buffers of ~2 blocks); FSDP full_shard ~
+   ZeRO-3, shard_grad_op ~ ZeRO-2. Under ZeRO/FSDP mixed precision the optimizer keeps fp32
+   master weights and fp32 moments (DeepSpeed; accelerate upcasts FSDP params), unlike plain
+   HF bf16 training where weights and AdamW moments stay in the load dtype;
+2. moves offloaded states to host RAM (`offload='optimizer'`: optimizer states and master
+   weights; `'all'`: parameters too);
+3. adds the CUDA-only terms from `tools/calibration.json`, each named in the breakdown:
+   cuBLAS workspaces (-> peak allocated), caching-allocator rounding and fragmentation
+   (-> peak reserved), CUDA context and NCCL buffers (-> device total, what nvidia-smi shows);
+4. checks the result against the GPU and explains what dominates and what cuts it most.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from tools.schemas import (
+    BYTES_PER_GIB,
+    HardwareSpec,
+    MemoryEstimate,
+    ModelSpec,
+    StepMemory,
+    TrainingSetup,
+    TunepilotError,
+    Uncertainty,
+)
+
+CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
+MIB = 1024**2
+_ADAM_LIKE = {"adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "adagrad", "rmsprop", "lion_32bit", "paged_lion_32bit"}
+_LABELS = {
+    "weights": "base weights",
+    "adapters": "adapter weights",
+    "gradients": "gradients",
+    "optimizer_state": "optimizer states",
+    "activations": "activations",
+    "logits_loss": "logits and loss",
+    "temporaries": "step temporaries",
+    "zero_buffers": "ZeRO/FSDP buffers",
+    "cublas_workspace": "cuBLAS workspaces",
+    "allocator_overhead": "allocator overhead",
+    "cuda_context": "CUDA context",
+    "nccl_buffers": "NCCL buffers",
+}
+
+
+@lru_cache(maxsize=1)
+def calibration() -> dict:
+    """The CUDA-only constants with their sources (tools/calibration.json)."""
+    return json.loads(CALIBRATION_PATH.read_text(encoding="utf-8"))
+
+
+def _const(name: str) -> dict:
+    return calibration()["constants"][name]
+
+
+def step_memory(model: ModelSpec, setup: TrainingSetup, *, fast: bool = False) -> tuple[StepMemory, list[str]]:
+    """StepMemory of one replica from the simulator, or the analytic tier when fast or unsupported."""
+    notes: list[str] = []
+    if not fast:
+        try:
+            from tools.simulator import SimulationError, simulate
+        except ImportError as e:  # no torch / transformers in this environment
+            notes.append(f"simulator unavailable ({e.__class__.__name__}: {e}); analytic tier used")
+        else:
+            try:
+                return simulate(model, setup), notes
+            except SimulationError as e:
+                notes.append(f"simulator does not support this setup ({e}); analytic tier used")
+    from tools.analytic import analytic_step_memory
+
+    return analytic_step_memory(model, setup), notes
+
+
+def _check(setup: TrainingSetup, hardware: HardwareSpec | None, notes: list[str]) -> None:
+    if hardware is not None and hardware.num_gpus != setup.num_gpus:
+        notes.append(
+            f"hardware has {hardware.num_gpus} GPU(s) but setup.num_gpus={setup.num_gpus}: the setup's count is used"
+        )
+
+
+def _shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -> tuple[dict[str, float], float, list[str]]:
+    """Per-GPU bytes by component (allocated, before CUDA terms), host bytes, notes."""
+    n = setup.num_gpus
+    bd = {k: float(v) for k, v in step.peak_breakdown.items()}
+    notes: list[str] = []
+    stage = setup.zero_stage
+    if setup.fsdp == "full_shard":
+        stage = 3
+    elif setup.fsdp == "shard_grad_op":
+        stage = 2
+    host = 0.0
+    if stage == 0:
+        if n > 1:
+            notes.append(f"DDP over {n} GPUs: every GPU holds a full replica (weights, gradients, optimizer states)")
+        return bd, host, notes
+
+    engine = "FSDP" if setup.fsdp != "none" else "DeepSpeed ZeRO"
+    trainable = step.trainable_parameters
+    mixed = setup.bf16 or setup.fp16
+    master = float(_const("mixed_precision_master_bytes")["value"]) * trainable if mixed else 0.0
+    opt = bd.get("optimizer_state", 0.0)
+    if mixed and setup.optim in _ADAM_LIKE and step.optimizer_bytes:
+        # fp32 moments instead of moments in the parameters' dtype
+        per_param = step.optimizer_bytes / max(trainable, 1)
+        states = max(1, round(per_param / (4 if per_param >= 8 else 2)))
+        opt_full = 4.0 * states * trainable
+    else:
+        opt_full = float(step.optimizer_bytes)
+    if setup.offload != "none" and setup.zero_stage:
+        notes.append(f"DeepSpeed CPU Adam runs the optimizer on the host (optim={setup.optim} is not used on GPU)")
+    opt_full += master
+    if mixed:
+        notes.append(f"{engine} mixed precision: fp32 master weights ({master / BYTES_PER_GIB:.2f} GiB) and fp32 optimizer moments, sharded")
+    # optimizer states (+ masters): sharded from stage 1
+    if opt or master:
+        bd["optimizer_state"] = opt_full / n
+    if stage >= 2:
+        bd["gradients"] = bd.get("gradients", 0.0) / n
+    if stage >= 3:
+        gathered = float(_const("zero3_prefetch_layers")["value"]) * step.largest_layer_param_bytes
+        bd["weights"] = bd.get("weights", 0.0) / n
+        bd["adapters"] = bd.get("adapters", 0.0) / n
+        bd["zero_buffers"] = gathered
+        notes.append(f"stage-3 sharding: weights / {n} + {_const('zero3_prefetch_layers')['value']} gathered blocks ({gathered / BYTES_PER_GIB:.2f} GiB)")
+    elif setup.fsdp == "none":
+        h = model.hidden_size
+        c = 2 if mixed else 4
+        bd["zero_buffers"] = float(_const("zero_comm_buffer_factor")["value"]) * h * h * c
+    if step.peak_phase == "optimizer" and bd.get("temporaries"):
+        bd["temporaries"] = bd["temporaries"] / n
+    if setup.offload in ("optimizer", "all"):
+        per_node = max(1, n // max(setup.num_nodes, 1))
+        host += bd.get("optimizer_state", 0.0) * per_node
+        # the host keeps fp32 gradients for its CPU optimizer step
+        host += 4.0 * trainable / n * per_node
+        bd["optimizer_state"] = 0.0
+        notes.append("offload=optimizer: optimizer states and fp32 master weights live in host RAM")
+    if setup.offload == "all":
+        per_node = max(1, n // max(setup.num_nodes, 1))
+        host += (bd.get("weights", 0.0) + bd.get("adapters", 0.0) + bd.get("gradients", 0.0)) * per_node
+        bd["weights"], bd["adapters"] = 0.0, 0.0
+        if setup.fsdp != "none":
+            bd["gradients"] = 0.0
+        notes.append("offload=all: parameters on the host too; the GPU holds only the blocks being computed")
+    if setup.offload != "none":
+        host += float(_const("pinned_host_buffer_gib")["value"]) * BYTES_PER_GIB * max(1, n // max(setup.num_nodes, 1))
+    return bd, host, notes
+
+
+def _uncertainty_pct(tier: str, setup: TrainingSetup, model: ModelSpec) -> float:
+    t = calibration()["tier_uncertainty_pct"]
+    pct = float(t[tier])
+    if setup.load_in_4bit or setup.load_in_8bit:
+        pct += float(t["qlora_extra"])
+    if model.is_moe:
+        pct += float(t["moe_extra"])
+    if setup.zero_stage or setup.fsdp != "none":
+        pct += float(t["sharded_extra"])
+    return pct
+
+
+def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | None = None, *, fast: bool = False,
+             safety_margin: float = 0.0, advice: bool = True, step: StepMemory | None = None) -> MemoryEstimate:
+    """Per-GPU memory of training `model` with `setup`: peak allocated / reserved / nvidia-smi total, breakdown, fits on `hardware`, and advice.
+
+    fast=True uses the closed-form analytic tier (instant, ~10%); otherwise the exact dry run of the
+    real training step (a few seconds). safety_margin is the fraction of GPU memory kept free for `fits`.
+    """
+    if not 0.0 <= safety_margin < 1.0:
+        raise TunepilotError(f"safety_margin: {safety_margin} must be in [0, 1)")
+    provenance: list[str] = []
+    _check(setup, hardware, provenance)
+    if step is None:
+        step, notes = step_memory(model, setup, fast=fast)
+        provenance += notes
+    cal = calibration()
+    provenance.insert(0, f"tier: {step.tier} ({'closed-form analytic' if step.tier == 'analytic' else 'fake-tensor dry run of the real training step'})")
+    provenance.append(f"calibration: tools/calibration.json version {cal['version']}")
+
+    bd, host, notes = _shard(step, setup, model)
+    provenance += notes
+    gib = float(BYTES_PER_GIB)
+    # allocated: + cuBLAS workspaces (through torch's allocator)
+    cw = _const("cublas_workspace_mib")
+    bd["cublas_workspace"] = float(cw["value"] * cw["count"] * MIB)
+    allocated = sum(bd.values())
+    # reserved: + allocator rounding and fragmentation
+    frag = _const("allocator_fragmentation")
+    seg = _const("allocator_segments_mib")
+    bd["allocator_overhead"] = allocated * float(frag["value"]) + float(seg["value"]) * MIB
+    reserved = allocated + bd["allocator_overhead"]
+    # device total: + CUDA context (+ NCCL)
+    ctx = _const("cuda_context_gib")
+    bd["cuda_context"] = float(ctx["value"]) * gib
+    if setup.num_gpus > 1:
+        bd["nccl_buffers"] = float(_const("nccl_buffers_gib")["value"]) * gib
+    total = reserved + bd["cuda_context"] + bd.get("nccl_buffers", 0.0)
+    for name in ("cublas_workspace_mib", "allocator_fragmentation", "allocator_segments_mib", "cuda_context_gib"):
+        c = _const(name)
+        provenance.append(f"{name} = {c['value']} ({c['unit']}); source: {c['source']}")
+    if setup.num_gpus > 1:
+        provenance.append(f"nccl_buffers_gib = {_const('nccl_buffers_gib')['value']}; source: {_const('nccl_buffers_gib')['source']}")
+
+    pct = _uncertainty_pct(step.tier, setup, model)
+    ctx_abs = (float(ctx["high"]) - float(ctx["value"])) * gib
+    unc = Uncertainty(
+        low_gib=round(max(0.0, total * (1 - pct / 100) - (float(ctx["value"]) - float(ctx["low"])) * gib) / gib, 3),
+        high_gib=round((total * (1 + pct / 100) + ctx_abs) / gib, 3),
+        pct=pct,
+    )
+    breakdown = {k: round(v / gib, 3) for k, v in bd.items() if v > 0 or k in ("weights", "activations")}
+    dominant = max((k for k in bd if k not in ("cuda_context", "allocator_overhead", "cublas_workspace", "nccl_buffers")),
+                   key=lambda k: bd[k], default="weights")
+    est = MemoryEstimate(
+        model_id=model.model_id,
+        setup_summary=setup.short(),
+        tier=step.tier,
+        num_parameters=step.num_parameters,
+        trainable_parameters=step.trainable_parameters,
+        peak_allocated_gib=round(allocated / gib, 3),
+        peak_reserved_gib=round(reserved / gib, 3),
+        device_total_gib=round(total / gib, 3),
+        host_ram_gib=round(host / gib, 3),
+        breakdown=breakdown,
+        uncertainty=unc,
+        dominant=dominant,
+        provenance=provenance,
+    )
+    if hardware is not None:
+        mem = hardware.gpu.memory_gib
+        est.gpu, est.gpu_memory_gib = hardware.gpu.name, mem
+        est.headroom_gib = round(mem - total / gib, 3)
+        est.fits = total / gib + safety_margin * mem <= mem
+        if hardware.host_ram_gib is not None and host / gib > hardware.host_ram_gib:
+            est.provenance.append(f"host RAM: offload needs {host / gib:.1f} GiB but the host has {hardware.host_ram_gib:.1f} GiB")
+            est.fits = False
+    if advice:
+        est.advice = _advice(model, setup, bd, dominant, total)
+    return est
+
+
+def _variants(setup: TrainingSetup, dominant: str) -> list[tuple[str, dict]]:
+    """Changes worth trying for the dominant component, as (description, field overrides)."""
+    v: list[tuple[str, dict]] = []
+    b, s = setup.per_device_train_batch_size, setup.max_length
+    if dominant in ("activations", "logits_loss", "temporaries"):
+        if not setup.gradient_checkpointing and dominant == "activations":
+            v.append(("gradient checkpointing", {"gradient_checkpointing": True}))
+        if setup.attn_implementation == "eager":
+            v.append(("attn_implementation=sdpa (no s^2 scores)", {"attn_implementation": "sdpa"}))
+        if b > 1:
+            v.append((f"micro-batch {max(1, b // 2)} with gradient_accumulation_steps x2",
+                      {"per_device_train_batch_size": max(1, b // 2), "gradient_accumulation_steps": setup.gradient_accumulation_steps * 2}))
+        if s > 256:
+            v.append((f"max_length {s // 2}", {"max_length": s // 2}))
+    if dominant in ("weights", "zero_buffers"):
+        if setup.method == "full":
+            v.append(("LoRA instead of full fine-tuning", {"method": "lora"}))
+        if setup.method in ("lora", "dora") and setup.dtype != "fp32":
+            v.append(("QLoRA (4-bit base weights)", {"method": "qlora", "load_in_4bit": True, "use_dora": False}))
+        if setup.dtype == "fp32" and not setup.load_in_4bit:
+            v.append(("loading weights in bf16", {"dtype": "bf16"}))
+        if setup.num_gpus > 1 and setup.zero_stage < 3 and setup.fsdp == "none":
+            v.append(("ZeRO-3 (shard weights)", {"zero_stage": 3}))
+    if dominant in ("optimizer_state", "gradients"):
+        if setup.method == "full":
+            v.append(("LoRA instead of full fine-tuning", {"method": "lora"}))
+        if "8bit" not in setup.optim and setup.optim not in ("sgd", "adafactor"):
+            v.append(("an 8-bit optimizer (paged_adamw_8bit)", {"optim": "paged_adamw_8bit"}))
+        if setup.num_gpus > 1 and setup.zero_stage < 2 and setup.fsdp == "none":
+            v.append(("ZeRO-2 (shard gradients and optimizer states)", {"zero_stage": 2}))
+    return v
+
+
+def _advice(model: ModelSpec, setup: TrainingSetup, bd: dict[str, float], dominant: str, total: float) -> str:
+    """One line: what dominates and which single change cuts the most (re-estimated with the analytic tier)."""
+    gib = float(BYTES_PER_GIB)
+    compute = {k: v for k, v in bd.items()}
+    share = 100.0 * compute.get(dominant, 0.0) / total if total else 0.0
+    head = f"{_LABELS.get(dominant, dominant)} dominate ({share:.0f}%, {compute.get(dominant, 0.0) / gib:.1f} GiB)"
+    best_desc, best_cut = "", 0.0
+    base = None
+    for desc, change in _variants(setup, dominant):
+        try:
+            alt = setup.model_copy(update=change)
+            alt = TrainingSetup.model_validate(alt.model_dump())
+            if base is None:
+                base = estimate(model, setup, fast=True, advice=False).device_total_gib
+            cut = base - estimate(model, alt, fast=True, advice=False).device_total_gib
+        except (TunepilotError, ValueError):
+            continue
+        if cut > best_cut:
+            best_desc, best_cut = desc, cut
+    if best_desc:
+        return f"{head}: {best_desc} cuts ~{best_cut:.1f} GiB"
+    return head
