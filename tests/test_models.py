@@ -85,7 +85,9 @@ def llama_formula(h=64, i=160, L=3, nq=4, nkv=2, V=128, tied=False) -> int:
 @pytest.fixture
 def hub_env(monkeypatch, tmp_path):
     """A private HF cache and no inherited Hub settings."""
-    for var in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE"):
+    for var in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE",
+                "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     return tmp_path
@@ -359,6 +361,19 @@ def test_hub_follows_a_relative_redirect_for_renamed_repos(hub_env, monkeypatch)
         spec = lookup_model("acme/old-name")
     assert spec.num_parameters == llama_formula()
     assert [p for p, _ in hub.requests] == ["/acme/old-name/resolve/main/config.json", new]
+
+
+def test_hub_through_an_http_proxy(hub_env, monkeypatch):
+    """With HTTP_PROXY set the request goes to the proxy (absolute URL), token included."""
+    body = json.dumps(tiny_llama_config()).encode()
+    target = "http://hub.example.invalid/acme/via-proxy/resolve/main/config.json"
+    with StubHub({target: body}) as proxy:
+        monkeypatch.setenv("HF_ENDPOINT", "http://hub.example.invalid")
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_proxy_token")
+        spec = lookup_model("acme/via-proxy")
+    assert spec.num_parameters == llama_formula()
+    assert proxy.requests == [(target, "Bearer hf_proxy_token")]
 
 
 def test_hub_401_says_gated_and_what_to_do(hub_env, monkeypatch):

@@ -428,8 +428,11 @@ def _http_get(url: str, headers: dict[str, str], timeout: float, connect_timeout
     """One GET with a short connect timeout and no retries (follows up to 5 redirects)."""
     import http.client
     import ssl
+    import urllib.request
     from urllib.parse import urljoin, urlsplit
 
+    if urllib.request.getproxies() and not urllib.request.proxy_bypass(urlsplit(url).hostname or ""):
+        return _http_get_via_proxy(url, headers, timeout)
     for _ in range(6):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -457,6 +460,22 @@ def _http_get(url: str, headers: dict[str, str], timeout: float, connect_timeout
             continue
         return resp.status, hdrs, body
     raise OSError("too many redirects")
+
+
+def _http_get_via_proxy(url: str, headers: dict[str, str], timeout: float) -> tuple[int, dict[str, str], bytes]:
+    """The same GET through the proxy named by HTTPS_PROXY/HTTP_PROXY/ALL_PROXY (urllib honours NO_PROXY)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+    except urllib.error.URLError as e:
+        reason = e.reason if isinstance(e.reason, OSError) else OSError(str(e.reason))
+        raise reason from None
 
 
 def _hub(repo: str, timeout: float) -> ModelSpec:
