@@ -459,32 +459,45 @@ def _seed_batch(setup: TrainingSetup, max_batch: int, model_ref: str, notes: lis
         return min(setup.per_device_train_batch_size, max_batch)
 
 
+def search_batch(seed: int, max_batch: int, attempt) -> int | None:
+    """Powers-of-two search from `seed`: up while `attempt(b)` is True, down while it reports OOM (False); None stops early.
+
+    `attempt(b)` returns True (ran), False (out of memory) or None (failed for another reason).
+    Returns the largest micro-batch that ran, or None.
+    """
+    tried: dict[int, bool | None] = {}
+    best = None
+    b = max(1, min(seed, max_batch))
+    while 1 <= b <= max_batch and b not in tried:
+        ok = tried[b] = attempt(b)
+        if ok is None:
+            break  # not a memory problem: more trials would not help
+        if ok:
+            best = b
+            b *= 2
+        else:
+            b //= 2
+    return best
+
+
 def find_max_batch(setup: TrainingSetup, *, max_batch: int = 64, **run_kw) -> tuple[TrainingSetup, list[TrialReport]]:
     """Largest micro-batch that trial-runs without OOM: seeded by the estimate, then up/down by powers of two; accumulation keeps the effective batch."""
     if max_batch < 1:
         raise TrialError(f"max_batch: must be at least 1, got {max_batch}")
     notes: list[str] = []
-    b = _seed_batch(setup, max_batch, run_kw.get("model_path") or setup.model_id, notes)
+    seed = _seed_batch(setup, max_batch, run_kw.get("model_path") or setup.model_id, notes)
     reports: list[TrialReport] = []
-    tried: dict[int, bool] = {}
-    best: TrainingSetup | None = None
-    best_note = ""
-    while 1 <= b <= max_batch and b not in tried:
+
+    def attempt(b: int) -> bool | None:
         candidate, note = rebatch(setup, b)
         r = run_trial(candidate, **run_kw)
         r.notes = [f"find_max_batch: micro-batch {b}, {note}"] + (notes if not reports else []) + r.notes
         reports.append(r)
-        tried[b] = r.ok
-        if r.ok:
-            best, best_note = candidate, note
-            b *= 2
-        elif r.error_kind == "oom":
-            b //= 2
-        else:
-            break  # not a memory problem: more trials would not help
-        if best is not None and b in tried:
-            break
+        return True if r.ok else (False if r.error_kind == "oom" else None)
+
+    best = search_batch(seed, max_batch, attempt)
     if best is None:
         return setup, reports
-    reports[-1].notes.append(f"find_max_batch: largest micro-batch that ran: {best.per_device_train_batch_size}; {best_note}")
-    return best, reports
+    chosen, note = rebatch(setup, best)
+    reports[-1].notes.append(f"find_max_batch: largest micro-batch that ran: {best}; {note}")
+    return chosen, reports
