@@ -10,7 +10,7 @@ import json
 import re
 
 import pytest
-from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import StructuredTool
 from pydantic import BaseModel, Field
 
@@ -193,6 +193,15 @@ def test_a_runaway_model_ends_with_a_clear_message_and_the_session_goes_on(tmp_p
     assert result.stopped == "limit" and result.answer.startswith("I stopped after 4 model calls")
     assert model.calls == 4 and len(result.tool_calls) == 4
     assert run_turn(agent, "t", "stop").answer == "done"
+    # the graph's recursion limit is the backstop: same clear ending, and the thread stays usable
+    result = run_turn(agent, "t2", "loop forever", recursion_limit=5)
+    assert result.stopped == "limit" and result.answer.startswith("I stopped after")
+    assert run_turn(agent, "t2", "stop").answer == "done"
+    # what the model saw is a valid transcript: every tool call answered (OpenAI rejects it otherwise)
+    seen = model.seen[-1]
+    called = [tc["id"] for m in seen if isinstance(m, AIMessage) for tc in m.tool_calls]
+    answered = [m.tool_call_id for m in seen if isinstance(m, ToolMessage)]
+    assert called and sorted(called) == sorted(answered)
 
 
 def test_trial_is_refused_with_an_estimate_when_not_allowed(tmp_path):
