@@ -1,0 +1,118 @@
+"""Tiny real models and a real CPU training step to check tools.simulator against.
+
+The real step allocates every tensor (tiny model, CPU) and is tracked by the same storage counter the
+simulator uses, so simulated and measured peaks can be compared; resident bytes are summed straight
+from the tensors (p.nbytes, p.grad.nbytes, optimizer.state) with no tracker involved.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from tools.schemas import ModelSpec, TrainingSetup
+
+TINY_LLAMA = dict(
+    model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024, tie_word_embeddings=False,
+)
+
+
+def tiny_spec(config: dict | None = None, **overrides) -> ModelSpec:
+    """A ModelSpec for a tiny config (Llama by default); overrides go into the config dict."""
+    cfg = dict(config or TINY_LLAMA)
+    cfg.update(overrides)
+    layers = cfg.get("num_hidden_layers", 2)
+    hidden = cfg.get("hidden_size", 64)
+    heads = cfg.get("num_attention_heads", 4)
+    return ModelSpec(
+        model_id=f"tiny-{cfg['model_type']}", architecture="TinyForCausalLM", model_type=cfg["model_type"],
+        num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+        num_key_value_heads=cfg.get("num_key_value_heads", heads), head_dim=hidden // heads,
+        intermediate_size=cfg.get("intermediate_size", 4 * hidden), vocab_size=cfg.get("vocab_size", 256),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False), num_parameters=0, source="test", config=cfg,
+    )
+
+
+def setup(**kw) -> TrainingSetup:
+    """A small TrainingSetup (b=2, s=64) with the given overrides."""
+    base = dict(model_id="tiny", max_length=64, per_device_train_batch_size=2)
+    base.update(kw)
+    return TrainingSetup(**base)
+
+
+def real_step(spec: ModelSpec, st: TrainingSetup) -> dict:
+    """Run two REAL training steps on CPU (step 1 complete, step 2 tracked) and measure them.
+
+    Returns exact resident bytes summed from the tensors and the tracked peak of step 2.
+    """
+    import peft
+    import torch
+    import transformers
+
+    from tools import simulator
+
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(spec.model_type, **{k: v for k, v in spec.config.items() if k != "model_type"})
+    cfg.use_cache = False
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[st.dtype]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=st.attn_implementation)
+        if st.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if st.method == "lora":
+            model = peft.get_peft_model(model, peft.LoraConfig(
+                r=st.r, lora_alpha=st.lora_alpha, lora_dropout=st.lora_dropout,
+                target_modules=st.target_modules, task_type="CAUSAL_LM"))
+            if st.gradient_checkpointing:
+                model.enable_input_require_grads()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = simulator._make_optimizer(model, st, params)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(st.compute_dtype)
+    ids = torch.randint(0, spec.vocab_size, (st.per_device_train_batch_size, st.max_length))
+
+    def step():
+        ctx = torch.autocast("cpu", dtype=amp_dtype) if (st.bf16 or st.fp16) else torch.autocast("cpu", enabled=False)
+        with ctx:
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+        loss = out.loss
+        del out
+        loss.backward()
+        del loss
+        if st.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, st.max_grad_norm)
+        opt.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        step()
+        opt.zero_grad(set_to_none=True)
+        tracker = simulator._make_tracker()
+        states = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        with tracker:
+            # what exists before step 2 (parameters, buffers, optimizer state) is live from the start
+            for t in list(model.parameters()) + list(model.buffers()) + states:
+                tracker.add(t)
+            tracker.reset_peak()
+            step()
+            tracker.finish()
+    seen = set()
+    resident = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = id(t.untyped_storage())
+        if key not in seen:
+            seen.add(key)
+            resident += t.untyped_storage().nbytes()
+    states = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    state_store = {id(v.untyped_storage()): v.untyped_storage().nbytes() for v in states}
+    state_bytes = sum(state_store.values())
+    return {
+        "frozen_bytes": sum(p.nbytes for p in model.parameters() if not p.requires_grad),
+        "trainable_bytes": sum(p.nbytes for p in params),
+        "param_and_buffer_bytes": resident,
+        "gradient_bytes": sum(p.grad.nbytes for p in params if p.grad is not None),
+        "optimizer_bytes": state_bytes,
+        "peak_bytes": tracker.peak,
+        "trainable_parameters": sum(p.numel() for p in params),
+    }

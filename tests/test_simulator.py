@@ -1,0 +1,157 @@
+"""tools.simulator against real CPU training steps of tiny real transformers/peft models."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests._simulator_helpers import real_step, setup, tiny_spec
+from tools.schemas import STEP_CATEGORIES, TunepilotError
+from tools.simulator import simulate
+
+
+def _check_shape(mem):
+    assert mem.tier == "simulated"
+    assert set(mem.peak_breakdown) == set(STEP_CATEGORIES)
+    assert sum(mem.peak_breakdown.values()) == mem.peak_bytes
+    assert mem.peak_phase in ("forward", "backward", "optimizer")
+
+
+# full + adamw (foreach), LoRA + fused adamw, full + sgd, LoRA + bnb 8-bit; checkpointing on and off
+REAL_CASES = [
+    dict(method="full", optim="adamw_torch", gradient_checkpointing=False),
+    dict(method="lora", optim="adamw_torch_fused", gradient_checkpointing=True),
+    dict(method="full", optim="sgd", gradient_checkpointing=True, dtype="fp32", bf16=False),
+    dict(method="lora", optim="adamw_bnb_8bit", gradient_checkpointing=False, r=64),
+]
+
+
+@pytest.mark.parametrize("kw", REAL_CASES, ids=lambda kw: f"{kw['method']}-{kw['optim']}-ckpt{int(kw['gradient_checkpointing'])}")
+def test_simulated_step_matches_real_cpu_step(kw):
+    spec = tiny_spec()
+    st = setup(**kw)
+    sim = simulate(spec, st, extrapolate=False)
+    real = real_step(spec, st)
+    _check_shape(sim)
+    # resident state: exact, byte for byte
+    assert sim.weights_bytes + sim.adapter_bytes == real["param_and_buffer_bytes"]
+    assert sim.gradient_bytes == real["trainable_bytes"] == real["gradient_bytes"]
+    assert sim.optimizer_bytes == real["optimizer_bytes"]
+    assert sim.trainable_parameters == real["trainable_parameters"]
+    if kw["method"] == "lora":
+        assert sim.adapter_bytes == real["trainable_bytes"]
+        assert sim.weights_bytes == real["param_and_buffer_bytes"] - real["trainable_bytes"]
+    # the whole step peak (activations, logits, temporaries on top) agrees with the real step
+    assert sim.peak_bytes == pytest.approx(real["peak_bytes"], rel=0.03)
+
+
+def test_extrapolation_equals_full_simulation():
+    spec = tiny_spec(num_hidden_layers=4)
+    for kw in (dict(gradient_checkpointing=True), dict(gradient_checkpointing=False, method="full", optim="adamw_torch")):
+        st = setup(**kw)
+        ext = simulate(spec, st)
+        full = simulate(spec, st, extrapolate=False)
+        assert ext.layers_simulated == [1, 2] and full.layers_simulated == [4]
+        assert ext.per_layer_bytes > 0
+        assert ext.peak_bytes == pytest.approx(full.peak_bytes, rel=0.01)
+        for cat in STEP_CATEGORIES:
+            assert ext.peak_breakdown[cat] == pytest.approx(full.peak_breakdown[cat], rel=0.01, abs=4096)
+        assert ext.num_parameters == full.num_parameters
+        assert ext.optimizer_bytes == full.optimizer_bytes
+
+
+def test_checkpointing_lowers_activation_peak():
+    spec = tiny_spec(num_hidden_layers=4)
+    on = simulate(spec, setup(gradient_checkpointing=True), extrapolate=False)
+    off = simulate(spec, setup(gradient_checkpointing=False), extrapolate=False)
+    assert on.peak_breakdown["activations"] * 2 < off.peak_breakdown["activations"]
+    assert on.peak_bytes < off.peak_bytes
+
+
+def test_eager_attention_grows_with_seq_squared():
+    spec = tiny_spec(num_hidden_layers=1)
+    extra = {}
+    for s in (128, 256):
+        kw = dict(gradient_checkpointing=False, max_length=s, per_device_train_batch_size=1)
+        eager = simulate(spec, setup(attn_implementation="eager", **kw), extrapolate=False)
+        sdpa = simulate(spec, setup(attn_implementation="sdpa", **kw), extrapolate=False)
+        extra[s] = eager.peak_breakdown["activations"] - sdpa.peak_breakdown["activations"]
+        # at least the fp32 softmax probabilities of every head: heads * s^2 * 2 bytes (bf16) saved for backward
+        assert extra[s] >= 4 * s * s * 2
+    assert extra[256] / extra[128] == pytest.approx(4.0, rel=0.2)  # quadratic, not linear
+
+
+def test_qlora_weights_are_half_a_byte_per_param():
+    spec = tiny_spec(hidden_size=128, intermediate_size=512, num_hidden_layers=1)
+    st = setup(method="qlora", load_in_4bit=True, optim="paged_adamw_8bit")
+    q = simulate(spec, st, extrapolate=False)
+    plain = simulate(spec, setup(method="lora", optim="paged_adamw_8bit"), extrapolate=False)
+    _check_shape(q)
+    # linear weights of the block: q,k,v,o + gate,up,down
+    h, i, kv = 128, 512, 2 * 32
+    linear = h * h * 2 + h * kv * 2 + 3 * h * i
+    other_bf16 = plain.weights_bytes - 2 * linear  # embeddings, head, norms stay in bf16
+    four_bit = q.weights_bytes - other_bf16
+    per_param = four_bit / linear
+    # 0.5 byte packed + 1 byte uint8 absmax per 64 (double quant) + fp32 nested absmax per 256 blocks + code tables
+    assert 0.5 + 1 / 64 <= per_param < 0.5 + 1 / 64 + 0.01
+    assert q.num_parameters == plain.num_parameters
+    assert any("4-bit" in n for n in q.notes)
+
+
+def test_8bit_adam_state_is_a_quarter_of_fp32_adam():
+    spec = tiny_spec(hidden_size=128, intermediate_size=256, num_hidden_layers=1, vocab_size=512)
+    kw = dict(method="full", dtype="fp32", bf16=False, gradient_checkpointing=True)
+    a8 = simulate(spec, setup(optim="adamw_bnb_8bit", **kw), extrapolate=False)
+    a32 = simulate(spec, setup(optim="adamw_torch", **kw), extrapolate=False)
+    n = a8.trainable_parameters
+    assert a32.optimizer_bytes / n == pytest.approx(8.0, abs=0.01)
+    # 2 x uint8 + fp32 absmax per 256 elements; norm weights (< 4096 elements) keep fp32 states
+    assert 2.0 < a8.optimizer_bytes / n < 2.2
+
+
+@pytest.mark.parametrize("method", ["ia3", "prompt-tuning"])
+def test_ia3_and_prompt_tuning_run(method):
+    spec = tiny_spec()
+    mem = simulate(spec, setup(method=method), extrapolate=False)
+    _check_shape(mem)
+    assert 0 < mem.adapter_bytes < mem.weights_bytes / 10
+    assert 0 < mem.trainable_parameters < mem.num_parameters / 10
+    # fp32 adapters, two fp32 Adam moments (+ a 4-byte step counter per tensor for fused AdamW)
+    assert 2 * mem.adapter_bytes <= mem.optimizer_bytes <= 2 * mem.adapter_bytes + 4 * 16
+
+
+def test_moe_model_runs_with_balanced_routing():
+    cfg = dict(model_type="qwen2_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+               shared_expert_intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=256, num_experts=4, num_experts_per_tok=2)
+    spec = tiny_spec(cfg)
+    ext = simulate(spec, setup(method="full", optim="adamw_torch_fused"))
+    _check_shape(ext)
+    assert ext.layers_simulated == [1, 2]
+    assert any("balanced" in n for n in ext.notes)
+    # full FT in bf16: AdamW moments in the parameter dtype (bf16), 2 x the weights (+ step counters)
+    assert ext.optimizer_bytes == pytest.approx(2 * ext.weights_bytes, rel=1e-3)
+
+
+def test_eval_peak_reported_only_when_evaluating():
+    spec = tiny_spec()
+    assert simulate(spec, setup(), extrapolate=False).eval_peak_bytes is None
+    mem = simulate(spec, setup(eval_strategy="epoch", prediction_loss_only=False), extrapolate=False)
+    assert mem.weights_bytes + mem.adapter_bytes + mem.optimizer_bytes < mem.eval_peak_bytes < mem.peak_bytes
+
+
+def test_unsupported_setups_raise_one_clear_error():
+    spec = tiny_spec()
+    with pytest.raises(TunepilotError, match="load_in_8bit"):
+        simulate(spec, setup(method="lora", load_in_8bit=True))
+    with pytest.raises(TunepilotError, match="model.config"):
+        simulate(spec.model_copy(update={"config": {}}), setup())
+
+
+def test_cache_returns_equal_result_fast():
+    spec = tiny_spec()
+    st = setup(optim="sgd")
+    first = simulate(spec, st, extrapolate=False)
+    again = simulate(spec, st.model_copy(update={"learning_rate": 1e-5, "output_dir": "x"}), extrapolate=False)
+    assert again.peak_breakdown == first.peak_breakdown
+    assert again.seconds == first.seconds  # served from the cache, not re-run

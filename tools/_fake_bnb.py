@@ -1,0 +1,102 @@
+"""Stand-ins for bitsandbytes 4-bit layers that work on fake tensors (used by tools.simulator).
+
+`bnb.nn.Params4bit` cannot wrap a FakeTensor, so `Fake4bitLinear` holds the same storage a real
+`bnb.nn.Linear4bit` holds after `from_pretrained(..., load_in_4bit=True)`: the packed weight
+(uint8 [(out*in)/2, 1], or the quant_storage dtype), the absmax per 64-element block (uint8 with
+double quantization plus the fp32 nested absmax/code, fp32 without) and the 16-entry code table.
+Its forward is bitsandbytes' own: `bnb.matmul_4bit`, which dequantises the whole weight to the
+compute dtype for the matmul (and again in backward), exactly as on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_WARMED = False
+
+_STORAGE = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def warm_bitsandbytes() -> None:
+    """Run one real tiny quantize_4bit so bnb builds its lazy lookup tables outside fake mode."""
+    global _WARMED
+    if _WARMED:
+        return
+    import bitsandbytes.functional as F
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        for qt in ("nf4", "fp4"):
+            F.quantize_4bit(torch.zeros(64, 64, dtype=torch.bfloat16), compress_statistics=True, quant_type=qt)
+            F.quantize_4bit(torch.zeros(64, 64, dtype=torch.bfloat16), compress_statistics=False, quant_type=qt)
+    _WARMED = True
+
+
+class Fake4bitLinear(nn.Module):
+    """A bnb Linear4bit look-alike: packed 4-bit weight + quantization state, forward via bnb.matmul_4bit."""
+
+    def __init__(self, linear: nn.Linear, *, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
+                 quant_storage: str = "uint8", blocksize: int = 64):
+        super().__init__()
+        import bitsandbytes.functional as F
+
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.compute_dtype = compute_dtype
+        packed, qs = F.quantize_4bit(
+            linear.weight.detach().to(compute_dtype), blocksize=blocksize, compress_statistics=double_quant,
+            quant_type=quant_type, quant_storage=_STORAGE[quant_storage],
+        )
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.quant_state = qs
+        # register every tensor of the quantization state so model.buffers() sees (and counts) it
+        self.register_buffer("absmax", qs.absmax, persistent=False)
+        self.register_buffer("code", qs.code, persistent=False)
+        if qs.nested:
+            self.register_buffer("nested_absmax", qs.state2.absmax, persistent=False)
+            self.register_buffer("nested_code", qs.state2.code, persistent=False)
+            self.register_buffer("offset", qs.offset, persistent=False)
+        self.bias = None
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
+
+    @property
+    def logical_numel(self) -> int:
+        return self.in_features * self.out_features + (self.bias.numel() if self.bias is not None else 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        inp_dtype = x.dtype
+        x = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=self.quant_state).to(inp_dtype)
+
+
+def quantize_linears_4bit(model: nn.Module, *, skip: set[int], quant_type: str, double_quant: bool,
+                          compute_dtype: torch.dtype, quant_storage: str) -> int:
+    """Swap every nn.Linear (peft LoRA base layers included) except those in `skip` for Fake4bitLinear.
+
+    Returns the number of layers swapped. Mirrors transformers' load_in_4bit, which quantizes every
+    linear layer except the output head (and peft adapters, which are created after loading).
+    """
+    warm_bitsandbytes()
+    swaps = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear and id(child) not in skip:
+                swaps.append((parent, name, child))
+    shared_code = None
+    for parent, name, child in swaps:
+        new = Fake4bitLinear(child, quant_type=quant_type, double_quant=double_quant,
+                             compute_dtype=compute_dtype, quant_storage=quant_storage)
+        if new.quant_state.nested:
+            # bnb caches the 256-entry dynamic map once per device and every nested state points at it
+            if shared_code is None:
+                shared_code = new.quant_state.state2.code
+            new.quant_state.state2.code = shared_code
+            new.nested_code = shared_code
+        setattr(parent, name, new)
+    return len(swaps)

@@ -1,0 +1,862 @@
+"""The dry-run simulator: the memory of one real training step, counted on fake tensors.
+
+`simulate(model, setup)` builds the real Hugging Face model from its config.json on the `meta`
+device, wraps it with the real peft adapter the generated script will use, materialises it
+under PyTorch's `FakeTensorMode` (shapes and dtypes, no memory) and runs two real training
+steps: forward on input_ids [per_device_train_batch_size, max_length] with labels (HF's loss
+path: logits upcast to fp32, cross-entropy), backward, gradient clipping, optimizer.step(),
+zero_grad(set_to_none=True). A `TorchDispatchMode` sees the outputs of every op, records each
+new storage with its size, and learns its death through a weakref finalizer, so it knows the
+live total after every op. The peak of the SECOND step (optimizer state exists: steady state)
+is reported, with the live storages at that moment split into categories:
+
+- weights / adapters: storages of frozen parameters and buffers (incl. 4-bit packed weights and
+  their absmax/constants) / of trainable peft parameters (in full fine-tuning, trainable
+  parameters are "weights");
+- gradients: storages that are some parameter's `.grad` at the end of the step;
+- optimizer_state: tensors in `optimizer.state`;
+- activations: anything else produced during the forward (saved for backward) or during the
+  gradient-checkpointing recompute inside backward;
+- logits_loss: what the output head and the loss produce in forward (logits, fp32 upcast,
+  log-softmax) and the loss backward produces before the gradient reaches the logits;
+- temporaries: everything else (backward and optimizer transients, e.g. foreach AdamW buffers).
+
+Identity (params, grads, optimizer states) wins over the phase an allocation happened in.
+
+CUDA behaviour rather than CPU's, where they differ: `adamw_torch` runs torch AdamW with
+foreach=True (the CUDA default), `adamw_torch_fused` with fused=True; params are grouped as
+HF Trainer does (decay / no-decay). Mixed precision runs under `torch.autocast("cpu", dtype)`
+(the HF Trainer uses CUDA autocast; the two op lists differ in a few fp32 ops). CPU SDPA
+dispatches to a flash kernel (no s^2 matrix), so `flash_attention_2` is simulated as `sdpa`;
+`eager` materialises the s^2 scores. QLoRA uses `tools._fake_bnb.Fake4bitLinear`, which calls
+bitsandbytes' own `matmul_4bit` (transient dequantised weight in forward and backward).
+bitsandbytes 8-bit/32-bit/paged optimizers are the real ones; paged state is counted as
+resident. MoE experts are routed with a perfectly balanced load (routing on fake tensors is
+data dependent).
+
+Depth is extrapolated: k and k+period blocks are simulated and every category is extended
+linearly to the full depth (`extrapolate=False` simulates the full depth). Nothing here adds
+CUDA context, allocator rounding or ZeRO/FSDP sharding: that is `tools.estimator`'s job.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from tools.schemas import STEP_CATEGORIES, ModelSpec, StepMemory, TrainingSetup, TunepilotError
+
+
+class SimulationError(TunepilotError):
+    """A setup the simulator cannot run (unsupported combination or a model transformers cannot build)."""
+
+
+# Fields of TrainingSetup that cannot change the memory of one training step.
+_IRRELEVANT = {
+    "model_id", "learning_rate", "num_train_epochs", "weight_decay", "warmup_steps", "lr_scheduler_type",
+    "seed", "eval_steps", "num_gpus", "num_nodes", "zero_stage", "fsdp", "offload", "gpu", "dataset",
+    "dataset_text_field", "use_chat_template", "streaming", "output_dir", "save_steps", "save_total_limit",
+    "logging_steps", "merge_adapter", "packing", "lora_alpha", "use_rslora", "lora_dropout",
+}
+_CACHE: dict[str, StepMemory] = {}
+_CACHE_MAX = 256
+
+_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_BNB_OPTIMS = {
+    # name: (bnb class name, optim_bits, is_paged)
+    "adamw_bnb_8bit": ("AdamW", 8, False),
+    "adamw_8bit": ("AdamW", 8, False),
+    "paged_adamw_8bit": ("AdamW", 8, True),
+    "paged_adamw_32bit": ("AdamW", 32, True),
+    "lion_8bit": ("Lion", 8, False),
+    "lion_32bit": ("Lion", 32, False),
+    "paged_lion_8bit": ("Lion", 8, True),
+    "paged_lion_32bit": ("Lion", 32, True),
+}
+
+
+def simulate(model: ModelSpec, setup: TrainingSetup, *, extrapolate: bool = True) -> StepMemory:
+    """Exact raw memory of one training step of one model replica, by running the real step on fake tensors.
+
+    Builds the real transformers model (and peft adapter, 4-bit stand-ins, optimizer) for `setup`,
+    runs two training steps (and an eval step when setup.eval_strategy != 'no') under FakeTensorMode
+    and returns the steady-state peak with its breakdown (weights, adapters, gradients,
+    optimizer_state, activations, logits_loss, temporaries) in bytes. Depth is extrapolated from
+    1-2 simulated blocks unless extrapolate=False. No sharding and no CUDA-only overheads.
+    Raises SimulationError (a TunepilotError) for combinations it cannot simulate.
+    """
+    _check_supported(model, setup)
+    key = _cache_key(model, setup, extrapolate)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit.model_copy(deep=True)
+    t0 = time.perf_counter()
+    total = _num_layers(model)
+    prefix, period = _layer_period(model)
+    k1, k2 = prefix + period, prefix + 2 * period
+    if extrapolate and k2 < total:
+        depths = [k1, k2]
+    else:
+        depths = [total]
+    runs = [_run(model, setup, d) for d in depths]
+    result = _combine(runs, depths, total, period)
+    result.seconds = round(time.perf_counter() - t0, 3)
+    if len(depths) == 2:
+        result.notes.append(
+            f"simulated {depths[0]} and {depths[1]} of {total} blocks and extrapolated every category linearly "
+            f"(slope per block {result.per_layer_bytes / 2**20:.1f} MiB)"
+        )
+    else:
+        result.notes.append(f"simulated all {total} blocks")
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = result.model_copy(deep=True)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Validation and caching
+# --------------------------------------------------------------------------------------
+
+
+def _check_supported(model: ModelSpec, setup: TrainingSetup) -> None:
+    if not model.config:
+        raise SimulationError(
+            f"model.config: {model.model_id} has no config.json dict; the simulator builds the model from it "
+            "(look the model up with tools.models.lookup_model, or use the analytic tier with --fast)"
+        )
+    if setup.load_in_8bit:
+        raise SimulationError("load_in_8bit: LLM.int8 base weights are not simulated yet; use --fast (analytic) or load_in_4bit")
+    if setup.optim in ("adamw_torch_8bit", "adamw_torch_4bit"):
+        raise SimulationError(f"optim: {setup.optim} (torchao) is not simulated yet; use adamw_bnb_8bit / paged_adamw_8bit or --fast")
+    if setup.method in ("prompt-tuning", "prefix-tuning", "p-tuning") and setup.task != "causal-lm":
+        raise SimulationError(f"method: {setup.method} is simulated for task causal-lm only")
+    if setup.load_in_4bit and setup.method not in ("qlora", "lora", "dora"):
+        raise SimulationError(f"method: {setup.method} on a 4-bit base is not simulated; use qlora/lora/dora")
+
+
+def _cache_key(model: ModelSpec, setup: TrainingSetup, extrapolate: bool) -> str:
+    s = setup.model_dump(mode="json", exclude=_IRRELEVANT)
+    s["gradient_accumulation_steps"] = min(setup.gradient_accumulation_steps, 2)
+    if setup.eval_strategy != "no":
+        s["eval_strategy"] = "yes"
+    else:
+        s.pop("per_device_eval_batch_size")
+        s.pop("prediction_loss_only")
+    return json.dumps([model.model_type, model.config, s, extrapolate], sort_keys=True, default=str)
+
+
+def clear_cache() -> None:
+    """Forget cached simulations (tests, benchmarks)."""
+    _CACHE.clear()
+
+
+# --------------------------------------------------------------------------------------
+# Depth: how many blocks, and which depths to simulate
+# --------------------------------------------------------------------------------------
+
+_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def _num_layers(model: ModelSpec) -> int:
+    cfg = model.config
+    for k in _DEPTH_KEYS:
+        if isinstance(cfg.get(k), int):
+            return cfg[k]
+    return model.num_hidden_layers
+
+
+def _min_period(seq: list) -> int:
+    for p in range(1, len(seq) + 1):
+        if all(seq[i] == seq[i % p] for i in range(len(seq))):
+            return p
+    return len(seq)
+
+
+def _layer_types(model: ModelSpec) -> list | None:
+    """Per-block attention types (sliding/full...) as transformers derives them for the full depth."""
+    lt = model.config.get("layer_types")
+    if isinstance(lt, list) and lt:
+        return lt
+    try:
+        lt = getattr(_hf_config(model), "layer_types", None)
+    except TunepilotError:
+        return None
+    return list(lt) if isinstance(lt, (list, tuple)) and lt else None
+
+
+def _layer_period(model: ModelSpec) -> tuple[int, int]:
+    """(dense prefix, period) of the block stack: simulate prefix+period and prefix+2*period blocks."""
+    cfg = model.config
+    prefix, period = 0, 1
+    if isinstance(cfg.get("first_k_dense_replace"), int):
+        prefix = cfg["first_k_dense_replace"]
+    layer_types = _layer_types(model)
+    if layer_types:
+        period = _min_period(layer_types[prefix:] or layer_types)
+    elif isinstance(cfg.get("sliding_window_pattern"), int) and cfg["sliding_window_pattern"] > 1:
+        period = cfg["sliding_window_pattern"]
+    step = cfg.get("decoder_sparse_step")
+    if isinstance(step, int) and step > 1:
+        period = period * step // math.gcd(period, step)
+    mlp_only = cfg.get("mlp_only_layers")
+    if isinstance(mlp_only, list) and mlp_only:
+        # irregular dense layers: simulate everything (rare; usually an empty list)
+        prefix = _num_layers(model)
+    return prefix, period
+
+
+def _depth_overrides(model: ModelSpec, depth: int) -> dict[str, Any]:
+    cfg = model.config
+    out: dict[str, Any] = {}
+    for k in _DEPTH_KEYS:
+        if isinstance(cfg.get(k), int):
+            out[k] = depth
+    if "num_decoder_layers" in cfg and isinstance(cfg.get("num_decoder_layers"), int):
+        out["num_decoder_layers"] = depth
+    for k in ("encoder_layers", "decoder_layers"):
+        if isinstance(cfg.get(k), int):
+            out[k] = depth
+    layer_types = _layer_types(model)
+    if layer_types:
+        out["layer_types"] = layer_types[:depth]
+    if not out:
+        out["num_hidden_layers"] = depth
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Building the model exactly as the generated script will
+# --------------------------------------------------------------------------------------
+
+
+def _hf_config(model: ModelSpec, **overrides):
+    from transformers import AutoConfig
+
+    raw = {k: v for k, v in model.config.items() if k not in ("model_type", "transformers_version", "architectures", "auto_map")}
+    raw.update(overrides)
+    try:
+        cfg = AutoConfig.for_model(model.model_type, **raw)
+    except Exception as e:  # noqa: BLE001 - any failure here is an unknown/odd config
+        raise SimulationError(f"model.config: transformers cannot build a '{model.model_type}' config ({e}); use --fast") from None
+    for k, v in overrides.items():  # attribute_map aliases (n_layer ...) are set both ways
+        try:
+            setattr(cfg, k, v)
+        except Exception:  # noqa: BLE001
+            pass
+    return cfg
+
+
+def _build_model(model: ModelSpec, setup: TrainingSetup, depth: int):
+    import torch
+    import transformers
+
+    cfg = _hf_config(model, **_depth_overrides(model, depth))
+    cfg.use_cache = False
+    if setup.task == "sequence-classification":
+        cfg.num_labels = setup.num_labels
+        if getattr(cfg, "pad_token_id", None) is None:
+            cfg.pad_token_id = 0
+        auto = transformers.AutoModelForSequenceClassification
+    elif setup.task == "seq2seq":
+        auto = transformers.AutoModelForSeq2SeqLM
+    else:
+        auto = transformers.AutoModelForCausalLM
+    attn = "sdpa" if setup.attn_implementation == "flash_attention_2" else setup.attn_implementation
+    dtype = getattr(torch, _TORCH_DTYPES[setup.dtype])
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            m = auto.from_config(cfg, dtype=dtype, attn_implementation=attn)
+        except ValueError as e:
+            if "attn_implementation" in str(e) or "sdpa" in str(e).lower():
+                raise SimulationError(f"attn_implementation: {model.model_type} does not support '{attn}' ({e})") from None
+            raise SimulationError(f"task: transformers cannot build {setup.task} for '{model.model_type}' ({e})") from None
+    if setup.gradient_checkpointing:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return m
+
+
+def _peft_config(setup: TrainingSetup):
+    import peft
+
+    task_type = {"causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "sequence-classification": "SEQ_CLS"}[setup.task]
+    if setup.method in ("lora", "qlora", "dora"):
+        return peft.LoraConfig(
+            r=setup.r, lora_alpha=setup.lora_alpha, lora_dropout=setup.lora_dropout,
+            target_modules=setup.target_modules, use_rslora=setup.use_rslora,
+            use_dora=setup.use_dora or setup.method == "dora", task_type=task_type,
+        )
+    if setup.method == "ia3":
+        return peft.IA3Config(task_type=task_type)
+    if setup.method == "prompt-tuning":
+        return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=setup.num_virtual_tokens)
+    if setup.method == "prefix-tuning":
+        return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=setup.num_virtual_tokens)
+    if setup.method == "p-tuning":
+        return peft.PromptEncoderConfig(task_type=task_type, num_virtual_tokens=setup.num_virtual_tokens)
+    raise SimulationError(f"method: unknown method {setup.method!r}")
+
+
+def _wrap_peft(m, setup: TrainingSetup):
+    if setup.method == "full":
+        return m
+    import peft
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(m, _peft_config(setup))
+    except (ValueError, KeyError, TypeError) as e:
+        raise SimulationError(f"target_modules/method: peft cannot apply {setup.method} to this model ({e})") from None
+    return pm
+
+
+def _head_module(base):
+    head = None
+    try:
+        head = base.get_output_embeddings()
+    except Exception:  # noqa: BLE001
+        head = None
+    if head is None:
+        for name in ("score", "classifier", "lm_head"):
+            head = getattr(base, name, None)
+            if head is not None:
+                break
+    if head is not None and hasattr(head, "modules_to_save"):  # peft ModulesToSaveWrapper
+        pass
+    return head
+
+
+# --------------------------------------------------------------------------------------
+# Memory tracking
+# --------------------------------------------------------------------------------------
+
+
+class _Rec:
+    __slots__ = ("nbytes", "tag", "__weakref__")
+
+    def __init__(self, nbytes: int, tag: str):
+        self.nbytes = nbytes
+        self.tag = tag
+
+
+def _make_tracker():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    prim_device = torch.ops.prim.device.default
+
+    class MemoryTracker(TorchDispatchMode):
+        """Counts every live storage produced by an op; keeps the peak and what was alive then."""
+
+        def __init__(self):
+            super().__init__()
+            self.live: dict[int, _Rec] = {}
+            self.current = 0
+            self.peak = 0
+            self.snapshot: list[_Rec] = []
+            self.snapshot_phase = ""
+            self._stale = False
+            self.phase = "setup"
+            self.in_block = 0
+
+        def tag(self) -> str:
+            if self.phase == "backward" and self.in_block > 0:
+                return "recompute"
+            return self.phase
+
+        def add(self, t) -> None:
+            st = t.untyped_storage()
+            key = id(st)
+            if key in self.live:
+                return
+            rec = _Rec(st.nbytes(), self.tag())
+            self.live[key] = rec
+            self.current += rec.nbytes
+            weakref.finalize(st, self._free, key, rec)
+            if self.current > self.peak:
+                self.peak = self.current
+                self._stale = True
+                self.snapshot_phase = self.phase
+
+        def _free(self, key: int, rec: _Rec) -> None:
+            if self._stale and self.current == self.peak:
+                self.take_snapshot()
+            if self.live.get(key) is rec:
+                del self.live[key]
+                self.current -= rec.nbytes
+
+        def take_snapshot(self) -> None:
+            self.snapshot = list(self.live.values())
+            self._stale = False
+
+        def reset_peak(self) -> None:
+            self.peak = self.current
+            self.snapshot_phase = self.phase
+            self.take_snapshot()
+
+        def finish(self) -> None:
+            if self._stale:
+                self.take_snapshot()
+
+        def rec_of(self, t) -> _Rec | None:
+            return self.live.get(id(t.untyped_storage()))
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is prim_device:
+                return out
+            if isinstance(out, torch.Tensor):
+                self.add(out)
+                return out
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.add(t)
+            return out
+
+    return MemoryTracker()
+
+
+# --------------------------------------------------------------------------------------
+# One simulated run at one depth
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _RunResult:
+    breakdown: dict[str, int]
+    peak_phase: str
+    num_parameters: int
+    trainable_parameters: int
+    weights_bytes: int
+    adapter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    eval_peak_bytes: int | None
+    largest_layer_param_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _decay_groups(model, params: list):
+    """HF Trainer's two parameter groups: weight decay for everything but biases and norms."""
+    import re
+
+    from torch import nn
+
+    patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+    no_decay_ids = set()
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if isinstance(mod, nn.LayerNorm) or any(re.search(pat, full.lower()) for pat in patterns):
+                no_decay_ids.add(id(p))
+    decay = [p for p in params if id(p) not in no_decay_ids]
+    no_decay = [p for p in params if id(p) in no_decay_ids]
+    return [g for g in ({"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def _make_optimizer(model, setup: TrainingSetup, params: list):
+    import torch
+
+    groups = _decay_groups(model, params)
+    lr = setup.learning_rate
+    name = setup.optim
+    if name == "adamw_torch":
+        return torch.optim.AdamW(groups, lr=lr, foreach=True)
+    if name == "adamw_torch_fused":
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, foreach=True)
+    if name == "adagrad":
+        return torch.optim.Adagrad(groups, lr=lr, foreach=True)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, foreach=True)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    if name in _BNB_OPTIMS:
+        import bitsandbytes as bnb
+
+        cls_name, bits, paged = _BNB_OPTIMS[name]
+        cls = getattr(bnb.optim, cls_name)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily(), warnings.catch_warnings():  # bnb builds its qmap with .tolist()
+            warnings.simplefilter("ignore")
+            return cls(groups, lr=lr, optim_bits=bits, is_paged=paged)
+    raise SimulationError(f"optim: {name} is not simulated; use adamw_torch_fused, adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, sgd or adafactor")
+
+
+def _blocks(base) -> list:
+    """The transformer blocks (GradientCheckpointingLayer instances, or the largest ModuleList)."""
+    from torch import nn
+
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        found = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if found:
+            return found
+    except ImportError:
+        pass
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def _mark_recompute(blocks: list, tracker) -> None:
+    """Count allocations made while a checkpointed block re-runs its forward in backward as activations.
+
+    transformers calls `block._gradient_checkpointing_func(partial(forward, ...), *args)`; the
+    recompute calls that partial again from inside backward (and may stop it early by raising), so
+    the wrapper keeps a depth counter with try/finally.
+    """
+    for blk in blocks:
+        ckpt = getattr(blk, "_gradient_checkpointing_func", None)
+        if ckpt is None:
+            continue
+
+        def wrapped(fn, *args, _ckpt=ckpt, **kwargs):
+            def counted(*a, **k):
+                tracker.in_block += 1
+                try:
+                    return fn(*a, **k)
+                finally:
+                    tracker.in_block -= 1
+
+            return _ckpt(counted, *args, **kwargs)
+
+        blk._gradient_checkpointing_func = wrapped
+
+
+def _balanced_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Eager MoE experts forward with a perfectly balanced, data-independent routing (fake tensors)."""
+    import torch
+    from torch import nn
+
+    num_tokens = hidden_states.shape[0]
+    top_k = top_k_index.shape[-1]
+    per_expert = max(1, math.ceil(num_tokens * top_k / self.num_experts))
+    final = torch.zeros_like(hidden_states)
+    device = hidden_states.device
+    for e in range(self.num_experts):
+        token_idx = (torch.arange(per_expert, device=device) + e * per_expert) % num_tokens
+        top_k_pos = torch.zeros(per_expert, dtype=torch.long, device=device)
+        current = hidden_states[token_idx]
+        gate_up = nn.functional.linear(current, self.gate_up_proj[e])
+        if getattr(self, "has_gate", True):
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = self.act_fn(gate) * up
+        else:
+            h = self.act_fn(gate_up)
+        h = nn.functional.linear(h, self.down_proj[e])
+        h = h * top_k_weights[token_idx, top_k_pos, None]
+        final.index_add_(0, token_idx, h.to(final.dtype))
+    return final
+
+
+def _patch_moe(base) -> int:
+    import types
+
+    n = 0
+    for m in base.modules():
+        gu, dp = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+        if gu is None or dp is None or not hasattr(m, "num_experts"):
+            continue
+        if getattr(gu, "ndim", 0) != 3:
+            continue
+        if getattr(m, "is_transposed", False) or getattr(m, "has_bias", False) or not getattr(m, "is_concatenated", True):
+            raise SimulationError(f"model: the experts layout of {type(m).__name__} is not simulated yet; use --fast")
+        m.forward = types.MethodType(_balanced_experts_forward, m)
+        n += 1
+    return n
+
+
+class _TrainingMaskPolicy:
+    """Let transformers skip the causal mask for SDPA exactly as it does on real tensors.
+
+    transformers refuses to skip the materialised [b,1,s,s] mask when the position ids or the query
+    offset are fake tensors ("tracing"); on a GPU, a full-length training batch with one sequence
+    per row and no padding skips it (SDPA's is_causal, which also enables GQA without repeating
+    k/v). Training always starts at offset 0.
+    """
+
+    def __enter__(self):
+        import torch
+        from transformers import masking_utils
+
+        self._mod = masking_utils
+        self._orig = orig = masking_utils._ignore_causal_mask_sdpa
+
+        def patched(padding_mask, q_length, kv_length, q_offset, kv_offset, *args, **kwargs):
+            if isinstance(q_offset, torch.Tensor):
+                q_offset = 0
+            if isinstance(kv_offset, torch.Tensor):
+                kv_offset = 0
+            return orig(padding_mask, q_length, kv_length, q_offset, kv_offset, *args, **kwargs)
+
+        masking_utils._ignore_causal_mask_sdpa = patched
+        # one sequence per row (position_ids 0..s-1): transformers returns None here on real tensors
+        self._orig_packed = masking_utils.find_packed_sequence_indices
+        masking_utils.find_packed_sequence_indices = lambda position_ids: None
+        return self
+
+    def __exit__(self, *exc):
+        self._mod._ignore_causal_mask_sdpa = self._orig
+        self._mod.find_packed_sequence_indices = self._orig_packed
+        return False
+
+
+def _inputs(setup: TrainingSetup, cfg, batch: int, seq: int, vocab: int):
+    import torch
+
+    ids = torch.randint(0, max(2, vocab), (batch, seq))
+    kw = {"input_ids": ids}
+    if setup.task == "sequence-classification":
+        kw["labels"] = torch.zeros(batch, dtype=torch.long)
+    else:
+        kw["labels"] = ids
+    kw["use_cache"] = False
+    return kw
+
+
+def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    notes: list[str] = []
+    m = _build_model(model, setup, depth)
+    pm = _wrap_peft(m, setup)
+    is_peft = pm is not m
+    base = m
+    head = _head_module(base)
+    if head is not None and hasattr(head, "modules_to_save"):
+        head = head.modules_to_save["default"] if "default" in head.modules_to_save else head
+    if setup.method == "full":
+        for p in pm.parameters():
+            p.requires_grad_(True)
+    compute = getattr(torch, _TORCH_DTYPES[setup.compute_dtype])
+    autocast = setup.bf16 or setup.fp16
+    vocab = int(getattr(base.config, "vocab_size", 0) or model.vocab_size)
+
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    tracker = _make_tracker()
+    with _TrainingMaskPolicy(), fake, tracker, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.to_empty(device="cpu")
+        if _patch_moe(base):
+            notes.append("MoE experts routed with a perfectly balanced load (tokens*top_k/num_experts per expert), eager experts loop")
+        quant_numel = 0
+        if setup.load_in_4bit:
+            from tools._fake_bnb import quantize_linears_4bit
+
+            skip = {id(x) for x in pm.modules() if any(p.requires_grad for p in x.parameters(recurse=False))}
+            if head is not None:
+                skip.update(id(x) for x in head.modules())
+            for x in pm.modules():
+                if type(x).__name__ == "ModulesToSaveWrapper":
+                    skip.update(id(y) for y in x.modules())
+            n4 = quantize_linears_4bit(
+                pm, skip=skip, quant_type=setup.bnb_4bit_quant_type, double_quant=setup.bnb_4bit_use_double_quant,
+                compute_dtype=getattr(torch, _TORCH_DTYPES[setup.bnb_4bit_compute_dtype]),
+                quant_storage=setup.bnb_4bit_quant_storage,
+            )
+            # trl's SFTTrainer casts QLoRA adapters to bf16 (except DoRA magnitudes)
+            for name, p in pm.named_parameters():
+                if p.requires_grad and "lora_magnitude_vector" not in name:
+                    p.data = p.data.to(torch.bfloat16)
+            notes.append(f"{n4} linear layers as bitsandbytes 4-bit {setup.bnb_4bit_quant_type} stand-ins (bnb.matmul_4bit); adapters in bf16 as trl does")
+        if is_peft and setup.gradient_checkpointing:
+            pm.enable_input_require_grads()
+        pm.train()
+
+        from tools._fake_bnb import Fake4bitLinear
+
+        params = [p for p in pm.parameters() if p.requires_grad]
+        if not params:
+            raise SimulationError(f"method: {setup.method} leaves no trainable parameter for this model")
+        frozen_store = {id(x.untyped_storage()) for x in list(pm.parameters()) + list(pm.buffers()) if not x.requires_grad}
+        num_parameters = 0
+        for mod in pm.modules():
+            if isinstance(mod, Fake4bitLinear):
+                num_parameters += mod.logical_numel
+            else:
+                num_parameters += sum(p.numel() for p in mod.parameters(recurse=False))
+        trainable = sum(p.numel() for p in params)
+        _mark_recompute(_blocks(base), tracker)
+        if head is not None:
+            def _head_pre(*_):
+                if tracker.phase == "forward":
+                    tracker.phase = "forward-head"
+            head.register_forward_pre_hook(_head_pre)
+        largest = 0
+        for blk in _blocks(base):
+            largest = max(largest, sum(x.untyped_storage().nbytes() for x in list(blk.parameters()) + list(blk.buffers())))
+
+        optimizer = _make_optimizer(pm, setup, params)
+        amp = torch.autocast("cpu", dtype=compute) if autocast else _null()
+        seq = setup.max_length
+
+        # Step 1 only creates the optimizer state: zero gradients and one optimizer.step() allocate
+        # exactly what a first real step leaves behind, at a fraction of the cost.
+        tracker.phase = "optimizer"
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if setup.gradient_accumulation_steps > 1:
+            # a later micro-batch of an accumulation window: gradients of the earlier ones already exist
+            for p in params:
+                p.grad = torch.zeros_like(p)
+        tracker.phase = "forward"
+        tracker.reset_peak()
+
+        # Step 2, the steady state: forward, loss, backward, clipping, optimizer step.
+        with amp:
+            out = pm(**_inputs(setup, base.config, setup.per_device_train_batch_size, seq, vocab))
+        loss = out.loss / setup.gradient_accumulation_steps
+        logits = getattr(out, "logits", None)
+        tracker.phase = "backward-loss"
+        if logits is not None and logits.requires_grad:
+            logits.register_hook(lambda g: setattr(tracker, "phase", "backward"))
+        else:
+            tracker.phase = "backward"
+        del out, logits
+        loss.backward()
+        del loss
+        tracker.phase = "optimizer"
+        if setup.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, setup.max_grad_norm)
+        optimizer.step()
+        tracker.finish()
+        snapshot, snap_phase = tracker.snapshot, tracker.snapshot_phase
+
+        # identities at the end of step 2
+        def recs(tensors) -> dict[int, _Rec]:
+            out = {}
+            for t in tensors:
+                r = tracker.rec_of(t)
+                if r is not None:
+                    out[id(r)] = r
+            return out
+
+        weight_recs = recs(list(pm.parameters()) + list(pm.buffers()))
+        adapter_ids = set()
+        if is_peft:
+            adapter_ids = set(recs(params))
+        grad_recs = recs([p.grad for p in params if p.grad is not None])
+        state_tensors = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        state_recs = recs(state_tensors)
+        frozen_ids = {id(r) for k, r in tracker.live.items() if k in frozen_store}
+
+        breakdown = dict.fromkeys(STEP_CATEGORIES, 0)
+        for r in snapshot:
+            rid = id(r)
+            if rid in adapter_ids:
+                cat = "adapters"
+            elif rid in weight_recs or rid in frozen_ids:
+                cat = "weights"
+            elif rid in grad_recs:
+                cat = "gradients"
+            elif rid in state_recs:
+                cat = "optimizer_state"
+            elif r.tag in ("forward", "recompute", "setup"):
+                cat = "activations"
+            elif r.tag in ("forward-head", "backward-loss"):
+                cat = "logits_loss"
+            else:
+                cat = "temporaries"
+            breakdown[cat] += r.nbytes
+
+        weights_bytes = sum(r.nbytes for rid, r in weight_recs.items() if rid not in adapter_ids)
+        adapter_bytes = sum(r.nbytes for rid, r in weight_recs.items() if rid in adapter_ids)
+        gradient_bytes = sum(r.nbytes for r in grad_recs.values())
+        optimizer_bytes = sum(r.nbytes for r in state_recs.values())
+        del snapshot, weight_recs, grad_recs, state_recs
+
+        eval_peak = None
+        if setup.eval_strategy != "no":
+            optimizer.zero_grad(set_to_none=True)
+            pm.eval()
+            tracker.phase = "eval"
+            tracker.reset_peak()
+            with torch.no_grad(), amp:
+                out = pm(**_inputs(setup, base.config, setup.per_device_eval_batch_size, seq, vocab))
+                kept = None if setup.prediction_loss_only else out.logits
+                del out
+            tracker.finish()
+            eval_peak = tracker.peak
+            del kept
+    phase = {"forward-head": "forward", "backward-loss": "backward", "recompute": "backward"}.get(snap_phase, snap_phase)
+    if setup.attn_implementation == "flash_attention_2":
+        notes.append("flash_attention_2 simulated as CPU SDPA's flash kernel (no s^2 score matrix)")
+    if setup.optim.startswith("paged_"):
+        notes.append(f"{setup.optim}: paged optimizer state counted as resident GPU memory (it is unified memory, evicted only under pressure)")
+    if autocast:
+        notes.append(f"mixed precision simulated with torch.autocast('cpu', {setup.compute_dtype}); the Trainer uses CUDA autocast (same policy for matmuls)")
+    return _RunResult(
+        breakdown=breakdown, peak_phase=phase, num_parameters=num_parameters, trainable_parameters=trainable,
+        weights_bytes=weights_bytes, adapter_bytes=adapter_bytes, gradient_bytes=gradient_bytes,
+        optimizer_bytes=optimizer_bytes, eval_peak_bytes=eval_peak, largest_layer_param_bytes=largest, notes=notes,
+    )
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# Extrapolation
+# --------------------------------------------------------------------------------------
+
+
+def _combine(runs: list[_RunResult], depths: list[int], total: int, period: int) -> StepMemory:
+    a = runs[0]
+    notes = list(dict.fromkeys(n for r in runs for n in r.notes))
+    if len(runs) == 1:
+        peak = sum(a.breakdown.values())
+        return StepMemory(
+            tier="simulated", num_parameters=a.num_parameters, trainable_parameters=a.trainable_parameters,
+            weights_bytes=a.weights_bytes, adapter_bytes=a.adapter_bytes, gradient_bytes=a.gradient_bytes,
+            optimizer_bytes=a.optimizer_bytes, peak_bytes=peak, peak_breakdown=dict(a.breakdown),
+            peak_phase=a.peak_phase, eval_peak_bytes=a.eval_peak_bytes,
+            largest_layer_param_bytes=a.largest_layer_param_bytes, per_layer_bytes=None,
+            layers_simulated=list(depths), notes=notes,
+        )
+    b = runs[1]
+    k1, k2 = depths
+    blocks = (total - k1) / (k2 - k1)  # periods to add beyond k1
+
+    def ext(x: int, y: int) -> int:
+        return max(0, round(x + (y - x) * blocks))
+
+    breakdown = {c: ext(a.breakdown[c], b.breakdown[c]) for c in STEP_CATEGORIES}
+    peak = sum(breakdown.values())
+    eval_peak = None if a.eval_peak_bytes is None else ext(a.eval_peak_bytes, b.eval_peak_bytes)
+    per_layer = round((sum(b.breakdown.values()) - sum(a.breakdown.values())) / (k2 - k1))
+    if a.peak_phase != b.peak_phase:
+        notes.append(f"peak phase differs between simulated depths ({a.peak_phase} vs {b.peak_phase}); extrapolation is approximate")
+    return StepMemory(
+        tier="simulated",
+        num_parameters=ext(a.num_parameters, b.num_parameters),
+        trainable_parameters=ext(a.trainable_parameters, b.trainable_parameters),
+        weights_bytes=ext(a.weights_bytes, b.weights_bytes),
+        adapter_bytes=ext(a.adapter_bytes, b.adapter_bytes),
+        gradient_bytes=ext(a.gradient_bytes, b.gradient_bytes),
+        optimizer_bytes=ext(a.optimizer_bytes, b.optimizer_bytes),
+        peak_bytes=peak, peak_breakdown=breakdown, peak_phase=b.peak_phase, eval_peak_bytes=eval_peak,
+        largest_layer_param_bytes=max(a.largest_layer_param_bytes, b.largest_layer_param_bytes),
+        per_layer_bytes=per_layer, layers_simulated=list(depths), notes=notes,
+    )
