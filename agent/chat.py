@@ -235,23 +235,33 @@ class ChatSession:
             self.console.print("[yellow]usage: /save PATH[/] (e.g. /save train.py)")
             return
         state = self._state()
-        script = state["script"]
+        script, files, launch = state["script"], state["files"], state["launch_command"]
         if script is None:
             if state["setup"] is None:
                 self.console.print("[yellow]nothing to save yet[/]: ask for a plan or a script first")
                 return
             from tools.script import render_script
 
-            script = render_script(state["setup"]).train_py
+            try:
+                rendered = render_script(state["setup"])
+            except TunepilotError as e:
+                self.console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+                return
+            script, files, launch = rendered.train_py, dict(rendered.files or {}), rendered.launch_command
         path = Path(arg).expanduser()
         try:
-            if path.parent and not path.parent.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(script, encoding="utf-8")
+            for name, text in (files or {}).items():  # accelerate / DeepSpeed configs go beside the script
+                (path.parent / name).parent.mkdir(parents=True, exist_ok=True)
+                (path.parent / name).write_text(text, encoding="utf-8")
         except OSError as e:
             self.console.print(f"[red]error:[/] cannot write {escape(str(path))}: {escape(e.strerror or str(e))}", highlight=False)
             return
-        self.console.print(f"saved {escape(str(path))} ({script.count(chr(10)) + 1} lines); run it with: python {escape(str(path))}", highlight=False)
+        extra = f" and {', '.join(sorted(files))}" if files else ""
+        run = (launch or "python train.py").replace("train.py", path.name)
+        self.console.print(f"saved {escape(str(path))} ({script.count(chr(10)) + 1} lines){escape(extra)}; "
+                           f"run it from {escape(str(path.parent))} with: {escape(run)}", highlight=False)
 
     def _switch_model(self, spec: str) -> None:
         from agent.llm import make_chat_model

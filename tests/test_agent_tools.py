@@ -119,7 +119,8 @@ def test_session_state_reads_the_latest_artifacts():
     state = agent_tools.session_state(msgs)
     assert state["setup"] == b and state["script"] == "print(1)" and state["script_path"] == "/x/train.py"
     assert state["memory"] is None  # the latest setup came without an estimate
-    assert agent_tools.session_state([]) == {"setup": None, "script": None, "script_path": None, "memory": None}
+    assert agent_tools.session_state([]) == {"setup": None, "script": None, "script_path": None, "memory": None,
+                                             "files": {}, "launch_command": None}
 
 
 # --------------------------------------------------------------------------------------

@@ -241,3 +241,34 @@ def test_chat_in_a_terminal_tool_step_save_errors_cancel_and_resume(tmp_path):
     assert "model_id: EleutherAI/polyglot-ko-1.3b" in p.stdout and "/save PATH" in p.stdout
     assert "unknown command /nope" in p.stdout
     assert "now using openai:other-model (same conversation)" in p.stdout
+
+
+def test_chat_save_renders_from_the_setup_when_no_script_was_written(tmp_path):
+    from io import StringIO
+
+    from langchain_core.messages import AIMessage, ToolMessage
+    from rich.console import Console
+
+    from agent.chat import ChatSession
+    from tools.schemas import TrainingSetup
+
+    setup = TrainingSetup(model_id=POLYGLOT, num_gpus=2, zero_stage=2, gpu="NVIDIA A100 SXM 80GB")
+    out = StringIO()
+    session = ChatSession(llm="openai:stub-model", base_url="http://127.0.0.1:9/v1", console=Console(file=out, width=200))
+    # the thread holds a setup from a plan, but no script yet
+    session.agent.update_state({"configurable": {"thread_id": session.thread_id}}, {"messages": [
+        AIMessage(content="", tool_calls=[{"name": "plan_training", "args": {}, "id": "c1", "type": "tool_call"}]),
+        ToolMessage(content="{}", tool_call_id="c1", name="plan_training", artifact={"setup": setup.model_dump(mode="json")}),
+    ]}, as_node="tools")
+    assert session.command("/setup")
+    assert "zero_stage: 2" in out.getvalue()
+    target = tmp_path / "run" / "train.py"
+    assert session.command(f"/save {target}")
+    text = out.getvalue()
+    compile(target.read_text(encoding="utf-8"), str(target), "exec")
+    extra = sorted(p.name for p in target.parent.iterdir() if p.name != "train.py")
+    assert extra, "a 2-GPU ZeRO-2 setup needs its accelerate/DeepSpeed config files beside the script"
+    assert all(name in text for name in extra) and "accelerate launch" in text
+    assert session.command("/reset") and session.command("/setup")
+    assert "no setup yet" in out.getvalue()
+    assert session.command("/quit") is False

@@ -83,7 +83,8 @@ def current_context() -> ToolContext:
 
 def session_state(messages: Sequence[Any]) -> dict:
     """The last setup / script / script path the tools produced in these messages (from ToolMessage artifacts)."""
-    out: dict[str, Any] = {"setup": None, "script": None, "script_path": None, "memory": None}
+    out: dict[str, Any] = {"setup": None, "script": None, "script_path": None, "memory": None,
+                           "files": {}, "launch_command": None}
     for msg in reversed(list(messages or ())):
         art = getattr(msg, "artifact", None)
         if getattr(msg, "type", "") != "tool" or not isinstance(art, dict):
@@ -98,6 +99,8 @@ def session_state(messages: Sequence[Any]) -> dict:
         if out["script"] is None and art.get("script"):
             out["script"] = art["script"]
             out["script_path"] = art.get("script_path")
+            out["files"] = dict(art.get("files") or {})  # accelerate / DeepSpeed configs beside train.py
+            out["launch_command"] = art.get("launch_command")
         if out["setup"] is not None and out["script"] is not None:
             break
     return out
