@@ -36,7 +36,8 @@ BNB_4BIT_BLOCK = 64  # bitsandbytes 4-bit blocksize (params per absmax)
 BNB_NESTED_BLOCK = 256  # double quant: absmax values per fp32 second-level constant
 BNB_OPTIM_BLOCK = 256  # bnb 8-bit optimizers: block-wise fp32 absmax per 256 values
 BNB_MIN_8BIT_SIZE = 4096  # bnb optimizers keep tensors smaller than this in 32-bit state
-LORA_DROPOUT_MASK_BYTES = 4  # CPU (and the fake-tensor dry run): dropout mask in input dtype; CUDA fused dropout keeps 1 byte
+# Dropout masks: on CPU (and in the fake-tensor dry run) the mask has the input's dtype; CUDA's fused
+# dropout keeps a 1-byte mask. This tier mirrors the dry run (slight overestimate for LoRA on CUDA).
 
 # Names peft/HF use for the linear layers of common decoder blocks.
 ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -233,7 +234,7 @@ def _optimizer(setup: TrainingSetup, trainable: int, param_bytes: int, largest: 
         # factored second moment (row + column vectors): negligible; the step upcasts grad,
         # param and update of one parameter at a time to fp32.
         state = int(trainable * param_bytes * 0.01)
-        temp = largest * 4 * 3
+        temp = largest * 17  # fp32 grad, grad^2 update, row/col products and the fp32 param copy of one tensor
     elif o == "sgd":
         state, temp = 0, 0
     elif o in ("adagrad", "rmsprop"):
@@ -280,16 +281,22 @@ def _block_activation_bytes(model: ModelSpec, setup: TrainingSetup, tokens: int,
     else:
         inter = model.intermediate_size
         per_tok += c * inter + (c * inter if full else 0)  # fc_in out (+ act out as fc_out input)
-    # adapters
+    # adapters (peft casts the input to the adapter dtype; under autocast lora_A then runs in the
+    # compute dtype and saves that cast; dropout keeps its mask in the input dtype on CPU)
     if setup.method in ("lora", "qlora", "dora"):
-        ad = DTYPE_BYTES["fp32"] if setup.dtype != "fp32" or setup.load_in_4bit else 4
+        ad = adapter_dtype_bytes(setup)
+        autocast = setup.bf16 or setup.fp16
         for lin in lora_targets(model, setup):
-            x = (ad + LORA_DROPOUT_MASK_BYTES) if setup.lora_dropout > 0 else ad
-            per_tok += (x * lin.fan_in + ad * setup.r) * lin.count
+            mask = ad if setup.lora_dropout > 0 else 0
+            if autocast and ad != c:
+                x = mask + c  # mask + the compute-dtype cast lora_A saves
+                a_out = c
+            else:
+                x = mask + ad  # mask + dropout output (or the cast input without dropout)
+                a_out = ad
+            per_tok += (x * lin.fan_in + a_out * setup.r) * lin.count
             if setup.use_dora:
                 per_tok += (c + ad) * lin.fan_out * lin.count
-        if setup.method in ("lora", "qlora", "dora") and "o_proj" not in {t.name for t in lora_targets(model, setup)}:
-            pass
     elif setup.method == "ia3":
         per_tok += c * (2 * nkv * d + model.intermediate_size)
     saved = per_tok * tokens + extra
@@ -297,8 +304,16 @@ def _block_activation_bytes(model: ModelSpec, setup: TrainingSetup, tokens: int,
     transient = 2 * c * model.intermediate_size * tokens
     if setup.method in ("lora", "qlora", "dora"):
         # backward of an adapter: the fp32 gradient of its (widest) input is alive next to the block's
-        transient += 4 * max((t.fan_in for t in lora_targets(model, setup)), default=0) * tokens
+        transient += adapter_dtype_bytes(setup) * max((t.fan_in for t in lora_targets(model, setup)), default=0) * tokens
     return int(saved), int(transient)
+
+
+def adapter_dtype_bytes(setup: TrainingSetup) -> int:
+    """Bytes per adapter parameter: peft upcasts bf16/fp16 adapters to fp32 (autocast_adapter_dtype);
+    trl's SFTTrainer casts QLoRA adapters to bf16."""
+    if setup.method == "qlora" or setup.load_in_4bit:
+        return 2
+    return 4
 
 
 def _seq_len(setup: TrainingSetup) -> int:
@@ -324,9 +339,9 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup) -> StepMemory:
     weights, block_bytes = _weight_bytes(model, setup, cnt)
     full = setup.method == "full"
     # peft keeps adapters in fp32 when the base is bf16/fp16 (autocast_adapter_dtype=True)
-    adapter_dtype_bytes = 4
-    adapters = 0 if full else cnt.adapters * adapter_dtype_bytes
-    param_bytes = wb if full else adapter_dtype_bytes
+    ad_bytes = adapter_dtype_bytes(setup)
+    adapters = 0 if full else cnt.adapters * ad_bytes
+    param_bytes = wb if full else ad_bytes
     grads = cnt.trainable * param_bytes
     largest_param = max(cnt.embed, cnt.head, max(lin.fan_in * lin.fan_out * lin.count for lin in block_linears(model)))
     if full:
@@ -371,7 +386,7 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup) -> StepMemory:
             # dropout masks of the adapters reading it are not saved
             first = 4 * h + 4
             if setup.method != "ia3" and setup.lora_dropout > 0:
-                first += LORA_DROPOUT_MASK_BYTES * h * sum(1 for t in lora_targets(model, setup) if t.fan_in == h and t.name in ("q_proj", "k_proj", "v_proj"))
+                first += adapter_dtype_bytes(setup) * h * sum(1 for t in lora_targets(model, setup) if t.fan_in == h and t.name in ("q_proj", "k_proj", "v_proj"))
             acts_all -= first * T
 
     static = weights + adapters + optim
@@ -381,7 +396,12 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup) -> StepMemory:
     moments["loss_forward"] = ("forward", {"activations": acts_all, "logits_loss": logits_fwd})
     moments["backward_start"] = ("backward", {"activations": acts_all, "logits_loss": logits_bwd})
     if setup.gradient_checkpointing:
+        # non-reentrant checkpointing frees a block's saved input once its backward is done: the
+        # last block recomputes with every input alive, the first one with every later block's gradients
         moments["recompute"] = ("backward", {"activations": acts_all + recompute, "gradients": head_grad + block_grad})
+        moments["recompute_first_block"] = ("backward", {
+            "activations": acts_all - (L - 1) * layer_input + recompute,
+            "gradients": head_grad + L * block_grad})
     else:
         moments["first_block_backward"] = ("backward", {"activations": acts_all + block_transient, "gradients": head_grad})
     moments["backward_end"] = ("backward", {"gradients": grads, "temporaries": 2 * layer_input})
@@ -401,7 +421,7 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup) -> StepMemory:
     notes.append(f"peak at {best_name}")
     del logits_saved
 
-    per_layer = (block_bytes + (cnt.adapter_per_block * adapter_dtype_bytes if not full else 0)
+    per_layer = (block_bytes + (cnt.adapter_per_block * ad_bytes if not full else 0)
                  + (layer_input if setup.gradient_checkpointing else block_saved))
     return StepMemory(
         tier="analytic",
