@@ -98,6 +98,15 @@ def test_resolve_setup_applies_changes_and_hardware_precision(tmp_path):
     # a T4 has no bf16: fp16 is forced and said
     setup, _, hw, notes = agent_tools.resolve_setup(agent_tools.SetupArgs(gpu="T4"), ctx)
     assert (setup.bf16, setup.fp16, setup.dtype) == (False, True, "fp16") and "no bf16" in notes[0]
+    # back on an Ampere GPU, bf16 returns; a 1-GPU change drops the sharding of a multi-GPU setup
+    t4 = [ToolMessage(content="{}", tool_call_id="y", artifact={"setup": setup.model_dump(mode="json")})]
+    ctx4 = agent_tools.ToolContext(workdir=tmp_path, messages=t4)
+    setup2, *_ = agent_tools.resolve_setup(agent_tools.SetupArgs(gpu="A100 80GB"), ctx4)
+    assert (setup2.bf16, setup2.fp16) == (True, False)
+    z = TrainingSetup(model_id="meta-llama/Llama-3.1-8B", num_gpus=2, zero_stage=2, gpu="A100 80GB")
+    ctxz = agent_tools.ToolContext(workdir=tmp_path, messages=[ToolMessage(content="{}", tool_call_id="z", artifact={"setup": z.model_dump(mode="json")})])
+    one, _, hw1, notes = agent_tools.resolve_setup(agent_tools.SetupArgs(gpu="RTX 4090"), ctxz)
+    assert (one.num_gpus, one.zero_stage, hw1.num_gpus) == (1, 0, 1) and "sharding" in notes[0]
     # an inconsistent change is a pydantic error naming the field
     from pydantic import ValidationError
 

@@ -310,7 +310,14 @@ def resolve_setup(args: SetupArgs, ctx: ToolContext | None = None) -> tuple[Trai
         fields["load_in_4bit"] = given["method"] == "qlora"
         fields["load_in_8bit"] = False if given["method"] in ("qlora", "full") else fields.get("load_in_8bit", False)
         fields["use_dora"] = given["method"] == "dora"
-    apply_precision(fields, args.precision, hardware.gpu.bf16 if hardware else None, notes, hardware.gpu.name if hardware else "")
+    if args.gpu and hardware is not None:
+        if hardware.num_gpus == 1 and not ({"zero_stage", "fsdp", "offload"} & given.keys()) \
+                and (fields.get("zero_stage") or fields.get("fsdp", "none") != "none"):
+            fields.update(zero_stage=0, fsdp="none", offload="none")
+            notes.append("one GPU: ZeRO/FSDP sharding of the previous setup dropped")
+    # a new GPU decides the precision again (fp16 was only forced by a GPU without bf16)
+    precision = args.precision or ("bf16" if args.gpu and hardware is not None and hardware.gpu.bf16 else None)
+    apply_precision(fields, precision, hardware.gpu.bf16 if hardware else None, notes, hardware.gpu.name if hardware else "")
     if hardware is not None:
         hardware = hardware.model_copy(update={"num_gpus": fields.get("num_gpus", 1), "num_nodes": fields.get("num_nodes", 1)})
     setup = TrainingSetup.model_validate(fields)  # ValidationError -> "error: ..." observation
