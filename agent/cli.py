@@ -179,9 +179,128 @@ def gpus(json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 # ---------------------------------------------------------------------------------------
 
 @app.command()
-def estimate() -> None:
+def estimate(
+    model_ref: str = typer.Argument(..., metavar="MODEL", help="Hub id, catalog name or local path (config.json or model dir)."),
+    setup_file: Optional[Path] = typer.Option(None, "--setup", help="Setup file (YAML/JSON) to start from; flags override it."),
+    method: Optional[str] = typer.Option(None, "--method", help="full | lora | qlora | dora | ia3 | prompt-tuning | prefix-tuning | p-tuning."),
+    r: Optional[int] = typer.Option(None, "--r", help="LoRA rank."),
+    lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA alpha."),
+    target_modules: Optional[str] = typer.Option(None, "--target-modules", help="all-linear, or module names separated by commas (q_proj,v_proj)."),
+    batch: Optional[int] = typer.Option(None, "--per-device-train-batch-size", "--batch-size", help="Micro-batch per GPU."),
+    seq: Optional[int] = typer.Option(None, "--max-seq-length", "--seq-len", help="Tokens per sequence."),
+    ckpt: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (default on)."),
+    optim: Optional[str] = typer.Option(None, "--optim", help="Optimizer, e.g. adamw_torch_fused, paged_adamw_8bit, adafactor, sgd."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Load dtype of the weights: fp32 | bf16 | fp16."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp16", help="Mixed precision: bf16 (Ampere+) or fp16 (T4, V100)."),
+    attn: Optional[str] = typer.Option(None, "--attn-implementation", help="sdpa | flash_attention_2 | eager."),
+    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help="GPUs in total."),
+    zero: Optional[int] = typer.Option(None, "--zero", help="DeepSpeed ZeRO stage 0-3."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="PyTorch FSDP full_shard (like ZeRO-3)."),
+    offload: Optional[str] = typer.Option(None, "--offload", help="none | optimizer | all (CPU offload with ZeRO/FSDP)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU to check against, e.g. '4090', 'A100 80GB', '2x H100'."),
+    fast: bool = typer.Option(False, "--fast", help="Closed-form analytic tier (instant, ~10%) instead of the dry run."),
+    json_out: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
+) -> None:
     """Estimate per-GPU training memory of a setup (simulated dry run, or --fast analytic)."""
-    raise NotImplementedError
+    from pydantic import ValidationError
+
+    from tools.schemas import TrainingSetup, format_validation_error
+
+    notes: list[str] = []
+    switched_fp16 = False
+    if fsdp and zero:
+        fail("--zero/--fsdp: use DeepSpeed ZeRO or FSDP, not both")
+    if zero is not None and zero not in (0, 1, 2, 3):
+        fail(f"--zero: {zero} is not a ZeRO stage; use 0, 1, 2 or 3")
+    for name, value in (("--num-gpus", num_gpus), ("--per-device-train-batch-size", batch), ("--max-seq-length", seq), ("--r", r)):
+        if value is not None and value < 1:
+            fail(f"{name}: must be at least 1, got {value}")
+    try:
+        from tools.models import lookup_model
+
+        spec = lookup_model(model_ref)
+        hardware = None
+        if gpu:
+            from tools.gpus import parse_hardware
+
+            hardware = parse_hardware(gpu)
+        data: dict = {}
+        if setup_file is not None:
+            data = TrainingSetup.load(setup_file).model_dump(exclude_unset=False)
+        data["model_id"] = spec.model_id
+        given = {
+            "method": method, "r": r, "lora_alpha": lora_alpha, "per_device_train_batch_size": batch, "max_length": seq,
+            "gradient_checkpointing": ckpt, "optim": optim, "dtype": dtype, "attn_implementation": attn,
+            "num_gpus": num_gpus, "zero_stage": zero, "offload": offload,
+        }
+        data.update({k: v for k, v in given.items() if v is not None})
+        if target_modules is not None:
+            tm = target_modules.strip()
+            data["target_modules"] = "all-linear" if tm == "all-linear" else [x.strip() for x in tm.split(",") if x.strip()]
+        if fsdp:
+            data["fsdp"] = "full_shard"
+        if bf16 is not None:
+            data["bf16"], data["fp16"] = bf16, not bf16
+        if hardware is not None and num_gpus is None and setup_file is None and hardware.num_gpus > 1:
+            data["num_gpus"] = hardware.num_gpus
+        if hardware is not None and not hardware.gpu.bf16 and bf16 is None and data.get("bf16", True):
+            data["bf16"], data["fp16"] = False, True
+            if data.get("dtype", "bf16") == "bf16":
+                data["dtype"] = "fp16"
+            notes.append(f"{hardware.gpu.name} has no bf16: using fp16 mixed precision (pass --bf16 to override)")
+            switched_fp16 = True
+        m = data.get("method", "lora")
+        if m == "qlora":
+            data["load_in_4bit"] = True
+            if setup_file is None or bf16 is not None or method is not None or switched_fp16:
+                # the 4-bit matmuls run in the mixed-precision dtype
+                if data.get("bf16", True) or data.get("fp16"):
+                    data["bnb_4bit_compute_dtype"] = "fp16" if data.get("fp16") else "bf16"
+                else:
+                    data["bnb_4bit_compute_dtype"] = data.get("dtype", "bf16")
+        elif m != "qlora" and method is not None:
+            data["load_in_4bit"] = False
+        if m == "dora":
+            data["use_dora"] = True
+        setup = TrainingSetup.model_validate(data)
+        from tools.estimator import estimate as run_estimate
+
+        est = run_estimate(spec, setup, hardware, fast=fast)
+    except TunepilotError as e:
+        fail(str(e))
+    except ValidationError as e:
+        fail(format_validation_error(e))
+    est.provenance = notes + est.provenance
+
+    if json_out:
+        print_json(est)
+        return
+
+    from rich import box
+    from rich.table import Table
+
+    for n in notes:
+        err_console.print(f"note: {n}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]{est.model_id}[/]: {est.setup_summary}", highlight=False, soft_wrap=True)
+    table = Table(box=box.SIMPLE_HEAD, caption=f"per GPU, {est.tier} tier (±{est.uncertainty.pct:g}%)")
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    table.add_column("%", justify="right")
+    total = est.device_total_gib or 1.0
+    for k, v in sorted(est.breakdown.items(), key=lambda kv: -kv[1]):
+        table.add_row(k, f"{v:.2f}", f"{100 * v / total:.0f}")
+    console.print(table)
+    console.print(f"parameters {est.num_parameters:,} (trainable {est.trainable_parameters:,})", highlight=False)
+    console.print(f"peak allocated {est.peak_allocated_gib:.2f} GiB | peak reserved {est.peak_reserved_gib:.2f} GiB | "
+                  f"device total (nvidia-smi) {est.device_total_gib:.2f} GiB "
+                  f"[{est.uncertainty.low_gib:.1f}-{est.uncertainty.high_gib:.1f}]", highlight=False, soft_wrap=True)
+    if est.host_ram_gib:
+        console.print(f"host RAM for offload {est.host_ram_gib:.1f} GiB", highlight=False)
+    if est.fits is not None:
+        verdict = "[bold green]fits[/]" if est.fits else "[bold red]does not fit[/]"
+        console.print(f"{est.gpu} ({est.gpu_memory_gib:g} GiB): {verdict}, headroom {est.headroom_gib:+.2f} GiB", highlight=False)
+    if est.advice:
+        console.print(est.advice, highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------
