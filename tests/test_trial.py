@@ -1,4 +1,4 @@
-"""The trial executor: a real trial of a tiny Llama on CPU through run_trial, an OOM forced with an
+"""The trial executor: a real QLoRA trial of a tiny Llama on CPU through run_trial, an OOM forced with an
 address-space limit through the `tunepilot trial` CLI, timeout and Ctrl-C killing the child's process
 group, the calibration record, and the batch search. A CUDA trial runs only with a GPU (marker `gpu`).
 """
@@ -52,10 +52,11 @@ def home(tmp_path, monkeypatch):
 # ---- real runs ---------------------------------------------------------------------------
 
 
-def test_lora_trial_on_cpu_reports_and_records(tmp_path, assets, home):
+def test_qlora_trial_on_cpu_reports_and_records(tmp_path, assets, home):
+    """QLoRA (bitsandbytes nf4 + paged_adamw_8bit) trains on CPU here, so the executor's real run uses it."""
     model_dir, text, _ = assets
-    setup = TrainingSetup(model_id="tiny-llama", method="lora", r=8, lora_alpha=16, max_length=48,
-                          per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    setup = TrainingSetup(model_id="tiny-llama", method="qlora", load_in_4bit=True, optim="paged_adamw_8bit", r=8,
+                          lora_alpha=16, max_length=32, per_device_train_batch_size=2, gradient_accumulation_steps=1)
     report = run_trial(setup, steps=2, timeout=300, workdir=tmp_path / "w", model_path=str(model_dir), dataset=str(text))
     assert report.ok, (report.error_kind, report.error_message, Path(report.log_path).read_text()[-2000:])
     assert report.device == "cpu" and report.return_code == 0 and report.error_kind is None
@@ -70,7 +71,7 @@ def test_lora_trial_on_cpu_reports_and_records(tmp_path, assets, home):
     rows = [json.loads(line) for line in calibration_path().read_text().splitlines()]
     assert len(rows) == 1
     row = rows[0]
-    assert row["method"] == "lora" and row["ok"] is True and row["device"] == "cpu"
+    assert row["method"] == "qlora" and row["ok"] is True and row["device"] == "cpu"
     assert row["setup"]["per_device_train_batch_size"] == 2 and row["setup_short"] == setup.short()
     assert row["tokens_per_second"] == report.tokens_per_second
     assert {"measured_allocated_gib", "estimated_allocated_gib", "predicted_tokens_per_second", "timestamp"} <= set(row)
