@@ -76,6 +76,7 @@ _MULTI = (
 _OFFLOAD = (
     _Strategy("ZeRO-3 + optimizer offload", zero_stage=3, offload="optimizer"),
     _Strategy("ZeRO-3 + full CPU offload", zero_stage=3, offload="all"),
+    _Strategy("FSDP full_shard + CPU offload", fsdp="full_shard", offload="all"),
 )
 
 
@@ -111,52 +112,27 @@ class _Option:
 # --------------------------------------------------------------------------------------
 
 
+# Fields the step memory of one replica does not depend on (sharding is applied by the estimator).
+_SHARDING_FIELDS = {"num_gpus", "num_nodes", "zero_stage", "fsdp", "offload", "gpu", "bnb_4bit_quant_storage"}
+_STEP_CACHE: dict[tuple, object] = {}
+
+
 def _estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec, *, fast: bool) -> MemoryEstimate:
-    global _ESTIMATE
-    if _ESTIMATE is None:
-        try:
-            from tools.estimator import estimate as _ESTIMATE
-        except ImportError:  # TEMPORARY until tools/estimator.py lands
-            _ESTIMATE = lambda m, s, h, fast: _tmp_estimate(m, s, h, fast)  # noqa: E731
-    return _ESTIMATE(model, setup, hardware, fast=fast)
+    """Per-GPU estimate; the analytic step of one replica is computed once and re-sharded per strategy."""
+    from tools.estimator import estimate
 
-
-_ESTIMATE = None
-
-
-def _tmp_estimate(model, setup, hardware, fast=True) -> MemoryEstimate:  # TEMPORARY: remove when tools/estimator.py lands
+    if not fast:
+        return estimate(model, setup, hardware, fast=False, advice=True)
     from tools.analytic import analytic_step_memory
-    from tools.schemas import BYTES_PER_GIB, Uncertainty
 
-    if fast:
-        sm = analytic_step_memory(model, setup)
-    else:
-        from tools.simulator import simulate
-
-        sm = simulate(model, setup)
-    b = {k: v / BYTES_PER_GIB for k, v in sm.peak_breakdown.items()}
-    n = setup.num_gpus
-    if setup.zero_stage >= 2 or setup.fsdp != "none":
-        b["gradients"] /= n
-        b["optimizer_state"] /= n
-    if setup.zero_stage == 3 or setup.fsdp == "full_shard":
-        b["weights"] = b["weights"] / n + 2 * sm.largest_layer_param_bytes / BYTES_PER_GIB
-        b["adapters"] /= n
-    if setup.offload != "none":
-        b["optimizer_state"] = 0.0
-    if setup.offload == "all":
-        b["weights"] = 2 * sm.largest_layer_param_bytes / BYTES_PER_GIB
-    alloc = sum(b.values())
-    reserved = alloc * 1.05
-    total = reserved + 0.5
-    b["allocator_overhead"], b["cuda_context"] = reserved - alloc, 0.5
-    mem = hardware.gpu.memory_gib
-    return MemoryEstimate(
-        model_id=model.model_id, setup_summary=setup.short(), tier=sm.tier, num_parameters=sm.num_parameters,
-        trainable_parameters=sm.trainable_parameters, peak_allocated_gib=alloc, peak_reserved_gib=reserved,
-        device_total_gib=total, breakdown=b, gpu=hardware.gpu.name, gpu_memory_gib=mem, fits=total <= mem,
-        headroom_gib=mem - total, uncertainty=Uncertainty(low_gib=total * 0.9, high_gib=total * 1.1, pct=10),
-    )
+    key = (model.model_id, model.num_parameters, model.num_hidden_layers, model.hidden_size, model.vocab_size,
+           repr(sorted(setup.model_dump(exclude=_SHARDING_FIELDS).items())))
+    step = _STEP_CACHE.get(key)
+    if step is None:
+        if len(_STEP_CACHE) > 20000:
+            _STEP_CACHE.clear()
+        step = _STEP_CACHE[key] = analytic_step_memory(model, setup)
+    return estimate(model, setup, hardware, fast=True, advice=False, step=step)
 
 
 def _throughput(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec, goals: PlanGoals) -> ThroughputEstimate:
@@ -180,6 +156,8 @@ def _usable(hardware: HardwareSpec, goals: PlanGoals) -> float:
 
 
 def _fits(est: MemoryEstimate, hardware: HardwareSpec, goals: PlanGoals) -> bool:
+    if hardware.host_ram_gib is not None and est.host_ram_gib > hardware.host_ram_gib:
+        return False  # CPU offload needs more host RAM than the machine has
     return est.device_total_gib <= _usable(hardware, goals)
 
 
@@ -565,9 +543,11 @@ def _rejected_reason(model, hardware, goals, method: str, search: _Search) -> st
 def _lost_reason(o: _Option, winner: _Option) -> str:
     slower = (o.time() / winner.time() - 1) * 100 if winner.time() > 0 else 0.0
     name = _METHOD_NAME.get(o.method, o.method)
-    pace = f"{slower:.0f}% slower" if slower >= 0.5 else "as fast"
+    pace = f"is {slower:.0f}% slower than" if slower >= 0.5 else f"is {-slower:.0f}% faster than" if slower <= -0.5 else "is as fast as"
     text = (f"{name} fits ({o.setup.short()}: {_gib(o.est.device_total_gib)} per GPU, {_fmt_time(o.thr)}) "
-            f"but is {pace} than the winner")
+            f"but {pace} the winner")
+    if o.setup.offload != "none":
+        text += f"; its CPU offload needs {_gib(o.est.host_ram_gib)} of host RAM (the winner {_gib(winner.est.host_ram_gib)})"
     if o.method == "qlora":
         text += "; 4-bit de-quantisation costs speed, QLoRA only pays off when LoRA does not fit"
     elif o.method == "full" and _METHOD_QUALITY[o.method] > _METHOD_QUALITY.get(winner.method, 0):
@@ -614,10 +594,10 @@ def _winner_reason(winner: _Option, ranked: list[_Option], hardware, goals, sear
         text += "; " + _ckpt_reason(winner, search)
     if winner.strategy.offload != "none":
         text += f"; CPU offload ({winner.strategy.offload}) is a last resort: slow and needs {_gib(winner.est.host_ram_gib)} of host RAM"
-        lean = search.leanest.get(winner.method)
-        if lean is not None:
-            text += (f". Without offload the leanest {_METHOD_NAME[winner.method]} setup ({lean.setup.short()}) needs "
-                     f"{_gib(lean.est.device_total_gib)} per GPU")
+        needs = [f"{_METHOD_NAME[m]} {_gib(o.est.device_total_gib)} ({o.setup.short()})"
+                 for m, o in sorted(search.leanest.items(), key=lambda kv: kv[1].est.device_total_gib)]
+        if needs:
+            text += ". Without offload the leanest setups need, per GPU: " + "; ".join(needs)
     return text + "."
 
 
@@ -856,7 +836,9 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
 def _short_why(o: _Option, winner: _Option) -> str:
     slower = (o.time() / winner.time() - 1) * 100 if winner.time() else 0.0
     name = _METHOD_NAME.get(o.method, o.method)
-    pace = f"{slower:.0f}% slower than the winner" if abs(slower) >= 0.5 else "as fast as the winner"
+    pace = (f"{slower:.0f}% slower than the winner" if slower >= 0.5
+            else f"{-slower:.0f}% faster than the winner, ranked lower for quality" if slower <= -0.5
+            else "as fast as the winner")
     return f"best {name} / {o.strategy.label}: {pace}"
 
 
