@@ -237,3 +237,35 @@ def test_unknown_model_falls_back_to_web_search_and_says_it_is_offline(tmp_path,
     _, result, steps = _run(model, "Fine-tune newco/brand-new-7b on a 4090?", workdir=tmp_path)
     assert [(s["tool"], s["status"]) for s in steps] == [("lookup_model", "error"), ("web_search", "ok")]
     assert result.answer == "I could not find newco/brand-new-7b: web search unavailable"
+
+
+def test_oom_rescue_estimates_the_users_config_then_the_smallest_change(tmp_path):
+    pytest.importorskip("tools.estimator")
+    mistral = "mistralai/Mistral-7B-v0.1"
+
+    def answer(messages):
+        before, after = tool_outputs(messages, "estimate_memory")[-2:]
+        b, a = before["memory"], after["memory"]
+        return final(f"Your setup needs {b['per_gpu_total_gib']} GiB on the {b['gpu_memory_gib']} GiB A10G "
+                     f"(mostly {b['dominant']}). With gradient checkpointing and micro-batch 1 x 4 it needs "
+                     f"{a['per_gpu_total_gib']} GiB.")
+
+    model = ScriptedChatModel(script=[
+        tool_call("estimate_memory", model=mistral, gpu="A10G", method="lora", r=64, seq_len=4096,
+                  per_device_train_batch_size=4, gradient_checkpointing=False, fast=True),
+        tool_call("estimate_memory", gradient_checkpointing=True, per_device_train_batch_size=1,
+                  gradient_accumulation_steps=4, fast=True),
+        answer,
+    ])
+    _, result, steps = _run(model, "My run dies with CUDA out of memory at step 200, seq 4096, batch 4, LoRA r=64 on an A10G. Mistral-7B.",
+                            workdir=tmp_path)
+    assert [s["status"] for s in steps] == ["ok", "ok"]
+    before, after = tool_outputs(model.seen[-1], "estimate_memory")[-2:]
+    assert before["memory"]["fits"] is False and before["memory"]["dominant"] in ("activations", "logits_loss")
+    assert after["memory"]["per_gpu_total_gib"] < before["memory"]["per_gpu_total_gib"]
+    # what the user asked for is kept: model, method, rank, sequence length, effective batch
+    s = result.setup
+    assert (s.model_id, s.method, s.r, s.max_length, s.effective_batch_size) == (mistral, "lora", 64, 4096, 4)
+    assert s.gradient_checkpointing and s.per_device_train_batch_size == 1
+    assert before["setup"]["effective_batch"] == after["setup"]["effective_batch"] == 4
+    assert str(before["memory"]["per_gpu_total_gib"]) in result.answer and str(after["memory"]["per_gpu_total_gib"]) in result.answer

@@ -264,11 +264,16 @@ def apply_precision(setup_fields: dict, precision: str | None, gpu_bf16: bool | 
     if precision == "bf16" and gpu_bf16 is False:
         precision = "fp16"
         notes.append(f"{gpu_name or 'this GPU'} has no bf16: using fp16 mixed precision (loss scaling)")
+    quantized = bool(setup_fields.get("load_in_4bit"))
     if precision == "bf16":
-        setup_fields.update(bf16=True, fp16=False, dtype="bf16", bnb_4bit_compute_dtype="bf16")
+        setup_fields.update(bf16=True, fp16=False, dtype="bf16")
+        if quantized:
+            setup_fields["bnb_4bit_compute_dtype"] = "bf16"
     elif precision == "fp16":
         # full FT with fp16 AMP keeps fp32 master weights; adapters train over an fp16 base
-        setup_fields.update(bf16=False, fp16=True, dtype="fp32" if full else "fp16", bnb_4bit_compute_dtype="fp16")
+        setup_fields.update(bf16=False, fp16=True, dtype="fp32" if full else "fp16")
+        if quantized:
+            setup_fields["bnb_4bit_compute_dtype"] = "fp16"
     else:
         setup_fields.update(bf16=False, fp16=False, dtype="fp32")
 
