@@ -233,7 +233,10 @@ def run_turn(agent, thread_id: str, text: str, *, on_step: Callable[[dict], None
         stopped = "limit"
         repair_thread(agent, thread_id, "stopped: too many steps")
     except BaseException as e:
-        repair_thread(agent, thread_id, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed")
+        try:
+            repair_thread(agent, thread_id, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed")
+        except Exception:  # noqa: BLE001 - never hide the original fault behind a repair failure
+            pass
         if isinstance(e, (KeyboardInterrupt, TunepilotError)):
             raise
         message = agent_error_message(e, strict=True)
