@@ -1,0 +1,178 @@
+"""The analytic tier: parameter counts against real peft models, closed-form quantization bytes,
+no torch import, sub-millisecond speed, and agreement with the dry-run simulator on a grid."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tools.analytic import analytic_step_memory, block_linears
+from tools.schemas import BYTES_PER_GIB, ModelSpec, TrainingSetup, TunepilotError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# small but not degenerate: GQA, untied head, vocab large enough for the loss path to matter
+LLAMA = dict(
+    model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256, intermediate_size=688,
+    num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, vocab_size=2048,
+    tie_word_embeddings=False, max_position_embeddings=4096,
+)
+MISTRAL = dict(
+    model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=128, intermediate_size=448,
+    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=3000,
+    tie_word_embeddings=False, max_position_embeddings=4096,
+)
+
+
+def spec(cfg: dict) -> ModelSpec:
+    """ModelSpec with the exact parameter count (meta instantiation of the real transformers class)."""
+    from tools.models import spec_from_config
+
+    return spec_from_config(dict(cfg), f"tiny-{cfg['model_type']}", "test")
+
+
+def make_setup(**kw) -> TrainingSetup:
+    base = dict(model_id="tiny", max_length=128, per_device_train_batch_size=2)
+    base.update(kw)
+    if base.get("method") == "qlora":
+        base["load_in_4bit"] = True
+    return TrainingSetup(**base)
+
+
+@pytest.fixture(scope="module")
+def llama() -> ModelSpec:
+    return spec(LLAMA)
+
+
+# --------------------------------------------------------------------------------------
+# counts and closed forms
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"], ["down_proj"]])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_trainable_parameters_match_real_peft(llama, targets, use_dora):
+    import peft
+    import torch
+    import transformers
+
+    from tools.models import hf_config
+
+    with torch.device("meta"):
+        m = transformers.AutoModelForCausalLM.from_config(hf_config(llama))
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=8, target_modules=targets, use_dora=use_dora, task_type="CAUSAL_LM"))
+    real = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    st = make_setup(method="dora" if use_dora else "lora", r=8, target_modules=targets)
+    a = analytic_step_memory(llama, st)
+    assert a.trainable_parameters == real
+    assert a.num_parameters == llama.num_parameters + real
+
+
+def test_full_weights_are_exact_bytes(llama):
+    a = analytic_step_memory(llama, make_setup(method="full", dtype="bf16"))
+    assert a.weights_bytes == 2 * llama.num_parameters
+    assert a.gradient_bytes == 2 * llama.num_parameters
+    assert a.optimizer_bytes == 4 * llama.num_parameters  # AdamW: 2 states in the parameters' dtype
+    assert a.adapter_bytes == 0
+
+
+def test_4bit_weight_bytes_closed_form(llama):
+    st = make_setup(method="qlora", bnb_4bit_use_double_quant=False)
+    a = analytic_step_memory(llama, st)
+    lin = sum(x.fan_in * x.fan_out for x in block_linears(llama)) * llama.num_hidden_layers
+    other = llama.num_parameters - lin  # embeddings, head, norms stay bf16
+    n_layers = len(block_linears(llama)) * llama.num_hidden_layers
+    expected = lin // 2 + 4 * lin // 64 + n_layers * 64 + 2 * other  # packed + fp32 absmax per 64 + nf4 code
+    assert a.weights_bytes == pytest.approx(expected, rel=1e-6)
+    dq = analytic_step_memory(llama, make_setup(method="qlora"))
+    assert dq.weights_bytes < a.weights_bytes  # double quant saves ~0.37 bit/param
+    assert (a.weights_bytes - dq.weights_bytes) / lin == pytest.approx(3 / 64 - 4 / 64 / 256, abs=0.01)
+
+
+def test_8bit_optimizer_state_is_about_2_bytes_per_param(llama):
+    a = analytic_step_memory(llama, make_setup(method="full", optim="adamw_bnb_8bit"))
+    assert a.optimizer_bytes / a.trainable_parameters == pytest.approx(2 * (1 + 4 / 256), rel=1e-3)
+
+
+def test_checkpointing_and_eager_move_activations_the_right_way(llama):
+    base = analytic_step_memory(llama, make_setup(method="lora", gradient_checkpointing=False, max_length=512))
+    ckpt = analytic_step_memory(llama, make_setup(method="lora", gradient_checkpointing=True, max_length=512))
+    eager = analytic_step_memory(llama, make_setup(method="lora", gradient_checkpointing=False, max_length=512,
+                                                   attn_implementation="eager"))
+    assert ckpt.peak_bytes < base.peak_bytes < eager.peak_bytes
+    # eager's s^2 scores: fp32 softmax + bf16 probabilities per head and layer
+    s2 = 2 * llama.num_attention_heads * 512 * 512 * 6 * llama.num_hidden_layers
+    assert eager.peak_bytes - base.peak_bytes == pytest.approx(s2 + 2 * 2 * llama.hidden_size * 2 * 512 * llama.num_hidden_layers, rel=0.25)
+
+
+def test_bad_target_modules_name_the_field(llama):
+    with pytest.raises(TunepilotError, match="target_modules"):
+        analytic_step_memory(llama, make_setup(method="lora", target_modules=["not_a_layer"]))
+
+
+def test_no_torch_import_and_sub_millisecond():
+    code = (
+        "import sys, time, json\n"
+        "from tools.schemas import ModelSpec, TrainingSetup\n"
+        "from tools.analytic import analytic_step_memory\n"
+        "m = ModelSpec(model_id='x', architecture='LlamaForCausalLM', model_type='llama', num_hidden_layers=80,"
+        " hidden_size=8192, num_attention_heads=64, num_key_value_heads=8, head_dim=128, intermediate_size=28672,"
+        " vocab_size=32000, tie_word_embeddings=False, num_parameters=68976648192, source='test')\n"
+        "s = TrainingSetup(model_id='x', method='qlora', load_in_4bit=True)\n"
+        "analytic_step_memory(m, s)\n"
+        "t = time.perf_counter()\n"
+        "for _ in range(200): analytic_step_memory(m, s)\n"
+        "print(json.dumps({'ms': (time.perf_counter() - t) / 200 * 1000, 'torch': 'torch' in sys.modules}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["torch"] is False
+    assert res["ms"] < 1.0
+
+
+def test_70b_qlora_is_in_the_published_range():
+    # Llama-2-70B QLoRA: 4-bit weights ~35-37 GiB resident (QLoRA paper: 70B fits a 48 GB GPU)
+    m = ModelSpec(model_id="x", architecture="LlamaForCausalLM", model_type="llama", num_hidden_layers=80,
+                  hidden_size=8192, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                  intermediate_size=28672, vocab_size=32000, tie_word_embeddings=False,
+                  num_parameters=68976648192, source="test")
+    a = analytic_step_memory(m, make_setup(method="qlora", max_length=512, per_device_train_batch_size=1))
+    assert 33 < a.weights_bytes / BYTES_PER_GIB < 38
+    assert a.peak_bytes / BYTES_PER_GIB < 46
+
+
+# --------------------------------------------------------------------------------------
+# agreement with the simulator (the point of the analytic tier)
+# --------------------------------------------------------------------------------------
+
+GRID = [
+    ("llama", dict(method="full", gradient_checkpointing=False, max_length=256)),
+    ("llama", dict(method="full", gradient_checkpointing=True, per_device_train_batch_size=1, optim="adamw_torch")),
+    ("llama", dict(method="lora", gradient_checkpointing=False, max_length=256)),
+    ("llama", dict(method="lora", gradient_checkpointing=True, r=64, per_device_train_batch_size=1)),
+    ("llama", dict(method="qlora", gradient_checkpointing=True, max_length=256)),
+    ("llama", dict(method="qlora", gradient_checkpointing=False, optim="paged_adamw_8bit")),
+    ("llama", dict(method="lora", target_modules=["q_proj", "v_proj"], attn_implementation="eager", gradient_checkpointing=False)),
+    ("mistral", dict(method="full", optim="adamw_bnb_8bit", max_length=64, per_device_train_batch_size=4)),
+    ("mistral", dict(method="lora", lora_dropout=0.0, gradient_checkpointing=False, max_length=256)),
+]
+
+
+@pytest.mark.parametrize("name,kw", GRID, ids=[f"{n}-{i}" for i, (n, _) in enumerate(GRID)])
+def test_analytic_within_10pct_of_simulator(name, kw):
+    simulator = pytest.importorskip("tools.simulator")
+    m = spec({"llama": LLAMA, "mistral": MISTRAL}[name])
+    st = make_setup(**kw)
+    sim = simulator.simulate(m, st)
+    ana = analytic_step_memory(m, st)
+    assert ana.trainable_parameters == sim.trainable_parameters
+    assert ana.weights_bytes == pytest.approx(sim.weights_bytes, rel=0.02)
+    assert ana.optimizer_bytes == pytest.approx(sim.optimizer_bytes, rel=0.05)
+    err = (ana.peak_bytes - sim.peak_bytes) / sim.peak_bytes
+    assert abs(err) <= 0.10, f"analytic {ana.peak_bytes} vs simulated {sim.peak_bytes} ({100 * err:+.1f}%)"
