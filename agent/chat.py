@@ -118,6 +118,14 @@ def _new_thread() -> str:
     return tid
 
 
+def quiet_library_warnings() -> None:
+    """Keep library deprecation chatter (transformers, torch, peft) off a person's terminal."""
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 # --------------------------------------------------------------------------------------
 # ask
 # --------------------------------------------------------------------------------------
@@ -131,6 +139,7 @@ def ask_once(question: str, *, llm: Optional[str] = None, base_url: Optional[str
 
     out = out or Console()
     err = err or Console(stderr=True)
+    quiet_library_warnings()
     model = make_chat_model(llm, base_url=base_url)
     agent = build_agent(model, workdir=_home() / "work")
     streamed: list[str] = []
@@ -361,4 +370,5 @@ class ChatSession:
 
 def chat_main(*, llm: Optional[str] = None, base_url: Optional[str] = None, resume: bool = False) -> None:
     """Run the interactive chat until the user leaves."""
+    quiet_library_warnings()
     ChatSession(llm=llm, base_url=base_url, resume=resume).loop()
