@@ -97,9 +97,19 @@ def _context_middleware(workdir: Path, allow_trial: bool):
             result = handler(request)
         if isinstance(result, ToolMessage):
             result.response_metadata = {**(result.response_metadata or {}), "tunepilot_seconds": round(time.perf_counter() - t0, 3)}
+            if result.status == "error" and isinstance(result.content, str) and not result.content.startswith("error:"):
+                result.content = _argument_error(result.content, request.tool_call.get("name", "tool"))
         return result
 
     return tunepilot_tool_context
+
+
+def _argument_error(text: str, tool: str) -> str:
+    """ToolNode's argument-validation message, as one 'error:' line naming each field."""
+    body = text.split("with error:", 1)[-1]
+    body = body.replace("Please fix the error and try again.", "")
+    problems = [" ".join(line.split()) for line in body.splitlines() if line.strip()]
+    return f"error: {tool} arguments: {'; '.join(problems)}. Fix them and call {tool} again."
 
 
 def build_agent(chat_model, *, checkpointer=None, max_model_calls: int = DEFAULT_MAX_MODEL_CALLS,

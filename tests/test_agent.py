@@ -160,7 +160,8 @@ def test_tool_errors_come_back_as_observations_and_the_model_recovers(tmp_path):
     ])
     _, result, steps = _run(model, "plan for my 9999", workdir=tmp_path)
     assert [s["status"] for s in steps] == ["error", "ok", "error"]
-    assert "r" in steps[2]["error"] and result.answer.startswith("fixed: ")
+    assert steps[2]["error"].startswith("error: make_peft_config arguments: r: Input should be greater than or equal to 1")
+    assert result.answer.startswith("fixed: error: make_peft_config arguments")
 
 
 def test_a_bug_in_a_tool_stops_the_turn_but_not_the_thread(tmp_path):
