@@ -106,6 +106,9 @@ def _context_middleware(workdir: Path, allow_trial: bool):
 
 def _argument_error(text: str, tool: str) -> str:
     """ToolNode's argument-validation message, as one 'error:' line naming each field."""
+    if "with error:" not in text:  # e.g. a tool name the model made up
+        text = " ".join(text.split())
+        return "error: " + (text[len("Error: "):] if text.startswith("Error: ") else text)
     body = text.split("with error:", 1)[-1]
     body = body.replace("Please fix the error and try again.", "")
     problems = [" ".join(line.split()) for line in body.splitlines() if line.strip()]

@@ -156,10 +156,12 @@ def test_tool_errors_come_back_as_observations_and_the_model_recovers(tmp_path):
         tool_call("parse_hardware", hardware="RTX 9999 Hyper"),
         recover,
         tool_call("make_peft_config", model=LLAMA, r=0),  # bad argument: schema validation
-        lambda m: final("fixed: " + m[-1].content[:60]),
+        tool_call("plan_everything", model=LLAMA),  # a tool the model made up
+        lambda m: final("fixed: " + m[-3].content[:60]),
     ])
     _, result, steps = _run(model, "plan for my 9999", workdir=tmp_path)
-    assert [s["status"] for s in steps] == ["error", "ok", "error"]
+    assert [s["status"] for s in steps] == ["error", "ok", "error", "error"]
+    assert steps[3]["error"].startswith("error: plan_everything is not a valid tool") and "plan_training" in steps[3]["error"]
     assert steps[2]["error"].startswith("error: make_peft_config arguments: r: Input should be greater than or equal to 1")
     assert result.answer.startswith("fixed: error: make_peft_config arguments")
 
