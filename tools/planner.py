@@ -42,8 +42,8 @@ RANKS = (8, 16, 32, 64, 128)
 LORA_OPTIMS = ("adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit")
 FULL_OPTIMS = ("adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit", "adafactor")
 MIN_SEQ_LEN = 256
-MAX_CONFIRM = 3  # simulator runs for the top of the list (each ~1 s)
-MAX_SIM_CALLS = 6
+MAX_CONFIRM = 2  # simulator runs for the top of the list (each ~1-2 s of CPU for a 70B model)
+MAX_SIM_CALLS = 5
 # Time window within which a higher-quality setup beats a faster one (fraction of the fastest).
 QUALITY_TOLERANCE = {"speed": 0.0, "balanced": 0.05, "quality": 0.15}
 _METHOD_QUALITY = {"full": 2, "lora": 1, "qlora": 0}
