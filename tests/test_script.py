@@ -171,8 +171,6 @@ def test_bad_requests_name_the_field():
         render_script(setup_for(task="seq2seq"))
     with pytest.raises(ScriptError, match="merge_adapter"):
         render_script(setup_for(method="prompt-tuning", merge_adapter=True))
-    with pytest.raises(ScriptError, match="text_field/chat"):
-        render_script(setup_for(), text_field="body", chat=True)
 
 
 def test_dataset_options_reach_the_script():
@@ -180,6 +178,9 @@ def test_dataset_options_reach_the_script():
     assert 'DATASET = "org/tickets"' in src and 'TEXT_FIELD = "body"' in src and "CHAT = False" in src
     src = render_script(setup_for(), dataset="data/chats.jsonl", chat=True).train_py
     assert 'DATASET = "data/chats.jsonl"' in src and "CHAT = True" in src
+    # chat formatting wins over a text column passed along with it (callers forward the setup's defaults)
+    src = render_script(setup_for(use_chat_template=True), text_field="text", chat=True).train_py
+    assert "CHAT = True" in src
 
 
 def test_script_cli_writes_the_files(tmp_path):

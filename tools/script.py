@@ -203,8 +203,6 @@ def render_script(
     problems: list[str] = []
     if setup.task != "causal-lm":
         problems.append(f"task: the script generator writes causal-lm SFT scripts; {setup.task!r} is not supported yet")
-    if text_field and chat:
-        problems.append("text_field/chat: give a text column or chat formatting ('messages'), not both")
     if setup.merge_adapter and setup.method in PROMPT_METHODS:
         problems.append(f"merge_adapter: {setup.method} adapters cannot be merged into the weights; set merge_adapter false")
     if problems:
