@@ -315,6 +315,12 @@ class ChatSession:
             c.print("\n[yellow]cancelled[/]")
             return
         except Exception as e:  # noqa: BLE001 - the edge: one line, the session survives
+            import os
+
+            if os.environ.get("TUNEPILOT_DEBUG"):
+                import traceback
+
+                traceback.print_exc()
             c.print(f"\n[red]error:[/] {escape(agent_error_message(e))}" if streamed else f"[red]error:[/] {escape(agent_error_message(e))}", highlight=False)
             return
         shown = "".join(streamed)

@@ -580,11 +580,12 @@ def ask(
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted", code=130)
-    except Exception as e:  # noqa: BLE001 - the edge: chat-model faults become one line
-        message = agent_error_message(e, strict=True)
-        if not message:
+    except Exception as e:  # noqa: BLE001 - the edge: one line, no traceback (TUNEPILOT_DEBUG=1 re-raises)
+        import os
+
+        if os.environ.get("TUNEPILOT_DEBUG"):
             raise
-        fail(message)
+        fail(agent_error_message(e))
 
 
 @app.command()

@@ -255,6 +255,11 @@ def run_turn(agent, thread_id: str, text: str, *, on_step: Callable[[dict], None
         message = agent_error_message(e, strict=True)
         if message:
             raise TunepilotError(message) from e
+        if pending and isinstance(e, Exception):
+            try:  # say which tool broke, for the one line at the edge
+                e.tunepilot_tool = ", ".join(sorted({name for name, _a, _t in pending.values()}))
+            except AttributeError:
+                pass
         raise
     state = thread_state(agent, thread_id)
     answer = ""
@@ -282,4 +287,6 @@ def agent_error_message(exc: BaseException, *, strict: bool = False) -> str:
     if message or strict:
         return message
     text = " ".join(str(exc).split())[:200]
-    return f"the agent failed: {type(exc).__name__}: {text}" if text else f"the agent failed: {type(exc).__name__}"
+    where = f" in tool {exc.tunepilot_tool}" if getattr(exc, "tunepilot_tool", None) else ""
+    what = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"the agent failed{where}: {what} (a bug: please report it; TUNEPILOT_DEBUG=1 shows the traceback)"

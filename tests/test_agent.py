@@ -14,7 +14,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_core.tools import StructuredTool
 from pydantic import BaseModel, Field
 
-from agent.core import build_agent, run_turn
+from agent.core import agent_error_message, build_agent, run_turn
 from tests._agent_helpers import ScriptedChatModel, final, tool_call, tool_outputs
 
 pytest.importorskip("tools.planner")
@@ -177,8 +177,10 @@ def test_a_bug_in_a_tool_stops_the_turn_but_not_the_thread(tmp_path):
     tool = StructuredTool.from_function(broken, name="broken", description="A tool with a bug.", args_schema=Args)
     model = ScriptedChatModel(script=[tool_call("broken", x=1), final("recovered")])
     agent = build_agent(model, tools=[tool], workdir=tmp_path)
-    with pytest.raises(RuntimeError, match="bug in tool"):
+    with pytest.raises(RuntimeError, match="bug in tool") as e:
         run_turn(agent, "t", "crash please")
+    # at the edge it is one line naming the tool
+    assert agent_error_message(e.value).startswith("the agent failed in tool broken: RuntimeError: bug in tool (a bug")
     # the open tool call was answered, so the next turn is valid and works
     assert run_turn(agent, "t", "again").answer == "recovered"
     last = model.seen[-1]

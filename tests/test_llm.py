@@ -89,5 +89,5 @@ def test_refused_key_is_one_clear_line_and_the_thread_goes_on():
 
 def test_unrelated_exceptions_are_not_disguised_as_llm_errors():
     assert agent_error_message(ValueError("boom"), strict=True) == ""
-    assert agent_error_message(ValueError("boom")) == "the agent failed: ValueError: boom"
+    assert agent_error_message(ValueError("boom")).startswith("the agent failed: ValueError: boom (a bug: please report it")
     assert agent_error_message(TunepilotError("model: unknown")) == "model: unknown"
