@@ -387,7 +387,7 @@ def plan(
             headroom = est.headroom_gib if est.headroom_gib is not None else (est.gpu_memory_gib or 0) - est.device_total_gib
             table.add_row(str(i), c.setup.short(), f"{est.device_total_gib:.1f} GiB{mark}", f"{headroom:.1f} GiB",
                           f"{thr.tokens_per_second:,.0f}", hours(thr.total_hours),
-                          "-" if thr.cost is None else f"${thr.cost:,.0f}")
+                          "-" if thr.cost is None else f"${thr.cost:,.2f}" if thr.cost < 100 else f"${thr.cost:,.0f}")
         console.print(table)
     else:
         console.print(f"[bold red]Nothing fits[/]: {title}.", highlight=False, soft_wrap=True)

@@ -420,6 +420,9 @@ def _select(ranked: list[_Option], top: int) -> list[_Option]:
                 seen.add(key(o))
     if ranked and ranked[0] not in chosen:
         chosen.insert(0, ranked[0])
+    fastest = min(ranked, key=lambda o: o.time(), default=None)
+    if fastest is not None and fastest not in chosen:
+        chosen.append(fastest)  # the advice compares the winner with it
     seen_cfg = {_config_key(o) for o in chosen}
     for o in ranked:
         if len(chosen) >= max(top, 1) * 3:
@@ -429,20 +432,27 @@ def _select(ranked: list[_Option], top: int) -> list[_Option]:
             seen_cfg.add(_config_key(o))
     order = {id(o): i for i, o in enumerate(ranked)}
     chosen.sort(key=lambda o: order[id(o)])
-    # keep the per-method bests within `top` even when strategies crowd the list
+    # keep the per-method bests (and the fastest) within `top` even when strategies crowd the list
     head = chosen[:top]
-    for o in chosen[top:]:
-        if o.method in {h.method for h in head}:
-            continue
+
+    def ensure(o: _Option) -> None:
+        if o in head:
+            return
         if len(head) < top:
             head.append(o)
-        else:
-            # replace the lowest-ranked entry whose method is represented twice
+        else:  # replace the lowest-ranked entry whose method is represented twice (never the winner)
             for i in range(len(head) - 1, 0, -1):
-                if sum(1 for h in head if h.method == head[i].method) > 1:
+                if head[i].method != o.method and sum(1 for h in head if h.method == head[i].method) > 1 \
+                        or head[i].method == o.method and head[i] is not fastest:
                     head[i] = o
                     break
         head.sort(key=lambda x: order[id(x)])
+
+    for o in chosen[top:]:
+        if o.method not in {h.method for h in head}:
+            ensure(o)
+    if fastest is not None and top > 1:
+        ensure(fastest)
     return head
 
 
@@ -469,6 +479,11 @@ def _confirm(model, hardware, goals, selected: list[_Option], ranked: list[_Opti
             est = _estimate(model, opt.setup, hardware, fast=False)
         except TunepilotError as e:
             advice_notes.append(f"The simulator could not run {opt.setup.short()} ({e}); its analytic estimate is kept.")
+            confirmed.append(opt)
+            continue
+        except Exception as e:  # noqa: BLE001 - a simulator fault must not lose the plan; it is reported
+            advice_notes.append(f"The simulator failed on {opt.setup.short()} ({type(e).__name__}: {e}); "
+                                "its analytic estimate is kept (please report this).")
             confirmed.append(opt)
             continue
         if _fits(est, hardware, goals):
@@ -511,7 +526,7 @@ def _fmt_time(thr: Optional[ThroughputEstimate]) -> str:
     if thr.total_hours is not None:
         parts.append(f"{thr.total_hours:.1f} h")
     if thr.cost is not None:
-        parts.append(f"${thr.cost:,.0f}")
+        parts.append(f"${thr.cost:,.2f}" if thr.cost < 100 else f"${thr.cost:,.0f}")
     return ", ".join(parts)
 
 
@@ -540,7 +555,7 @@ def _rejected_reason(model, hardware, goals, method: str, search: _Search) -> st
     return text + "."
 
 
-def _lost_reason(o: _Option, winner: _Option) -> str:
+def _lost_reason(o: _Option, winner: _Option, goals: PlanGoals) -> str:
     slower = (o.time() / winner.time() - 1) * 100 if winner.time() > 0 else 0.0
     name = _METHOD_NAME.get(o.method, o.method)
     pace = f"is {slower:.0f}% slower than" if slower >= 0.5 else f"is {-slower:.0f}% faster than" if slower <= -0.5 else "is as fast as"
@@ -548,7 +563,10 @@ def _lost_reason(o: _Option, winner: _Option) -> str:
             f"but {pace} the winner")
     if o.setup.offload != "none":
         text += f"; its CPU offload needs {_gib(o.est.host_ram_gib)} of host RAM (the winner {_gib(winner.est.host_ram_gib)})"
-    if o.method == "qlora":
+    if slower <= -0.5:
+        text += (f"; it ranks lower because the winner is within the time a '{goals.quality}' plan trades for quality "
+                 "(full > LoRA > QLoRA, all-linear, rank); use --quality speed to rank by time alone")
+    elif o.method == "qlora":
         text += "; 4-bit de-quantisation costs speed, QLoRA only pays off when LoRA does not fit"
     elif o.method == "full" and _METHOD_QUALITY[o.method] > _METHOD_QUALITY.get(winner.method, 0):
         text += f", beyond the {QUALITY_TOLERANCE['quality'] * 100:.0f}% a --quality quality plan would trade for it"
@@ -804,7 +822,7 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
             continue
         fit_m = [o for o in selected if o.method == m] or [o for o in ranked if o.method == m]
         if fit_m:
-            advice.append(_lost_reason(fit_m[0], winner))
+            advice.append(_lost_reason(fit_m[0], winner, goals))
         else:
             advice.append(_rejected_reason(model, hardware, goals, m, search))
     if hardware.num_gpus > 1:
