@@ -308,9 +308,11 @@ def _wrap_peft(m, setup: TrainingSetup):
     if setup.method == "full":
         return m
     import peft
+    import torch
 
     try:
-        with warnings.catch_warnings():
+        # on meta, peft's new adapter layers skip their (real, costly) random init
+        with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pm = peft.get_peft_model(m, _peft_config(setup))
     except (ValueError, KeyError, TypeError) as e:
@@ -339,6 +341,11 @@ def _head_module(base):
 # --------------------------------------------------------------------------------------
 
 
+_SEGMENT = {"forward-head": "forward", "setup": "setup"}
+_TRAIN_SEGMENTS = ("forward", "backward-loss", "backward", "optimizer")
+_PHASE_OF_SEGMENT = {"forward": "forward", "backward-loss": "backward", "backward": "backward", "optimizer": "optimizer"}
+
+
 class _Rec:
     __slots__ = ("nbytes", "tag", "__weakref__")
 
@@ -355,23 +362,49 @@ def _make_tracker():
     prim_device = torch.ops.prim.device.default
 
     class MemoryTracker(TorchDispatchMode):
-        """Counts every live storage produced by an op; keeps the peak and what was alive then."""
+        """Counts every live storage produced by an op; keeps, per segment of the step, the peak and what was alive then.
+
+        Segments: forward (incl. head and loss), backward-loss (until the gradient reaches the
+        logits), backward (the blocks), optimizer (clipping + step), eval. The step peak is the max.
+        """
 
         def __init__(self):
             super().__init__()
             self.live: dict[int, _Rec] = {}
             self.current = 0
-            self.peak = 0
-            self.snapshot: list[_Rec] = []
-            self.snapshot_phase = ""
-            self._stale = False
-            self.phase = "setup"
+            self.seg_peak: dict[str, int] = {}
+            self.seg_snap: dict[str, list[_Rec]] = {}
+            self._stale: str | None = None
+            self._phase = "setup"
             self.in_block = 0
 
+        @property
+        def phase(self) -> str:
+            return self._phase
+
+        @phase.setter
+        def phase(self, value: str) -> None:
+            self.finish()
+            self._phase = value
+            self._enter(_SEGMENT.get(value, value))
+
+        def _enter(self, seg: str) -> None:
+            if self.current > self.seg_peak.get(seg, -1):
+                self.seg_peak[seg] = self.current
+                self.take_snapshot(seg)
+
+        @property
+        def segment(self) -> str:
+            return _SEGMENT.get(self._phase, self._phase)
+
+        @property
+        def peak(self) -> int:
+            return max(self.seg_peak.values(), default=self.current)
+
         def tag(self) -> str:
-            if self.phase == "backward" and self.in_block > 0:
+            if self._phase == "backward" and self.in_block > 0:
                 return "recompute"
-            return self.phase
+            return self._phase
 
         def add(self, t) -> None:
             st = t.untyped_storage()
@@ -382,30 +415,32 @@ def _make_tracker():
             self.live[key] = rec
             self.current += rec.nbytes
             weakref.finalize(st, self._free, key, rec)
-            if self.current > self.peak:
-                self.peak = self.current
-                self._stale = True
-                self.snapshot_phase = self.phase
+            seg = self.segment
+            if self.current > self.seg_peak.get(seg, -1):
+                self.seg_peak[seg] = self.current
+                self._stale = seg
 
         def _free(self, key: int, rec: _Rec) -> None:
-            if self._stale and self.current == self.peak:
-                self.take_snapshot()
+            if self._stale is not None:
+                self.take_snapshot(self._stale)
             if self.live.get(key) is rec:
                 del self.live[key]
                 self.current -= rec.nbytes
 
-        def take_snapshot(self) -> None:
-            self.snapshot = list(self.live.values())
-            self._stale = False
+        def take_snapshot(self, seg: str) -> None:
+            self.seg_snap[seg] = list(self.live.values())
+            self._stale = None
 
         def reset_peak(self) -> None:
-            self.peak = self.current
-            self.snapshot_phase = self.phase
-            self.take_snapshot()
+            """Forget earlier peaks; the current segment starts from what is alive now."""
+            self.finish()
+            self.seg_peak.clear()
+            self.seg_snap.clear()
+            self._enter(self.segment)
 
         def finish(self) -> None:
-            if self._stale:
-                self.take_snapshot()
+            if self._stale is not None:
+                self.take_snapshot(self._stale)
 
         def rec_of(self, t) -> _Rec | None:
             return self.live.get(id(t.untyped_storage()))
@@ -432,8 +467,7 @@ def _make_tracker():
 
 @dataclass
 class _RunResult:
-    breakdown: dict[str, int]
-    peak_phase: str
+    segments: dict[str, dict[str, int]]  # segment of the step -> breakdown at that segment's peak
     num_parameters: int
     trainable_parameters: int
     weights_bytes: int
@@ -737,7 +771,7 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
             torch.nn.utils.clip_grad_norm_(params, setup.max_grad_norm)
         optimizer.step()
         tracker.finish()
-        snapshot, snap_phase = tracker.snapshot, tracker.snapshot_phase
+        seg_snaps = {seg: tracker.seg_snap[seg] for seg in _TRAIN_SEGMENTS if seg in tracker.seg_snap}
 
         # identities at the end of step 2
         def recs(tensors) -> dict[int, _Rec]:
@@ -757,30 +791,33 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
         state_recs = recs(state_tensors)
         frozen_ids = {id(r) for k, r in tracker.live.items() if k in frozen_store}
 
-        breakdown = dict.fromkeys(STEP_CATEGORIES, 0)
-        for r in snapshot:
-            rid = id(r)
-            if rid in adapter_ids:
-                cat = "adapters"
-            elif rid in weight_recs or rid in frozen_ids:
-                cat = "weights"
-            elif rid in grad_recs:
-                cat = "gradients"
-            elif rid in state_recs:
-                cat = "optimizer_state"
-            elif r.tag in ("forward", "recompute", "setup"):
-                cat = "activations"
-            elif r.tag in ("forward-head", "backward-loss"):
-                cat = "logits_loss"
-            else:
-                cat = "temporaries"
-            breakdown[cat] += r.nbytes
+        def classify(snapshot) -> dict[str, int]:
+            breakdown = dict.fromkeys(STEP_CATEGORIES, 0)
+            for r in snapshot:
+                rid = id(r)
+                if rid in adapter_ids:
+                    cat = "adapters"
+                elif rid in weight_recs or rid in frozen_ids:
+                    cat = "weights"
+                elif rid in grad_recs:
+                    cat = "gradients"
+                elif rid in state_recs:
+                    cat = "optimizer_state"
+                elif r.tag in ("forward", "recompute", "setup"):
+                    cat = "activations"
+                elif r.tag in ("forward-head", "backward-loss"):
+                    cat = "logits_loss"
+                else:
+                    cat = "temporaries"
+                breakdown[cat] += r.nbytes
+            return breakdown
 
+        segments = {seg: classify(snap) for seg, snap in seg_snaps.items()}
         weights_bytes = sum(r.nbytes for rid, r in weight_recs.items() if rid not in adapter_ids)
         adapter_bytes = sum(r.nbytes for rid, r in weight_recs.items() if rid in adapter_ids)
         gradient_bytes = sum(r.nbytes for r in grad_recs.values())
         optimizer_bytes = sum(r.nbytes for r in state_recs.values())
-        del snapshot, weight_recs, grad_recs, state_recs
+        del seg_snaps, weight_recs, grad_recs, state_recs
 
         eval_peak = None
         if setup.eval_strategy != "no":
@@ -795,7 +832,6 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
             tracker.finish()
             eval_peak = tracker.peak
             del kept
-    phase = {"forward-head": "forward", "backward-loss": "backward", "recompute": "backward"}.get(snap_phase, snap_phase)
     if setup.attn_implementation == "flash_attention_2":
         notes.append("flash_attention_2 simulated as CPU SDPA's flash kernel (no s^2 score matrix)")
     if setup.optim.startswith("paged_"):
@@ -803,7 +839,7 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
     if autocast:
         notes.append(f"mixed precision simulated with torch.autocast('cpu', {setup.compute_dtype}); the Trainer uses CUDA autocast (same policy for matmuls)")
     return _RunResult(
-        breakdown=breakdown, peak_phase=phase, num_parameters=num_parameters, trainable_parameters=trainable,
+        segments=segments, num_parameters=num_parameters, trainable_parameters=trainable,
         weights_bytes=weights_bytes, adapter_bytes=adapter_bytes, gradient_bytes=gradient_bytes,
         optimizer_bytes=optimizer_bytes, eval_peak_bytes=eval_peak, largest_layer_param_bytes=largest, notes=notes,
     )
@@ -823,31 +859,35 @@ class _null:
 
 
 def _combine(runs: list[_RunResult], depths: list[int], total: int, period: int) -> StepMemory:
+    """Extend each segment's breakdown linearly in depth; the step peak is the largest segment at full depth.
+
+    Peaks are tracked per segment because the segment holding the peak can change with depth
+    (a 2-block model peaks at the logits, an 80-block one at the optimizer step).
+    """
     a = runs[0]
     notes = list(dict.fromkeys(n for r in runs for n in r.notes))
     if len(runs) == 1:
-        peak = sum(a.breakdown.values())
-        return StepMemory(
-            tier="simulated", num_parameters=a.num_parameters, trainable_parameters=a.trainable_parameters,
-            weights_bytes=a.weights_bytes, adapter_bytes=a.adapter_bytes, gradient_bytes=a.gradient_bytes,
-            optimizer_bytes=a.optimizer_bytes, peak_bytes=peak, peak_breakdown=dict(a.breakdown),
-            peak_phase=a.peak_phase, eval_peak_bytes=a.eval_peak_bytes,
-            largest_layer_param_bytes=a.largest_layer_param_bytes, per_layer_bytes=None,
-            layers_simulated=list(depths), notes=notes,
-        )
-    b = runs[1]
-    k1, k2 = depths
-    blocks = (total - k1) / (k2 - k1)  # periods to add beyond k1
+        segs = a.segments
+        ext = lambda x, y: x  # noqa: E731
+        b = a
+        per_layer = None
+    else:
+        b = runs[1]
+        k1, k2 = depths
+        steps = (total - k1) / (k2 - k1)  # periods to add beyond k1
 
-    def ext(x: int, y: int) -> int:
-        return max(0, round(x + (y - x) * blocks))
+        def ext(x: int, y: int) -> int:
+            return max(0, round(x + (y - x) * steps))
 
-    breakdown = {c: ext(a.breakdown[c], b.breakdown[c]) for c in STEP_CATEGORIES}
-    peak = sum(breakdown.values())
+        segs = {
+            seg: {c: ext(a.segments[seg][c], b.segments[seg][c]) for c in STEP_CATEGORIES}
+            for seg in a.segments if seg in b.segments
+        }
+    best = max(segs, key=lambda seg: sum(segs[seg].values()))
+    breakdown = segs[best]
+    if len(runs) == 2:
+        per_layer = round((sum(b.segments[best].values()) - sum(a.segments[best].values())) / (depths[1] - depths[0]))
     eval_peak = None if a.eval_peak_bytes is None else ext(a.eval_peak_bytes, b.eval_peak_bytes)
-    per_layer = round((sum(b.breakdown.values()) - sum(a.breakdown.values())) / (k2 - k1))
-    if a.peak_phase != b.peak_phase:
-        notes.append(f"peak phase differs between simulated depths ({a.peak_phase} vs {b.peak_phase}); extrapolation is approximate")
     return StepMemory(
         tier="simulated",
         num_parameters=ext(a.num_parameters, b.num_parameters),
@@ -856,7 +896,8 @@ def _combine(runs: list[_RunResult], depths: list[int], total: int, period: int)
         adapter_bytes=ext(a.adapter_bytes, b.adapter_bytes),
         gradient_bytes=ext(a.gradient_bytes, b.gradient_bytes),
         optimizer_bytes=ext(a.optimizer_bytes, b.optimizer_bytes),
-        peak_bytes=peak, peak_breakdown=breakdown, peak_phase=b.peak_phase, eval_peak_bytes=eval_peak,
+        peak_bytes=sum(breakdown.values()), peak_breakdown=breakdown, peak_phase=_PHASE_OF_SEGMENT[best],
+        eval_peak_bytes=eval_peak,
         largest_layer_param_bytes=max(a.largest_layer_param_bytes, b.largest_layer_param_bytes),
         per_layer_bytes=per_layer, layers_simulated=list(depths), notes=notes,
     )
