@@ -65,8 +65,24 @@ def _cfg(model: ModelSpec, *keys, default=None):
     return default
 
 
+_SHAPE_KEYS = ("attention_bias", "bias", "mlp_bias", "shared_expert_intermediate_size", "n_shared_experts",
+               "num_shared_experts", "moe_intermediate_size")
+_LINEARS_CACHE: dict[tuple, list[Linear]] = {}
+
+
 def block_linears(model: ModelSpec) -> list[Linear]:
     """The linear layers of one decoder block, from heads / kv-heads / head_dim and intermediate size."""
+    key = (model.model_type, model.hidden_size, model.head_dim, model.num_attention_heads, model.num_key_value_heads,
+           model.intermediate_size, model.num_experts) + tuple(str(model.config.get(k)) for k in _SHAPE_KEYS)
+    hit = _LINEARS_CACHE.get(key)
+    if hit is None:
+        if len(_LINEARS_CACHE) > 512:
+            _LINEARS_CACHE.clear()
+        hit = _LINEARS_CACHE[key] = _block_linears(model)
+    return hit
+
+
+def _block_linears(model: ModelSpec) -> list[Linear]:
     h, d = model.hidden_size, model.head_dim
     q_out, kv_out = model.num_attention_heads * d, model.num_key_value_heads * d
     attn_bias = bool(_cfg(model, "attention_bias", "bias", default=model.model_type in ("qwen2", "qwen2_moe")))
