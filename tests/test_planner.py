@@ -247,3 +247,31 @@ def test_cli_plan_local_without_a_gpu_is_one_clear_line():
     r = _cli(LLAMA8, "--local")
     assert r.exit_code == 2
     assert "no GPU" in r.output and "--gpu" in r.output
+
+
+def _first_int(pattern: str, text: str) -> int:
+    import re
+
+    return int(re.search(pattern, text).group(1))
+
+
+def test_the_suggested_changes_really_fit_when_planned():
+    # 8B QLoRA at 16k tokens on a 12 GB card: too long; the plan names a sequence length and a GPU that fit
+    p = _plan(LLAMA8, "RTX 4070", seq_len=16384, method="qlora")
+    assert not p.fits
+    seq_line = next(a for a in p.advice if a.startswith("- Shorter sequences"))
+    seq = _first_int(r"--seq-len (\d+) fits", seq_line)
+    assert 256 <= seq < 16384
+    assert _plan(LLAMA8, "RTX 4070", seq_len=seq, method="qlora").fits
+    assert not _plan(LLAMA8, "RTX 4070", seq_len=seq * 2, method="qlora").fits  # it is the longest power-of-two halving that fits
+    gpu_line = next(a for a in p.advice if a.startswith("- A GPU with more memory"))
+    gpu = next(g for g in sorted(gpu_catalog(), key=lambda g: -len(g.name)) if g.name in gpu_line)
+    assert _plan(LLAMA8, gpu.name, seq_len=16384, method="qlora").fits
+    smaller = [g for g in gpu_catalog() if 11.99 < g.memory_gib < gpu.memory_gib]
+    for g in smaller:  # it is the smallest catalog GPU that fits
+        assert not _plan(LLAMA8, g.name, seq_len=16384, method="qlora", top=1).fits, g.name
+    # 70B on one 4090: the suggested number of 4090s fits when planned
+    p70 = _plan(LLAMA70, "RTX 4090", seq_len=2048)
+    more = next(a for a in p70.advice if a.startswith("- More GPUs"))
+    n = _first_int(r"(\d+)x NVIDIA", more)
+    assert n >= 2 and _plan(LLAMA70, f"{n}x RTX 4090", seq_len=2048).fits

@@ -650,32 +650,39 @@ def _flash_advice(hardware: HardwareSpec, winner: _Option) -> Optional[str]:
 # --------------------------------------------------------------------------------------
 
 
-def _lean_configs(methods: list[str], strategies: list[_Strategy]) -> list[_Config]:
-    """One least-memory configuration per method and strategy (checkpointing, 8-bit states, r=16)."""
+def _lean_configs(methods: list[str], strategies: list[_Strategy], attention: Optional[list[str]] = None) -> list[_Config]:
+    """The least-memory corner of the search space per method and strategy: checkpointing, 8-bit
+    states (adafactor for full), and r=16 all-linear or r=8 on the attention projections (the
+    smallest adapters) - so when none of these fits, nothing in the full search does either."""
     out = []
     for strategy in strategies:
         for method in methods:
             offload = strategy.offload != "none"
             if method == "full":
                 out.append(_Config(method, strategy, True, "adamw_torch" if offload else "adafactor"))
-            else:
-                out.append(_Config(method, strategy, True, "adamw_torch" if offload else "paged_adamw_8bit", 16, "all-linear", True))
+                continue
+            optim = "adamw_torch" if offload else "paged_adamw_8bit"
+            out.append(_Config(method, strategy, True, optim, 16, "all-linear", True))
+            out.append(_Config(method, strategy, True, optim, RANKS[0], attention or "all-linear", True))
     return out
 
 
-def _quick_fit(model, hardware, goals, methods, *, num_gpus=None, seq_len=None) -> Optional[_Option]:
+def _quick_fit(model, hardware, goals, methods, *, attention=None, num_gpus=None, seq_len=None) -> tuple[Optional[_Option], Optional[_Option]]:
+    """(best lean setup that fits or None, least-memory setup seen) for a hypothetical change."""
     n = num_gpus or hardware.num_gpus
     strategies = [_SINGLE] if n == 1 else [_Strategy("FSDP full_shard", fsdp="full_shard"), _Strategy("ZeRO-3", zero_stage=3)]
     hw = hardware.model_copy(update={"num_gpus": n, "num_nodes": min(hardware.num_nodes, n)})
     if goals.effective_batch % n:
         goals = goals.model_copy(update={"effective_batch": n * max(1, goals.effective_batch // n)})
-    s = _search(model, hw, goals, methods, strategies, attention=None, seq_len=seq_len, num_gpus=n,
-                configs=_lean_configs(methods, strategies))
+    s = _search(model, hw, goals, methods, strategies, attention=attention, seq_len=seq_len, num_gpus=n,
+                configs=_lean_configs(methods, strategies, attention))
     ranked = _order(s.fitting, goals)
-    return ranked[0] if ranked else None
+    lean = min(s.leanest.values(), key=lambda o: o.est.device_total_gib, default=None)
+    return (ranked[0] if ranked else None), lean
 
 
-def _alternatives(model, hardware: HardwareSpec, goals: PlanGoals, methods: list[str], search: _Search) -> list[str]:
+def _alternatives(model, hardware: HardwareSpec, goals: PlanGoals, methods: list[str], search: _Search,
+                  attention: Optional[list[str]] = None) -> list[str]:
     from tools.gpus import gpu_catalog
 
     out: list[str] = []
@@ -688,7 +695,7 @@ def _alternatives(model, hardware: HardwareSpec, goals: PlanGoals, methods: list
     # 1. shorter sequences
     seq = goals.seq_len // 2
     while seq >= MIN_SEQ_LEN:
-        hit = _quick_fit(model, hardware, goals, methods, seq_len=seq)
+        hit, _ = _quick_fit(model, hardware, goals, methods, attention=attention, seq_len=seq)
         if hit:
             out.append(f"- Shorter sequences: --seq-len {seq} fits with {hit.setup.short()}: "
                        f"{_gib(hit.est.device_total_gib)} per GPU (analytic).")
@@ -700,10 +707,7 @@ def _alternatives(model, hardware: HardwareSpec, goals: PlanGoals, methods: list
     for other in ("qlora", "lora"):
         if other in methods:
             continue
-        hit = _quick_fit(model, hardware, goals, [other])
-        s = _search(model, hardware, goals, [other], [_SINGLE] if hardware.num_gpus == 1 else list(_MULTI[2:]),
-                    attention=None, configs=_lean_configs([other], [_SINGLE] if hardware.num_gpus == 1 else list(_MULTI[2:])))
-        need = s.leanest.get(other)
+        hit, need = _quick_fit(model, hardware, goals, [other], attention=attention)
         if hit:
             out.append(f"- {_METHOD_NAME[other]} (you asked for {goals.method}): {hit.setup.short()} needs "
                        f"{_gib(hit.est.device_total_gib)} per GPU and fits; rerun with --method {other}.")
@@ -715,18 +719,26 @@ def _alternatives(model, hardware: HardwareSpec, goals: PlanGoals, methods: list
     for n_total in (2, 4, 8, 16):
         if n_total <= hardware.num_gpus:
             continue
-        hit = _quick_fit(model, hardware, goals, methods, num_gpus=n_total)
+        hit, _ = _quick_fit(model, hardware, goals, methods, attention=attention, num_gpus=n_total)
         if hit:
             out.append(f"- More GPUs: {_hardware_label(hardware, n_total)} with {hit.strategy.label}: {hit.setup.short()} "
                        f"needs {_gib(hit.est.device_total_gib)} per GPU (analytic).")
             break
     else:
-        out.append(f"- More GPUs: even 16x {hardware.gpu.name} do not fit without CPU offload.")
+        text = f"- More GPUs: even 16x {hardware.gpu.name} do not fit without CPU offload"
+        if lean is not None:
+            b = lean.est.breakdown
+            per_gpu = {k: b.get(k, 0.0) for k in ("activations", "logits_loss", "temporaries")}
+            big = max(per_gpu, key=per_gpu.get)
+            if per_gpu[big] > 0.25 * lean.est.device_total_gib:
+                text += (f": ZeRO-3/FSDP shard weights and optimizer states, not the {big} "
+                         f"({_gib(per_gpu[big])}) of each GPU's own micro-batch")
+        out.append(text + ".")
     # 4. a GPU with more memory
     bigger = sorted((g for g in gpu_catalog() if g.memory_gib > hardware.gpu.memory_gib), key=lambda g: g.memory_gib)
     for gpu in bigger:
         hw = hardware.model_copy(update={"gpu": gpu})
-        hit = _quick_fit(model, hw, goals, methods)
+        hit, _ = _quick_fit(model, hw, goals, methods, attention=attention)
         if hit:
             out.append(f"- A GPU with more memory: {_hardware_label(hardware, gpu=gpu)}: {hit.setup.short()} needs "
                        f"{_gib(hit.est.device_total_gib)} per GPU of {_gib(_usable(hw, goals))} usable (analytic).")
@@ -801,7 +813,7 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
             if lean is not None:
                 candidates.append(_candidate(model, hardware, goals, lean, fits=False,
                                              why=f"needs {_gib(lean.est.device_total_gib)} per GPU > {_gib(_usable(hardware, goals))} usable"))
-        advice.extend(_alternatives(model, hardware, goals, methods, search))
+        advice.extend(_alternatives(model, hardware, goals, methods, search, attention))
         for m in methods:
             advice.append(_rejected_reason(model, hardware, goals, m, search))
         return Plan(model_id=model.model_id, hardware=hw_label, candidates=candidates, best=None, fits=False, advice=advice)
@@ -813,7 +825,7 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
         if not selected:  # the simulator rejects every analytic candidate it had time to run
             advice = [f"Nothing confirmed on {hw_label}: the analytic tier found setups that fit, but the simulator "
                       "measured each of the best over the limit."] + sim_notes
-            advice.extend(_alternatives(model, hardware, goals, methods, search)[1:])
+            advice.extend(_alternatives(model, hardware, goals, methods, search, attention)[1:])
             return Plan(model_id=model.model_id, hardware=hw_label, candidates=[], best=None, fits=False, advice=advice)
     winner = selected[0]
     advice.append(_winner_reason(winner, ranked, hardware, goals, search))
