@@ -144,6 +144,29 @@ def test_ctrl_c_during_a_trial_returns_interrupted(tmp_path, assets, home):
     assert not calibration_path().exists()  # an interrupted trial measured nothing
 
 
+def test_sigterm_to_the_cli_stops_the_trial_cleanly(tmp_path, assets):
+    """`timeout`/systemd send SIGTERM to tunepilot: the trial's process group must not outlive it."""
+    import time
+
+    model_dir, _, _ = assets
+    setup_path = TrainingSetup(model_id="tiny-llama", max_length=32).save(tmp_path / "setup.yaml")
+    workdir = tmp_path / "w"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "trial", str(setup_path), "--model", str(model_dir), "--steps", "1",
+         "--workdir", str(workdir), "--json"],
+        cwd=ROOT, env=run_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 60
+    while _trial_child_pid(workdir) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _trial_child_pid(workdir) is not None, "the trial child never started"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert json.loads(out)["error_kind"] == "interrupted"
+    assert _trial_child_pid(workdir) is None
+
+
 # ---- pure parts ---------------------------------------------------------------------------
 
 

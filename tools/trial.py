@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -141,6 +142,14 @@ def _classify_log(rc: int | None, log: str) -> tuple[ErrorKind, str]:
     return "error", last or f"the trial process exited with status {rc} without a report"
 
 
+class _Terminated(Exception):
+    """tunepilot itself received SIGTERM while a trial was running."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise _Terminated()
+
+
 def _execute(cmd: list[str], *, cwd: Path, log_path: Path, timeout: float, memory_limit_gib: float | None) -> tuple[int | None, str | None]:
     """Run cmd in its own session; returns (return code, 'timeout'/'interrupted'/None)."""
     env = dict(os.environ)
@@ -148,19 +157,28 @@ def _execute(cmd: list[str], *, cwd: Path, log_path: Path, timeout: float, memor
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     preexec = _limit_memory(int(memory_limit_gib * 1024**3)) if memory_limit_gib else None
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True, preexec_fn=preexec,
-        )
-        try:
-            return proc.wait(timeout=timeout), None
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return proc.returncode, "timeout"
-        except KeyboardInterrupt:
-            _kill_group(proc, grace=2.0)
-            return proc.returncode, "interrupted"
+    # The child has its own session, so Ctrl-C at the terminal reaches only us: we stop it ourselves.
+    # SIGTERM to tunepilot (e.g. `timeout`, systemd) is turned into the same clean stop when we can.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True, preexec_fn=preexec,
+            )
+            try:
+                return proc.wait(timeout=timeout), None
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                return proc.returncode, "timeout"
+            except (KeyboardInterrupt, _Terminated):
+                _kill_group(proc, grace=2.0)
+                return proc.returncode, "interrupted"
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------------------
