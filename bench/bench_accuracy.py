@@ -1,0 +1,175 @@
+"""Accuracy of tunepilot's memory estimate against published, measured peaks.
+
+Reads bench/measurements.csv (each row: a fully stated setup, the quantity the source measured,
+the source URL and where in it), estimates every row with the simulated tier and the analytic
+tier, and prints the error of both next to two rules of thumb on the same rows:
+
+- rule A "bytes per parameter": 16 B/param for full fine-tuning (mixed-precision Adam, ZeRO
+  paper), 2 B/param + 20% for LoRA-style methods;
+- rule B "GB per billion parameters" (LLaMA-Factory README hardware table, the commonly quoted
+  one): full fine-tuning 18, LoRA 2, QLoRA 0.5 GB per billion parameters.
+
+Each prediction is compared on the quantity the source measured: allocated, reserved or
+nvidia-smi (device total; when the source measured its own CUDA context, that figure replaces
+our context constant). 'unspecified' rows are compared with the device total.
+
+    .venv/bin/python bench/bench_accuracy.py            # both tiers (the simulator takes a while)
+    .venv/bin/python bench/bench_accuracy.py --fast     # analytic tier only
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tools.schemas import BYTES_PER_GIB, TrainingSetup  # noqa: E402
+
+# Configs of models that are not in the catalog, copied from their config.json on the Hub.
+INLINE = {
+    # https://huggingface.co/bert-large-uncased/blob/main/config.json
+    "bert-large-uncased": {
+        "architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1, "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 4096,
+        "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "model_type": "bert", "num_attention_heads": 16,
+        "num_hidden_layers": 24, "pad_token_id": 0, "position_embedding_type": "absolute", "type_vocab_size": 2,
+        "vocab_size": 30522,
+    },
+    # Qwen v1 (remote code) shapes from Qwen/Qwen-1_8B and Qwen/Qwen-14B config.json, expressed as a
+    # Qwen2 config (same widths, depth, heads, vocab, qkv bias, untied head; v1's fused c_attn = q,k,v).
+    "qwen-1.8b": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 5504,
+        "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 151936,
+        "max_position_embeddings": 8192, "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16",
+    },
+    "qwen-14b": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 5120, "intermediate_size": 13696,
+        "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 152064,
+        "max_position_embeddings": 8192, "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16",
+    },
+}
+CATALOG_STANDIN = {"qwen-7b": "Qwen/Qwen1.5-7B"}  # identical shapes to Qwen-7B (v1)
+
+RULE_B_GB_PER_B = {"full": 18.0, "lora": 2.0, "dora": 2.0, "qlora": 0.5}
+
+
+def load_rows(path: Path) -> list[dict]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def model_for(ref: str):
+    """ModelSpec for 'inline:NAME' (config above, exact count by meta instantiation) or a catalog id."""
+    from tools.models import lookup_model, spec_from_config
+
+    if ref.startswith("inline:"):
+        name = ref.split(":", 1)[1]
+        if name in CATALOG_STANDIN:
+            return lookup_model(CATALOG_STANDIN[name], hub=False)
+        return spec_from_config(dict(INLINE[name]), name, "bench-inline")
+    return lookup_model(ref, hub=False)
+
+
+def setup_for(row: dict, model_id: str) -> TrainingSetup:
+    mp = row["mixed_precision"]
+    kw = dict(
+        model_id=model_id, task=row["task"], method=row["method"], dtype=row["dtype"], bf16=mp == "bf16", fp16=mp == "fp16",
+        optim=row["optim"], per_device_train_batch_size=int(row["batch"]), gradient_accumulation_steps=int(row["grad_accum"]),
+        max_length=int(row["seq_len"]), gradient_checkpointing=row["gradient_checkpointing"] == "true",
+        attn_implementation=row["attn"], num_gpus=int(row["num_gpus"]),
+    )
+    if row["r"]:
+        kw["r"] = int(row["r"])
+    if row["lora_alpha"]:
+        kw["lora_alpha"] = int(row["lora_alpha"])
+    if row["target_modules"]:
+        tm = row["target_modules"]
+        kw["target_modules"] = tm if tm == "all-linear" else tm.split(";")
+    if row["method"] == "qlora":
+        kw["load_in_4bit"] = True
+    return TrainingSetup(**kw)
+
+
+def predicted_gib(est, row: dict) -> float:
+    """The estimate on the quantity the source measured."""
+    q = row["quantity"]
+    if q == "allocated":
+        return est.peak_allocated_gib
+    if q == "reserved":
+        return est.peak_reserved_gib
+    ctx = float(row["source_context_gib"]) if row["source_context_gib"] else est.breakdown.get("cuda_context", 0.0)
+    return est.peak_reserved_gib + ctx + est.breakdown.get("nccl_buffers", 0.0)
+
+
+def rule_a(n_params: int, method: str) -> float:
+    if method == "full":
+        return 16.0 * n_params / BYTES_PER_GIB
+    return 2.0 * n_params * 1.2 / BYTES_PER_GIB
+
+
+def rule_b(n_params: int, method: str) -> float:
+    return RULE_B_GB_PER_B.get(method, 2.0) * n_params / 1e9 * 1e9 / BYTES_PER_GIB
+
+
+def pct(pred: float, meas: float) -> float:
+    return 100.0 * (pred - meas) / meas
+
+
+def summary(errors: list[float]) -> str:
+    if not errors:
+        return "-"
+    a = sorted(abs(e) for e in errors)
+    p90 = a[min(len(a) - 1, int(round(0.9 * (len(a) - 1))))]
+    return f"median {statistics.median(a):5.1f}%  p90 {p90:5.1f}%  (n={len(a)})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--csv", type=Path, default=Path(__file__).with_name("measurements.csv"))
+    ap.add_argument("--fast", action="store_true", help="analytic tier only (no simulator)")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    from tools.estimator import estimate
+
+    rows = load_rows(args.csv)
+    cols = ["simulated", "analytic", "rule A", "rule B"]
+    errs: dict[str, dict[str, list[float]]] = {c: {} for c in cols}
+    print(f"{'row':30s} {'qty':12s} {'measured':>9s} {'simulated':>15s} {'analytic':>15s} {'rule A':>15s} {'rule B':>15s}")
+    t0 = time.perf_counter()
+    for row in rows:
+        spec = model_for(row["config"])
+        st = setup_for(row, spec.model_id)
+        meas = float(row["measured_gib"])
+        preds: dict[str, float | None] = {}
+        preds["simulated"] = None if args.fast else predicted_gib(estimate(spec, st, advice=False), row)
+        est_a = estimate(spec, st, fast=True, advice=False)
+        preds["analytic"] = predicted_gib(est_a, row)
+        preds["rule A"] = rule_a(spec.num_parameters, row["method"])
+        preds["rule B"] = rule_b(spec.num_parameters, row["method"])
+        cells = []
+        for c in cols:
+            p = preds[c]
+            if p is None:
+                cells.append(f"{'-':>15s}")
+                continue
+            e = pct(p, meas)
+            errs[c].setdefault(row["method"], []).append(e)
+            errs[c].setdefault("all", []).append(e)
+            cells.append(f"{p:7.2f} {e:+6.1f}%")
+        print(f"{row['id']:30s} {row['quantity']:12s} {meas:9.2f} " + " ".join(cells), flush=True)
+    print(f"\nabsolute error on {len(rows)} published measurements (GiB; {time.perf_counter() - t0:.0f} s)")
+    for c in cols:
+        for method, e in sorted(errs[c].items()):
+            print(f"  {c:10s} {method:6s} {summary(e)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
