@@ -531,8 +531,6 @@ def trial(
             console.print(f"  {r.error_message.splitlines()[0][:300]}", highlight=False, markup=False)
         for line in r.advice:
             console.print(f"  • {line}", highlight=False, markup=False)
-        if r.comparison.get("note"):
-            console.print(f"[dim]{r.comparison['note']}[/]", highlight=False)
         console.print(f"[dim]log: {r.log_path}[/]", highlight=False)
     if find_max_batch:
         if ok:
