@@ -33,6 +33,9 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
+    import bitsandbytes  # noqa: F401  (the simulator's QLoRA stand-in and 8-bit optimizers)
+    import peft  # noqa: F401
+
     import tools.simulator  # noqa: F401  (torch, transformers)
     from tools.gpus import parse_hardware
     from tools.models import lookup_model
@@ -41,7 +44,7 @@ def main() -> None:
     from tools.schemas import PlanGoals
 
     attention_modules(lookup_model(CASES[0][0], hub=False))  # module-tree cache, once per model
-    print(f"imports + module tree: {time.perf_counter() - t0:.1f} s (once per process, not counted below)")
+    print(f"imports (torch, transformers, peft, bitsandbytes) + module tree: {time.perf_counter() - t0:.1f} s (once per process, not counted below)")
 
     worst = worst_cpu = 0.0
     for model_id, hw in CASES:
@@ -61,7 +64,7 @@ def main() -> None:
         worst_cpu = max(worst_cpu, c_full)
         best = p.best.setup.short() if p.best else "nothing fits"
         tier = p.best.estimate.tier if p.best else "-"
-        print(f"{model_id} on {hw}: {searched.split(' (')[0].rstrip('.')}; analytic search {t_fast:.2f} s "
+        print(f"{model_id} on {hw}: {searched.split(' with the analytic')[0]}; analytic search {t_fast:.2f} s "
               f"(cpu {c_fast:.2f} s); full plan {t_full:.2f} s (cpu {c_full:.2f} s) -> {best} [{tier}]")
     print(f"slowest full plan: {worst:.2f} s wall, {worst_cpu:.2f} s cpu (target <= 5 s; wall > cpu when other "
           "processes share the cores)")

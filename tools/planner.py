@@ -273,7 +273,8 @@ class _Search:
     fitting: list[_Option]
     leanest: dict[str, _Option]  # method -> least memory option seen (fits or not)
     evaluated: list[_Option]
-    count: int = 0
+    count: int = 0  # setups estimated
+    space: int = 0  # setups covered (configurations x micro-batch sizes x attention kernels)
 
 
 def _search(
@@ -297,7 +298,9 @@ def _search(
     flash = _cc(hardware) >= 8.0
     reached: dict[tuple, Optional[int]] = {}  # (group, r, ckpt, optim) -> largest fitting micro index (None: none fits)
 
-    for cfg in configs if configs is not None else _configs(methods, strategies, attention):
+    all_configs = configs if configs is not None else _configs(methods, strategies, attention)
+    result.space = len(all_configs) * len(micros) * (2 if flash else 1)
+    for cfg in all_configs:
         group = (cfg.method, cfg.strategy.label, cfg.double_quant, str(cfg.targets))
         heavy_optim = "adamw_torch_fused" if cfg.optim != "adafactor" else None
         lo, hi = 0, top_idx
@@ -803,6 +806,7 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
             search.fitting.extend(extra.fitting)
             search.evaluated.extend(extra.evaluated)
             search.count += extra.count
+            search.space += extra.space
 
     ranked = _order(search.fitting, goals)
     hw_label = _hardware_label(hardware)
@@ -853,7 +857,8 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
         advice.append(f"seq_len {goals.seq_len} is longer than the {model.max_position_embeddings} positions {model.model_id} was trained for.")
     advice.extend(sim_notes)
     n_sim = sum(1 for o in selected if o.est.tier == "simulated")
-    advice.append(f"Searched {search.count} setups with the analytic tier"
+    advice.append(f"Searched {search.space:,} candidate setups by estimating {search.count} with the analytic tier "
+                  "(memory is monotone in micro-batch, rank, checkpointing and optimizer, so the rest are bounded)"
                   + (f"; confirmed the top {n_sim} with the simulator" if goals.confirm else " (--fast: not confirmed by the simulator)") + ".")
 
     candidates = []
