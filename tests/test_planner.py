@@ -275,3 +275,10 @@ def test_the_suggested_changes_really_fit_when_planned():
     more = next(a for a in p70.advice if a.startswith("- More GPUs"))
     n = _first_int(r"(\d+)x NVIDIA", more)
     assert n >= 2 and _plan(LLAMA70, f"{n}x RTX 4090", seq_len=2048).fits
+
+
+def test_a_busy_local_gpu_is_called_out():
+    hw = parse_hardware("RTX 4090").model_copy(update={"free_memory_gib": [2.0], "detected": True})
+    p = plan(lookup_model("Qwen/Qwen2.5-0.5B", hub=False), hw, PlanGoals(confirm=False, top=1))
+    assert p.fits
+    assert any(a.startswith("Right now a GPU has only 2.0 GiB free") for a in p.advice)

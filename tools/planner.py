@@ -853,6 +853,9 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
         advice.append(f"Precision: {hardware.gpu.name} has no bf16, so the plan uses fp16 mixed precision"
                       + (" (QLoRA compute dtype fp16)" if any(o.method == "qlora" for o in selected) else "")
                       + (" and fp32 master weights for full fine-tuning" if any(o.method == "full" for o in selected) else "") + ".")
+    if hardware.free_memory_gib and min(hardware.free_memory_gib) < winner.est.device_total_gib:
+        advice.append(f"Right now a GPU has only {min(hardware.free_memory_gib):.1f} GiB free (other processes hold the rest); "
+                      f"the plan needs {_gib(winner.est.device_total_gib)}: free the GPU before training.")
     if model.max_position_embeddings and goals.seq_len > model.max_position_embeddings:
         advice.append(f"seq_len {goals.seq_len} is longer than the {model.max_position_embeddings} positions {model.model_id} was trained for.")
     advice.extend(sim_notes)
