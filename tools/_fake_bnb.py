@@ -66,6 +66,16 @@ class Fake4bitLinear(nn.Module):
     def logical_numel(self) -> int:
         return self.in_features * self.out_features + (self.bias.numel() if self.bias is not None else 0)
 
+    @property
+    def W_q(self) -> torch.Tensor:  # noqa: N802 - peft's hook for "dequantize me via .dequantize()"
+        return self.weight
+
+    def dequantize(self) -> torch.Tensor:
+        """The full weight in the compute dtype, as peft's DoRA gets it from a real Params4bit."""
+        import bitsandbytes.functional as F
+
+        return F.dequantize_4bit(self.weight, self.quant_state).to(self.compute_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
 

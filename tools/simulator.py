@@ -137,6 +137,8 @@ def _check_supported(model: ModelSpec, setup: TrainingSetup) -> None:
         raise SimulationError(f"optim: {setup.optim} (torchao) is not simulated yet; use adamw_bnb_8bit / paged_adamw_8bit or --fast")
     if setup.method in ("prompt-tuning", "prefix-tuning", "p-tuning") and setup.task != "causal-lm":
         raise SimulationError(f"method: {setup.method} is simulated for task causal-lm only")
+    if setup.method == "prefix-tuning" and setup.gradient_checkpointing:
+        raise SimulationError("gradient_checkpointing: peft's prefix-tuning does not work with gradient checkpointing; set gradient_checkpointing=false or use prompt-tuning/p-tuning")
     if setup.load_in_4bit and setup.method not in ("qlora", "lora", "dora"):
         raise SimulationError(f"method: {setup.method} on a 4-bit base is not simulated; use qlora/lora/dora")
 
@@ -275,9 +277,23 @@ def _build_model(model: ModelSpec, setup: TrainingSetup, depth: int):
         try:
             m = auto.from_config(cfg, dtype=dtype, attn_implementation=attn)
         except ValueError as e:
-            if "attn_implementation" in str(e) or "sdpa" in str(e).lower():
-                raise SimulationError(f"attn_implementation: {model.model_type} does not support '{attn}' ({e})") from None
-            raise SimulationError(f"task: transformers cannot build {setup.task} for '{model.model_type}' ({e})") from None
+            text = str(e)
+            if setup.attn_implementation == "flash_attention_2" and "scaled_dot_product_attention" in text:
+                # the model class refuses SDPA but supports flash-attn on GPU: build it eager, then run
+                # transformers' SDPA attention function (the CPU flash kernel) in its place
+                # (logit soft-capping is fused into the flash kernel: no memory of its own)
+                if getattr(cfg, "attn_logit_softcapping", None) is not None:
+                    cfg.attn_logit_softcapping = None
+                m = auto.from_config(cfg, dtype=dtype, attn_implementation="eager")
+                m.config._attn_implementation = "sdpa"
+            elif "attn_implementation" in text or "scaled_dot_product_attention" in text:
+                raise SimulationError(
+                    f"attn_implementation: transformers does not support '{attn}' for {model.model_type}; "
+                    "use attn_implementation='eager' (or flash_attention_2 on a GPU with flash-attn)") from None
+            else:
+                raise SimulationError(f"task: transformers cannot build {setup.task} for '{model.model_type}' ({text[:200]})") from None
+        except (KeyError, TypeError, AttributeError, NotImplementedError) as e:
+            raise SimulationError(f"model.config: transformers cannot build '{model.model_type}' from this config ({e}); use --fast") from None
     if setup.gradient_checkpointing:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return m
@@ -607,6 +623,9 @@ def _patch_moe(base) -> int:
             continue
         if getattr(gu, "ndim", 0) != 3:
             continue
+        impl = getattr(getattr(m, "config", None), "_experts_implementation", None)
+        if impl not in (None, "eager"):
+            continue  # grouped_mm / batched_mm: shapes do not depend on the routing, run them as they are
         if getattr(m, "is_transposed", False) or getattr(m, "has_bias", False) or not getattr(m, "is_concatenated", True):
             raise SimulationError(f"model: the experts layout of {type(m).__name__} is not simulated yet; use --fast")
         m.forward = types.MethodType(_balanced_experts_forward, m)
@@ -688,6 +707,9 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
         pm.to_empty(device="cpu")
         if _patch_moe(base):
             notes.append("MoE experts routed with a perfectly balanced load (tokens*top_k/num_experts per expert), eager experts loop")
+        elif getattr(base.config, "_experts_implementation", None) not in (None, "eager") and any(
+                getattr(getattr(x, "gate_up_proj", None), "ndim", 0) == 3 for x in base.modules()):
+            notes.append(f"MoE experts run transformers' {base.config._experts_implementation} path (its memory does not depend on the routing)")
         quant_numel = 0
         if setup.load_in_4bit:
             from tools._fake_bnb import quantize_linears_4bit
