@@ -209,8 +209,7 @@ def _estimates(setup: TrainingSetup, model_ref: str, device: str | None, notes: 
     try:
         from tools.estimator import estimate
 
-        # CPU runs are not comparable anyway: the fast analytic tier is enough for the record.
-        est = estimate(spec, setup, hardware, fast=device != "cuda")
+        est = estimate(spec, setup, hardware)
         estimated = est.model_dump(mode="json")
     except ImportError:
         notes.append("no estimate: tools.estimator is not available in this checkout")
@@ -415,8 +414,10 @@ def run_trial(
         report.error_kind, report.error_message = _classify_log(rc, _tail(log_path))
         report.wall_seconds = round(time.perf_counter() - started, 3)
 
-    if estimate and stopped != "interrupted":
+    if estimate and stopped != "interrupted" and report.device == "cuda":
         report.estimated, report.predicted_tokens_per_second = _estimates(setup, model_path or setup.model_id, report.device, report.notes)
+    elif estimate and report.device != "cuda":
+        report.notes.append("no GPU estimate computed: this trial did not run on a GPU")
     report.comparison = compare(report)
     report.verdict = _verdict(report, setup, memory_limit_gib)
     if report.error_kind == "oom":
