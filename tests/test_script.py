@@ -89,6 +89,13 @@ def test_every_setup_renders_a_script_that_compiles(tmp_path, name):
     quantized = setup.load_in_4bit or setup.load_in_8bit
     assert ("transformers.BitsAndBytesConfig" in imported_names(src)) == quantized
     assert ("prepare_model_for_kbit_training" in src) == quantized
+    # and nothing imported goes unused
+    tree = ast.parse(src)
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
+        n.value.id for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
+    bound = {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+             for a in n.names if a.name != "annotations"}
+    assert bound <= used, bound - used
 
 
 def test_knob_lines_carry_comments():
