@@ -159,6 +159,7 @@ GRID = [
     ("llama", dict(method="lora", gradient_checkpointing=True, r=64, per_device_train_batch_size=1)),
     ("llama", dict(method="qlora", gradient_checkpointing=True, max_length=256)),
     ("llama", dict(method="qlora", gradient_checkpointing=False, optim="paged_adamw_8bit")),
+    ("llama", dict(method="dora", gradient_checkpointing=False, per_device_train_batch_size=1)),
     ("mistral", dict(method="full", optim="adamw_torch", max_length=64, per_device_train_batch_size=4)),
     ("mistral", dict(method="lora", lora_dropout=0.0, target_modules=["q_proj", "v_proj"], attn_implementation="eager",
                      gradient_checkpointing=False, max_length=256)),

@@ -312,12 +312,21 @@ def _block_activation_bytes(model: ModelSpec, setup: TrainingSetup, tokens: int,
                 a_out = ad
             per_tok += (x * lin.fan_in + a_out * setup.r) * lin.count
             if setup.use_dora:
-                per_tok += (c + ad) * lin.fan_out * lin.count
+                per_tok += 2 * c * lin.fan_out * lin.count  # base_result and lora_result, for the magnitude's gradient
+                # B(A(eye)) builds the adapter's weight with autograd on; the dry run sees its saved
+                # identity cast alive with the block's activations
+                extra += c * lin.fan_in * lin.fan_in * lin.count
     elif setup.method == "ia3":
         per_tok += c * (2 * nkv * d + model.intermediate_size)
     saved = per_tok * tokens + extra
     # transient while a block runs: its MLP intermediate and (QLoRA) one dequantized weight
     transient = 2 * c * model.intermediate_size * tokens
+    if setup.use_dora and setup.method in ("lora", "qlora", "dora"):
+        # DoRA rebuilds each weight in forward: identity input (in x in, adapter dtype) and its cast,
+        # the base weight cast, B@A and their sum (out x in) for the column norms
+        big = max(lora_targets(model, setup), key=lambda t: t.fan_in * t.fan_out, default=None)
+        if big is not None:
+            transient += (4 + c) * big.fan_in * big.fan_in + 3 * c * big.fan_in * big.fan_out
     if setup.method in ("lora", "qlora", "dora"):
         # backward of an adapter: the fp32 gradient of its (widest) input is alive next to the block's
         transient += adapter_dtype_bytes(setup) * max((t.fan_in for t in lora_targets(model, setup)), default=0) * tokens
@@ -409,6 +418,7 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup) -> StepMemory:
     head_grad = (cnt.head if not model.tie_word_embeddings else cnt.embed) * param_bytes if full else 0
     block_grad = cnt.per_block * param_bytes if full else cnt.adapter_per_block * param_bytes
     moments: dict[str, tuple[str, dict[str, int]]] = {}
+    moments["last_block_forward"] = ("forward", {"activations": acts_all - final_norm + block_transient})
     moments["loss_forward"] = ("forward", {"activations": acts_all, "logits_loss": logits_fwd})
     moments["backward_start"] = ("backward", {"activations": acts_all, "logits_loss": logits_bwd})
     if setup.gradient_checkpointing:
