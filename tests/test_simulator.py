@@ -111,7 +111,7 @@ def test_8bit_adam_state_is_a_quarter_of_fp32_adam():
 
 @pytest.mark.parametrize("kw", [dict(method="ia3"), dict(method="prompt-tuning"),
                                 dict(method="prefix-tuning", gradient_checkpointing=False),
-                                dict(method="lora", task="sequence-classification")], ids=lambda kw: f"{kw['method']}-{kw.get('task', 'causal-lm')}")
+                                dict(method="lora", task="sequence-classification", r=4)], ids=lambda kw: f"{kw['method']}-{kw.get('task', 'causal-lm')}")
 def test_peft_methods_and_tasks_run(kw):
     spec = tiny_spec()
     mem = simulate(spec, setup(**kw), extrapolate=False)
