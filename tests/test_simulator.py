@@ -120,7 +120,7 @@ def test_peft_methods_and_tasks_run(kw):
     assert 0 < mem.adapter_bytes < mem.weights_bytes / share
     assert 0 < mem.trainable_parameters < mem.num_parameters / share
     # fp32 adapters, two fp32 Adam moments (+ a 4-byte step counter per tensor for fused AdamW)
-    assert 2 * mem.adapter_bytes <= mem.optimizer_bytes <= 2 * mem.adapter_bytes + 4 * 16
+    assert 2 * mem.adapter_bytes <= mem.optimizer_bytes <= 2 * mem.adapter_bytes + 4 * 32
 
 
 def test_moe_model_runs():
