@@ -223,3 +223,12 @@ def test_default_tier_is_the_simulator():
     assert fast.trainable_parameters == e.trainable_parameters
     raw = lambda x: x.peak_allocated_gib - x.breakdown["cublas_workspace"]  # noqa: E731
     assert raw(fast) == pytest.approx(raw(e), rel=0.15)
+
+
+def test_unsupported_by_simulator_falls_back_to_analytic_with_a_note():
+    pytest.importorskip("tools.simulator")
+    # no config.json: the simulator cannot build the real model, the closed form still can
+    st = TrainingSetup(model_id=SPEC.model_id, method="lora", max_length=256)
+    e = estimate(SPEC, st, advice=False)
+    assert e.tier == "analytic"
+    assert any("simulator does not support" in p for p in e.provenance)
