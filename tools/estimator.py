@@ -145,7 +145,8 @@ def _shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -> tuple[di
         host += 4.0 * trainable / n * per_node
         bd["optimizer_state"] = 0.0
         notes.append("offload=optimizer: optimizer states and fp32 master weights live in host RAM")
-    if setup.offload == "all":
+    if setup.offload == "all" or (setup.fsdp != "none" and setup.offload != "none"):
+        # FSDP's CPU offload moves parameters and gradients together with the optimizer
         per_node = max(1, n // max(setup.num_nodes, 1))
         host += (bd.get("weights", 0.0) + bd.get("adapters", 0.0) + bd.get("gradients", 0.0)) * per_node
         bd["weights"], bd["adapters"] = 0.0, 0.0
