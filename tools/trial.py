@@ -361,6 +361,8 @@ def run_trial(
         raise TrialError(f"model_path: {model_path} does not exist (give a local model directory)")
     if dataset and Path(dataset).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") and not Path(dataset).is_file():
         raise TrialError(f"dataset: file {dataset} not found")
+    if dataset is None and setup.dataset and Path(setup.dataset).exists():
+        dataset = setup.dataset  # a local path in the setup is relative to here, not to the trial's work directory
     launcher = needs_accelerate(setup)
     if launcher:
         have = _local_gpu_count()
