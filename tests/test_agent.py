@@ -274,3 +274,23 @@ def test_oom_rescue_estimates_the_users_config_then_the_smallest_change(tmp_path
     assert s.gradient_checkpointing and s.per_device_train_batch_size == 1
     assert before["setup"]["effective_batch"] == after["setup"]["effective_batch"] == 4
     assert str(before["memory"]["per_gpu_total_gib"]) in result.answer and str(after["memory"]["per_gpu_total_gib"]) in result.answer
+
+
+@pytest.mark.gpu
+def test_trial_through_the_agent_on_a_gpu(tmp_path, monkeypatch):
+    """plan-free path: script for a tiny local model, then a 2-step trial run on this machine's GPU."""
+    from tests._script_helpers import build_tiny_model, run_env, write_text_dataset
+
+    for key, value in run_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    model_dir = build_tiny_model(tmp_path / "model")
+    data = write_text_dataset(tmp_path / "data.jsonl")
+    model = ScriptedChatModel(script=[
+        tool_call("write_training_script", model=str(model_dir), dataset=str(data), seq_len=64, gpu="local"),
+        tool_call("run_trial", steps=2, timeout=300),
+        lambda m: final(m[-1].content),
+    ])
+    _, result, steps = _run(model, "write it and trial it", workdir=tmp_path / "work")
+    assert [s["status"] for s in steps] == ["ok", "ok"], steps
+    report = json.loads(result.answer)
+    assert report["ok"] is True and report["steps"] == 2 and report["device"] != "cpu"

@@ -579,7 +579,8 @@ def run_trial_tool(**kw) -> tuple[str, dict]:
         return msg, {"setup": setup.model_dump(mode="json"), "trial": "not permitted"}
     from tools.trial import run_trial
 
-    report = run_trial(setup, steps=args.steps, timeout=args.timeout)
+    report = run_trial(setup, steps=args.steps, timeout=args.timeout, workdir=ctx.thread_dir / "trial",
+                       dataset=setup.dataset)
     data = report.model_dump(mode="json") if hasattr(report, "model_dump") else dict(report)
     out = _compact(data)
     if notes:
