@@ -159,4 +159,7 @@ def test_cache_returns_equal_result_fast():
     first = simulate(spec, st, extrapolate=False)
     again = simulate(spec, st.model_copy(update={"learning_rate": 1e-5, "output_dir": "x"}), extrapolate=False)
     assert again.peak_breakdown == first.peak_breakdown
-    assert again.seconds == first.seconds  # served from the cache, not re-run
+    assert any("cache" in n for n in again.notes) and again.seconds < 0.1  # served from the cache, not re-run
+    other = simulate(spec, st.model_copy(update={"lora_dropout": 0.0}), extrapolate=False)
+    assert not any("cache" in n for n in other.notes)
+    assert other.peak_bytes < first.peak_bytes  # no dropped copy of the LoRA input

@@ -62,7 +62,7 @@ _IRRELEVANT = {
     "model_id", "learning_rate", "num_train_epochs", "weight_decay", "warmup_steps", "lr_scheduler_type",
     "seed", "eval_steps", "num_gpus", "num_nodes", "zero_stage", "fsdp", "offload", "gpu", "dataset",
     "dataset_text_field", "use_chat_template", "streaming", "output_dir", "save_steps", "save_total_limit",
-    "logging_steps", "merge_adapter", "packing", "lora_alpha", "use_rslora", "lora_dropout",
+    "logging_steps", "merge_adapter", "packing", "lora_alpha", "use_rslora",
 }
 _CACHE: dict[str, StepMemory] = {}
 _CACHE_MAX = 256
@@ -93,10 +93,13 @@ def simulate(model: ModelSpec, setup: TrainingSetup, *, extrapolate: bool = True
     """
     _check_supported(model, setup)
     key = _cache_key(model, setup, extrapolate)
+    t0 = time.perf_counter()
     hit = _CACHE.get(key)
     if hit is not None:
-        return hit.model_copy(deep=True)
-    t0 = time.perf_counter()
+        result = hit.model_copy(deep=True)
+        result.seconds = round(time.perf_counter() - t0, 3)
+        result.notes.append(f"served from the in-process cache (first simulation took {hit.seconds:.2f} s)")
+        return result
     total = _num_layers(model)
     prefix, period = _layer_period(model)
     k1, k2 = prefix + period, prefix + 2 * period
@@ -104,7 +107,15 @@ def simulate(model: ModelSpec, setup: TrainingSetup, *, extrapolate: bool = True
         depths = [k1, k2]
     else:
         depths = [total]
-    runs = [_run(model, setup, d) for d in depths]
+    try:
+        runs = [_run(model, setup, d) for d in depths]
+    except TunepilotError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a model/library combination we cannot run: say so, the caller falls back
+        raise SimulationError(
+            f"model: the dry run of {model.model_id} ({model.model_type}, {setup.short()}) failed in "
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; use --fast (analytic)"
+        ) from e
     result = _combine(runs, depths, total, period)
     result.seconds = round(time.perf_counter() - t0, 3)
     if len(depths) == 2:
@@ -146,6 +157,7 @@ def _check_supported(model: ModelSpec, setup: TrainingSetup) -> None:
 def _cache_key(model: ModelSpec, setup: TrainingSetup, extrapolate: bool) -> str:
     s = setup.model_dump(mode="json", exclude=_IRRELEVANT)
     s["gradient_accumulation_steps"] = min(setup.gradient_accumulation_steps, 2)
+    s["lora_dropout"] = setup.lora_dropout > 0  # a dropped copy of the input exists or not; the rate is irrelevant
     if setup.eval_strategy != "no":
         s["eval_strategy"] = "yes"
     else:
@@ -294,8 +306,8 @@ def _build_model(model: ModelSpec, setup: TrainingSetup, depth: int):
                 raise SimulationError(f"task: transformers cannot build {setup.task} for '{model.model_type}' ({text[:200]})") from None
         except (KeyError, TypeError, AttributeError, NotImplementedError) as e:
             raise SimulationError(f"model.config: transformers cannot build '{model.model_type}' from this config ({e}); use --fast") from None
-    if setup.gradient_checkpointing:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if setup.gradient_checkpointing:  # (deprecated name in transformers 5, same behaviour; the Trainer calls it)
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return m
 
 
