@@ -154,7 +154,7 @@ def test_70b_qlora_is_in_the_published_range():
 # --------------------------------------------------------------------------------------
 
 GRID = [
-    ("llama", dict(method="full", gradient_checkpointing=False, max_length=256)),
+    ("llama", dict(method="full", gradient_checkpointing=False, max_length=256, gradient_accumulation_steps=2)),
     ("llama", dict(method="lora", gradient_checkpointing=False, max_length=256)),
     ("llama", dict(method="lora", gradient_checkpointing=True, r=64, per_device_train_batch_size=1)),
     ("llama", dict(method="qlora", gradient_checkpointing=True, max_length=256)),

@@ -433,6 +433,11 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup) -> StepMemory:
     moments["backward_end"] = ("backward", {"gradients": grads, "temporaries": 2 * layer_input})
     moments["optimizer_step"] = ("optimizer", {"gradients": grads, "temporaries": opt_temp})
 
+    if setup.gradient_accumulation_steps > 1:
+        # later micro-batches of an accumulation window run with the earlier ones' gradients alive
+        for _, parts in moments.values():
+            parts["gradients"] = grads
+        notes.append("gradient accumulation: gradients stay allocated through every micro-batch")
     best_name, best_total, best = "", -1, {}
     for name, (phase, parts) in moments.items():
         total = static + sum(parts.values())
