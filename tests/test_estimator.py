@@ -232,3 +232,13 @@ def test_unsupported_by_simulator_falls_back_to_analytic_with_a_note():
     e = estimate(SPEC, st, advice=False)
     assert e.tier == "analytic"
     assert any("simulator does not support" in p for p in e.provenance)
+
+
+def test_sharding_can_move_the_peak_to_another_moment():
+    # full fine-tuning peaks at the optimizer step on one GPU; with ZeRO-3 + optimizer offload over
+    # 8 GPUs that moment shrinks 8x and the activation-heavy backward moment becomes the peak
+    st = TrainingSetup(model_id=SPEC.model_id, method="full", gradient_checkpointing=False, max_length=2048,
+                       per_device_train_batch_size=4, num_gpus=8, zero_stage=3, offload="optimizer")
+    e = estimate(SPEC, st, fast=True, advice=False)
+    assert e.breakdown["activations"] > 10
+    assert any("moment" in p for p in e.provenance)

@@ -347,9 +347,13 @@ def _seq_len(setup: TrainingSetup) -> int:
     return setup.max_length
 
 
-def analytic_step_memory(model: ModelSpec, setup: TrainingSetup) -> StepMemory:
-    """Closed-form bytes of one training step of one model replica (no sharding, no CUDA terms): tier 'analytic'."""
+def analytic_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dict | None = None) -> StepMemory:
+    """Closed-form bytes of one training step of one model replica (no sharding, no CUDA terms): tier 'analytic'.
+
+    `moments`, when given, is filled with every candidate peak moment: name -> (phase, breakdown in bytes).
+    """
     t0 = time.perf_counter()
+    moments_out = moments
     if model.num_hidden_layers < 1 or model.hidden_size < 1:
         raise TunepilotError(f"model {model.model_id}: num_hidden_layers and hidden_size must be positive")
     notes: list[str] = []
@@ -438,6 +442,14 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup) -> StepMemory:
         for _, parts in moments.values():
             parts["gradients"] = grads
         notes.append("gradient accumulation: gradients stay allocated through every micro-batch")
+    base_bd = {"weights": weights, "adapters": adapters, "gradients": 0, "optimizer_state": optim,
+               "activations": 0, "logits_loss": 0, "temporaries": 0}
+    if moments_out is not None:
+        for name, (phase, parts) in moments.items():
+            bd = dict(base_bd)
+            for k, v in parts.items():
+                bd[k] += int(v)
+            moments_out[name] = (phase, bd)
     best_name, best_total, best = "", -1, {}
     for name, (phase, parts) in moments.items():
         total = static + sum(parts.values())

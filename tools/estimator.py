@@ -203,11 +203,13 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
 
     fast=True uses the closed-form analytic tier (instant, ~10%); otherwise the exact dry run of the
     real training step (a few seconds). safety_margin is the fraction of GPU memory kept free for `fits`.
+    `step` injects a precomputed StepMemory (its breakdown is then sharded as given).
     """
     if not 0.0 <= safety_margin < 1.0:
         raise TunepilotError(f"safety_margin: {safety_margin} must be in [0, 1)")
     provenance: list[str] = []
     _check(setup, hardware, provenance)
+    given = step is not None
     if step is None:
         step, notes = step_memory(model, setup, fast=fast)
         provenance += notes
@@ -217,6 +219,19 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
 
     bd, host, notes = _shard(step, setup, model)
     provenance += notes
+    if (setup.zero_stage or setup.fsdp != "none") and not given:
+        # sharding and offload shrink some components only, so another moment of the step may
+        # become the per-GPU peak: shard every analytic moment too and keep the largest
+        from tools.analytic import analytic_step_memory
+
+        alts: dict = {}
+        analytic_step_memory(model, setup, moments=alts)
+        for name, (phase, abd) in alts.items():
+            alt_step = step.model_copy(update={"peak_breakdown": abd, "peak_phase": phase})
+            abd2, ahost, _ = _shard(alt_step, setup, model)
+            if sum(abd2.values()) > sum(bd.values()):
+                bd, host = abd2, max(host, ahost)
+                provenance.append(f"after sharding the per-GPU peak is the {name.replace('_', ' ')} moment (analytic)")
     provenance += _cuda_kernel_corrections(step, setup, model, bd)
     gib = float(BYTES_PER_GIB)
     # allocated: + cuBLAS workspaces (through torch's allocator)
