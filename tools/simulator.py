@@ -7,8 +7,11 @@ steps: forward on input_ids [per_device_train_batch_size, max_length] with label
 path: logits upcast to fp32, cross-entropy), backward, gradient clipping, optimizer.step(),
 zero_grad(set_to_none=True). A `TorchDispatchMode` sees the outputs of every op, records each
 new storage with its size, and learns its death through a weakref finalizer, so it knows the
-live total after every op. The peak of the SECOND step (optimizer state exists: steady state)
-is reported, with the live storages at that moment split into categories:
+live total after every op. Step 1 only creates the optimizer state (zero gradients + one
+optimizer.step(), which allocates exactly what a first real step leaves behind); the peak of the
+SECOND, complete step (steady state) is reported. Peaks are kept per segment of the step (forward,
+loss backward, block backward, optimizer) because the segment that holds the peak can change with
+depth. The live storages at the peak moment are split into categories:
 
 - weights / adapters: storages of frozen parameters and buffers (incl. 4-bit packed weights and
   their absmax/constants) / of trainable peft parameters (in full fine-tuning, trainable
@@ -29,10 +32,14 @@ HF Trainer does (decay / no-decay). Mixed precision runs under `torch.autocast("
 (the HF Trainer uses CUDA autocast; the two op lists differ in a few fp32 ops). CPU SDPA
 dispatches to a flash kernel (no s^2 matrix), so `flash_attention_2` is simulated as `sdpa`;
 `eager` materialises the s^2 scores. QLoRA uses `tools._fake_bnb.Fake4bitLinear`, which calls
-bitsandbytes' own `matmul_4bit` (transient dequantised weight in forward and backward).
-bitsandbytes 8-bit/32-bit/paged optimizers are the real ones; paged state is counted as
-resident. MoE experts are routed with a perfectly balanced load (routing on fake tensors is
-data dependent).
+bitsandbytes' own `matmul_4bit` (transient dequantised weight in forward and backward); trl's
+SFTTrainer casts QLoRA adapters to bf16, and so does the simulator. bitsandbytes 8-bit/32-bit/
+paged optimizers are the real ones (built outside fake mode, stepped inside); paged state is
+counted as resident. MoE experts run transformers' default grouped_mm path, whose shapes do not
+depend on the routing; an eager experts loop (data dependent) is replaced by one with a
+perfectly balanced load. transformers keeps the [b,1,s,s] causal mask on fake tensors ("tracing")
+where it skips it on real ones; the simulator restores the real-tensor decision (full-length rows,
+one sequence per row, no padding: the trial run's worst case).
 
 Depth is extrapolated: k and k+period blocks are simulated and every category is extended
 linearly to the full depth (`extrapolate=False` simulates the full depth). Nothing here adds
