@@ -49,7 +49,7 @@ def gpu(mem: float, bf16: bool = True) -> GPUSpec:
 # --------------------------------------------------------------------------------------
 
 def test_ddp_replicates_everything():
-    e = estimate(SPEC, full(num_gpus=4), step=step(), advice=False)
+    e = estimate(SPEC, full(num_gpus=4), step=step(), advice=False, reshard_moments=False)
     assert e.breakdown["weights"] == pytest.approx(10)
     assert e.breakdown["gradients"] == pytest.approx(10)
     assert e.breakdown["optimizer_state"] == pytest.approx(20)
@@ -61,30 +61,30 @@ def test_zero_stages_shard_what_they_should():
     master = calibration()["constants"]["mixed_precision_master_bytes"]["value"]
     # ZeRO under bf16: fp32 master (4 B) + fp32 Adam moments (8 B) per trainable parameter, sharded
     opt_full = (master + 8) * 5  # GiB
-    z1 = estimate(SPEC, full(num_gpus=n, zero_stage=1), step=step(), advice=False).breakdown
-    z2 = estimate(SPEC, full(num_gpus=n, zero_stage=2), step=step(), advice=False).breakdown
-    z3 = estimate(SPEC, full(num_gpus=n, zero_stage=3), step=step(), advice=False).breakdown
+    z1 = estimate(SPEC, full(num_gpus=n, zero_stage=1), step=step(), advice=False, reshard_moments=False).breakdown
+    z2 = estimate(SPEC, full(num_gpus=n, zero_stage=2), step=step(), advice=False, reshard_moments=False).breakdown
+    z3 = estimate(SPEC, full(num_gpus=n, zero_stage=3), step=step(), advice=False, reshard_moments=False).breakdown
     assert z1["optimizer_state"] == pytest.approx(opt_full / n, rel=1e-3)
     assert z1["gradients"] == pytest.approx(10) and z1["weights"] == pytest.approx(10)
     assert z2["gradients"] == pytest.approx(10 / n, rel=1e-3) and z2["weights"] == pytest.approx(10)
     assert z3["weights"] == pytest.approx(10 / n, rel=1e-3)
     assert z3["zero_buffers"] == pytest.approx(2 * 0.25, rel=1e-3)  # two gathered blocks
     assert z3["activations"] == pytest.approx(4)  # activations are per micro-batch, never sharded
-    fsdp = estimate(SPEC, full(num_gpus=n, fsdp="full_shard"), step=step(), advice=False).breakdown
+    fsdp = estimate(SPEC, full(num_gpus=n, fsdp="full_shard"), step=step(), advice=False, reshard_moments=False).breakdown
     assert fsdp["weights"] == pytest.approx(z3["weights"])
-    sgo = estimate(SPEC, full(num_gpus=n, fsdp="shard_grad_op"), step=step(), advice=False).breakdown
+    sgo = estimate(SPEC, full(num_gpus=n, fsdp="shard_grad_op"), step=step(), advice=False, reshard_moments=False).breakdown
     assert sgo["gradients"] == pytest.approx(z2["gradients"]) and sgo["weights"] == pytest.approx(10)
 
 
 def test_offload_moves_optimizer_bytes_to_host():
-    on_gpu = estimate(SPEC, full(num_gpus=2, zero_stage=2), step=step(), advice=False)
-    off = estimate(SPEC, full(num_gpus=2, zero_stage=2, offload="optimizer"), step=step(), advice=False)
+    on_gpu = estimate(SPEC, full(num_gpus=2, zero_stage=2), step=step(), advice=False, reshard_moments=False)
+    off = estimate(SPEC, full(num_gpus=2, zero_stage=2, offload="optimizer"), step=step(), advice=False, reshard_moments=False)
     assert on_gpu.host_ram_gib == 0
     assert off.breakdown.get("optimizer_state", 0) == 0
     moved = on_gpu.breakdown["optimizer_state"] * 2  # both GPUs' partitions live on the one host
     assert off.host_ram_gib >= moved
     assert off.device_total_gib < on_gpu.device_total_gib - on_gpu.breakdown["optimizer_state"] * 0.9
-    everything = estimate(SPEC, full(num_gpus=1, zero_stage=3, offload="all"), step=step(), advice=False)
+    everything = estimate(SPEC, full(num_gpus=1, zero_stage=3, offload="all"), step=step(), advice=False, reshard_moments=False)
     assert everything.breakdown.get("weights", 0) == 0
     assert everything.host_ram_gib > off.host_ram_gib
 
@@ -94,7 +94,7 @@ def test_offload_moves_optimizer_bytes_to_host():
 # --------------------------------------------------------------------------------------
 
 def test_cuda_terms_are_named_and_ordered():
-    e = estimate(SPEC, full(), step=step(), advice=False)
+    e = estimate(SPEC, full(), step=step(), advice=False, reshard_moments=False)
     for k in ("cuda_context", "cublas_workspace", "allocator_overhead"):
         assert e.breakdown[k] > 0
     assert e.peak_allocated_gib == pytest.approx(44 + e.breakdown["cublas_workspace"], abs=0.01)
@@ -103,21 +103,21 @@ def test_cuda_terms_are_named_and_ordered():
     assert e.uncertainty.low_gib < e.device_total_gib < e.uncertainty.high_gib
     assert any("cuda_context_gib" in p and "source" in p for p in e.provenance)
     assert "nccl_buffers" not in e.breakdown
-    assert estimate(SPEC, full(num_gpus=2), step=step(), advice=False).breakdown["nccl_buffers"] > 0
+    assert estimate(SPEC, full(num_gpus=2), step=step(), advice=False, reshard_moments=False).breakdown["nccl_buffers"] > 0
 
 
 def test_fits_and_headroom():
-    e = estimate(SPEC, full(), HardwareSpec(gpu=gpu(80)), step=step(), advice=False)
+    e = estimate(SPEC, full(), HardwareSpec(gpu=gpu(80)), step=step(), advice=False, reshard_moments=False)
     assert e.fits is True
     assert e.headroom_gib == pytest.approx(80 - e.device_total_gib, abs=0.01)
-    small = estimate(SPEC, full(), HardwareSpec(gpu=gpu(40)), step=step(), advice=False)
+    small = estimate(SPEC, full(), HardwareSpec(gpu=gpu(40)), step=step(), advice=False, reshard_moments=False)
     assert small.fits is False and small.headroom_gib < 0
-    tight = estimate(SPEC, full(), HardwareSpec(gpu=gpu(e.device_total_gib + 1)), step=step(), advice=False, safety_margin=0.1)
+    tight = estimate(SPEC, full(), HardwareSpec(gpu=gpu(e.device_total_gib + 1)), step=step(), advice=False, safety_margin=0.1, reshard_moments=False)
     assert tight.fits is False and tight.headroom_gib > 0
 
 
 def test_hardware_gpu_count_disagreeing_with_setup_is_noted():
-    e = estimate(SPEC, full(), HardwareSpec(gpu=gpu(80), num_gpus=8), step=step(), advice=False)
+    e = estimate(SPEC, full(), HardwareSpec(gpu=gpu(80), num_gpus=8), step=step(), advice=False, reshard_moments=False)
     assert any("setup.num_gpus=1" in p for p in e.provenance)
     assert "nccl_buffers" not in e.breakdown  # the setup's single GPU is what is estimated
 

@@ -198,18 +198,19 @@ def _uncertainty_pct(tier: str, setup: TrainingSetup, model: ModelSpec) -> float
 
 
 def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | None = None, *, fast: bool = False,
-             safety_margin: float = 0.0, advice: bool = True, step: StepMemory | None = None) -> MemoryEstimate:
+             safety_margin: float = 0.0, advice: bool = True, step: StepMemory | None = None,
+             reshard_moments: bool = True) -> MemoryEstimate:
     """Per-GPU memory of training `model` with `setup`: peak allocated / reserved / nvidia-smi total, breakdown, fits on `hardware`, and advice.
 
     fast=True uses the closed-form analytic tier (instant, ~10%); otherwise the exact dry run of the
     real training step (a few seconds). safety_margin is the fraction of GPU memory kept free for `fits`.
-    `step` injects a precomputed StepMemory (its breakdown is then sharded as given).
+    `step` injects a precomputed StepMemory of this setup. Under ZeRO/FSDP every analytic moment of the
+    step is sharded too and the largest kept (reshard_moments=False shards only the step's own peak).
     """
     if not 0.0 <= safety_margin < 1.0:
         raise TunepilotError(f"safety_margin: {safety_margin} must be in [0, 1)")
     provenance: list[str] = []
     _check(setup, hardware, provenance)
-    given = step is not None
     if step is None:
         step, notes = step_memory(model, setup, fast=fast)
         provenance += notes
@@ -219,7 +220,7 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
 
     bd, host, notes = _shard(step, setup, model)
     provenance += notes
-    if (setup.zero_stage or setup.fsdp != "none") and not given:
+    if (setup.zero_stage or setup.fsdp != "none") and reshard_moments:
         # sharding and offload shrink some components only, so another moment of the step may
         # become the per-GPU peak: shard every analytic moment too and keep the largest
         from tools.analytic import analytic_step_memory
