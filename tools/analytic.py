@@ -275,6 +275,11 @@ def _block_activation_bytes(model: ModelSpec, setup: TrainingSetup, tokens: int,
     if full:
         norm += 2 * c * h if not layer_norm else c * h
     per_tok += 2 * norm
+    wb = DTYPE_BYTES[setup.dtype]
+    if full and not layer_norm and (setup.bf16 or setup.fp16) and wb > c and not setup.load_in_4bit:
+        # fp32 weights under autocast: the residual stream stays fp32, the norm's weight sees the fp32
+        # product, and every linear casts the norm output itself (q, k, v: 3 casts; gate, up: 2)
+        per_tok += ((wb - c) + 2 * c) * h + ((wb - c) + c) * h
     # attention: q, k, v, output and the fp32 logsumexp (flash/SDPA); eager: repeated k/v + s^2 scores
     q, kv = nh * d * c, nkv * d * c
     extra = 0
@@ -422,6 +427,15 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dic
     head_grad = (cnt.head if not model.tie_word_embeddings else cnt.embed) * param_bytes if full else 0
     block_grad = cnt.per_block * param_bytes if full else cnt.adapter_per_block * param_bytes
     moments: dict[str, tuple[str, dict[str, int]]] = {}
+    if full and (setup.bf16 or setup.fp16) and wb > c and not setup.load_in_4bit:
+        # autocast caches the compute-dtype copy of every trainable fp32 weight it casts (all linears and
+        # the LM head) for the forward; without checkpointing the linears also save them for backward
+        cache = c * (cnt.block_linear * L + cnt.head)
+        acts_all += cache
+        if setup.gradient_checkpointing:
+            moments["loss_forward_autocast_cache"] = ("forward", {"activations": acts_all, "logits_loss": logits_fwd})
+            acts_all -= cache
+        notes.append("autocast keeps compute-dtype copies of the fp32 weights through the forward")
     moments["last_block_forward"] = ("forward", {"activations": acts_all - final_norm + block_transient})
     moments["loss_forward"] = ("forward", {"activations": acts_all, "logits_loss": logits_fwd})
     moments["backward_start"] = ("backward", {"activations": acts_all, "logits_loss": logits_bwd})
