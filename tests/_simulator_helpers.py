@@ -81,7 +81,7 @@ def real_step(spec: ModelSpec, st: TrainingSetup) -> dict:
         loss.backward()
         del loss
         if st.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, st.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, st.max_grad_norm, foreach=True)
         opt.step()
 
     with warnings.catch_warnings():
