@@ -98,6 +98,19 @@ def test_qlora_weights_are_half_a_byte_per_param():
     assert any("4-bit" in n for n in q.notes)
 
 
+def test_llm_int8_weights_are_one_byte_per_param():
+    spec = tiny_spec(hidden_size=128, intermediate_size=512, num_hidden_layers=1)
+    q8 = simulate(spec, setup(method="lora", load_in_8bit=True), extrapolate=False)
+    plain = simulate(spec, setup(method="lora"), extrapolate=False)
+    _check_shape(q8)
+    h, i, kv = 128, 512, 2 * 32
+    linear = h * h * 2 + h * kv * 2 + 3 * h * i
+    rows = h + kv + kv + h + i + i + h  # q, k, v, o, gate, up, down output rows: one fp32 scale each
+    other_bf16 = plain.weights_bytes - 2 * linear
+    assert q8.weights_bytes - other_bf16 == linear + 4 * rows
+    assert q8.adapter_bytes == plain.adapter_bytes // 2  # trl casts adapters of a quantized model to bf16
+
+
 def test_8bit_adam_state_is_a_quarter_of_fp32_adam():
     spec = tiny_spec(hidden_size=128, intermediate_size=256, num_hidden_layers=1, vocab_size=512)
     kw = dict(method="full", dtype="fp32", bf16=False, gradient_checkpointing=True)
@@ -145,8 +158,10 @@ def test_eval_peak_reported_only_when_evaluating():
 
 def test_unsupported_setups_raise_one_clear_error():
     spec = tiny_spec()
-    with pytest.raises(TunepilotError, match="load_in_8bit"):
-        simulate(spec, setup(method="lora", load_in_8bit=True))
+    with pytest.raises(TunepilotError, match="optim"):
+        simulate(spec, setup(optim="adamw_torch_8bit"))
+    with pytest.raises(TunepilotError, match="method"):
+        simulate(spec, setup(method="ia3", load_in_8bit=True))
     with pytest.raises(TunepilotError, match="gradient_checkpointing"):
         simulate(spec, setup(method="prefix-tuning", gradient_checkpointing=True))
     with pytest.raises(TunepilotError, match="model.config"):

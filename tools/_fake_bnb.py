@@ -1,4 +1,4 @@
-"""Stand-ins for bitsandbytes 4-bit layers that work on fake tensors (used by tools.simulator).
+"""Stand-ins for bitsandbytes 4-bit and 8-bit layers that work on fake tensors (used by tools.simulator).
 
 `bnb.nn.Params4bit` cannot wrap a FakeTensor, so `Fake4bitLinear` holds the same storage a real
 `bnb.nn.Linear4bit` holds after `from_pretrained(..., load_in_4bit=True)`: the packed weight
@@ -6,6 +6,12 @@
 double quantization plus the fp32 nested absmax/code, fp32 without) and the 16-entry code table.
 Its forward is bitsandbytes' own: `bnb.matmul_4bit`, which dequantises the whole weight to the
 compute dtype for the matmul (and again in backward), exactly as on the GPU.
+
+`Fake8bitLinear` holds what a real `bnb.nn.Linear8bitLt` holds after `load_in_8bit=True`: the int8
+weight [out, in] and its fp32 row scales SCB [out], and runs bitsandbytes' own `bnb.matmul`
+(LLM.int8: the input quantised to int8 per row, int8 matmul; in backward the weight is dequantised
+to the input dtype). Outlier decomposition (llm_int8_threshold=6.0) depends on the data, so the
+stand-in runs with threshold 0: the few outlier columns' fp16 sub-matrix is not counted.
 """
 
 from __future__ import annotations
@@ -83,6 +89,57 @@ class Fake4bitLinear(nn.Module):
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         return bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=self.quant_state).to(inp_dtype)
+
+
+class Fake8bitLinear(nn.Module):
+    """A bnb Linear8bitLt look-alike: int8 weight + fp32 row scales, forward via bnb.matmul (LLM.int8)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        from bitsandbytes.autograd._functions import MatmulLtState
+
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        dev = linear.weight.device
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=dev),
+                                   requires_grad=False)
+        self.register_buffer("SCB", torch.empty(self.out_features, dtype=torch.float32, device=dev), persistent=False)
+        self.bias = None
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.state = MatmulLtState()
+        self.state.CB, self.state.SCB = self.weight, self.SCB
+        self.state.has_fp16_weights = False
+        self.state.threshold = 0.0
+
+    @property
+    def logical_numel(self) -> int:
+        return self.in_features * self.out_features + (self.bias.numel() if self.bias is not None else 0)
+
+    @property
+    def W_q(self) -> torch.Tensor:  # noqa: N802 - peft's hook for "dequantize me via .dequantize()"
+        return self.weight
+
+    def dequantize(self) -> torch.Tensor:
+        """The full weight in fp16, as peft's DoRA gets it from a real Int8Params."""
+        return self.weight.to(torch.float16) * (self.SCB.unsqueeze(1) / 127.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        self.state.is_training = self.training
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return bnb.matmul(x, self.weight, bias=bias, state=self.state)
+
+
+def quantize_linears_8bit(model: nn.Module, *, skip: set[int]) -> int:
+    """Swap every nn.Linear except those in `skip` for Fake8bitLinear (transformers' load_in_8bit)."""
+    warm_bitsandbytes()
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is nn.Linear and id(child) not in skip]
+    for parent, name, child in swaps:
+        setattr(parent, name, Fake8bitLinear(child))
+    return len(swaps)
 
 
 def quantize_linears_4bit(model: nn.Module, *, skip: set[int], quant_type: str, double_quant: bool,

@@ -32,8 +32,9 @@ HF Trainer does (decay / no-decay). Mixed precision runs under `torch.autocast("
 (the HF Trainer uses CUDA autocast; the two op lists differ in a few fp32 ops). CPU SDPA
 dispatches to a flash kernel (no s^2 matrix), so `flash_attention_2` is simulated as `sdpa`;
 `eager` materialises the s^2 scores. QLoRA uses `tools._fake_bnb.Fake4bitLinear`, which calls
-bitsandbytes' own `matmul_4bit` (transient dequantised weight in forward and backward); trl's
-SFTTrainer casts QLoRA adapters to bf16, and so does the simulator. bitsandbytes 8-bit/32-bit/
+bitsandbytes' own `matmul_4bit` (transient dequantised weight in forward and backward); 8-bit
+(LLM.int8) bases use `Fake8bitLinear` and `bnb.matmul`; trl's SFTTrainer casts the adapters of
+a quantized model to bf16, and so does the simulator. bitsandbytes 8-bit/32-bit/
 paged optimizers are the real ones (built outside fake mode, stepped inside); paged state is
 counted as resident. MoE experts run transformers' default grouped_mm path, whose shapes do not
 depend on the routing; an eager experts loop (data dependent) is replaced by one with a
@@ -48,7 +49,6 @@ CUDA context, allocator rounding or ZeRO/FSDP sharding: that is `tools.estimator
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -123,7 +123,7 @@ def simulate(model: ModelSpec, setup: TrainingSetup, *, extrapolate: bool = True
             f"model: the dry run of {model.model_id} ({model.model_type}, {setup.short()}) failed in "
             f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; use --fast (analytic)"
         ) from e
-    result = _combine(runs, depths, total, period)
+    result = _combine(runs, depths, total)
     result.seconds = round(time.perf_counter() - t0, 3)
     if len(depths) == 2:
         result.notes.append(
@@ -149,16 +149,14 @@ def _check_supported(model: ModelSpec, setup: TrainingSetup) -> None:
             f"model.config: {model.model_id} has no config.json dict; the simulator builds the model from it "
             "(look the model up with tools.models.lookup_model, or use the analytic tier with --fast)"
         )
-    if setup.load_in_8bit:
-        raise SimulationError("load_in_8bit: LLM.int8 base weights are not simulated yet; use --fast (analytic) or load_in_4bit")
     if setup.optim in ("adamw_torch_8bit", "adamw_torch_4bit"):
         raise SimulationError(f"optim: {setup.optim} (torchao) is not simulated yet; use adamw_bnb_8bit / paged_adamw_8bit or --fast")
     if setup.method in ("prompt-tuning", "prefix-tuning", "p-tuning") and setup.task != "causal-lm":
         raise SimulationError(f"method: {setup.method} is simulated for task causal-lm only")
     if setup.method == "prefix-tuning" and setup.gradient_checkpointing:
         raise SimulationError("gradient_checkpointing: peft's prefix-tuning does not work with gradient checkpointing; set gradient_checkpointing=false or use prompt-tuning/p-tuning")
-    if setup.load_in_4bit and setup.method not in ("qlora", "lora", "dora"):
-        raise SimulationError(f"method: {setup.method} on a 4-bit base is not simulated; use qlora/lora/dora")
+    if (setup.load_in_4bit or setup.load_in_8bit) and setup.method not in ("qlora", "lora", "dora"):
+        raise SimulationError(f"method: {setup.method} on a quantized (4/8-bit) base is not simulated; use qlora/lora/dora")
 
 
 def _cache_key(model: ModelSpec, setup: TrainingSetup, extrapolate: bool) -> str:
@@ -356,6 +354,7 @@ def _wrap_peft(m, setup: TrainingSetup):
 
 
 def _head_module(base):
+    """The output head (lm_head, or score/classifier for sequence classification)."""
     head = None
     try:
         head = base.get_output_embeddings()
@@ -366,8 +365,6 @@ def _head_module(base):
             head = getattr(base, name, None)
             if head is not None:
                 break
-    if head is not None and hasattr(head, "modules_to_save"):  # peft ModulesToSaveWrapper
-        pass
     return head
 
 
@@ -687,7 +684,7 @@ class _TrainingMaskPolicy:
         return False
 
 
-def _inputs(setup: TrainingSetup, cfg, batch: int, seq: int, vocab: int):
+def _inputs(setup: TrainingSetup, batch: int, seq: int, vocab: int):
     import torch
 
     ids = torch.randint(0, max(2, vocab), (batch, seq))
@@ -729,31 +726,36 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
         elif getattr(base.config, "_experts_implementation", None) not in (None, "eager") and any(
                 getattr(getattr(x, "gate_up_proj", None), "ndim", 0) == 3 for x in base.modules()):
             notes.append(f"MoE experts run transformers' {base.config._experts_implementation} path (its memory does not depend on the routing)")
-        quant_numel = 0
-        if setup.load_in_4bit:
-            from tools._fake_bnb import quantize_linears_4bit
+        if setup.load_in_4bit or setup.load_in_8bit:
+            from tools._fake_bnb import quantize_linears_4bit, quantize_linears_8bit
 
+            # transformers quantizes every linear layer except the output head; adapters come later
             skip = {id(x) for x in pm.modules() if any(p.requires_grad for p in x.parameters(recurse=False))}
             if head is not None:
                 skip.update(id(x) for x in head.modules())
             for x in pm.modules():
                 if type(x).__name__ == "ModulesToSaveWrapper":
                     skip.update(id(y) for y in x.modules())
-            n4 = quantize_linears_4bit(
-                pm, skip=skip, quant_type=setup.bnb_4bit_quant_type, double_quant=setup.bnb_4bit_use_double_quant,
-                compute_dtype=getattr(torch, _TORCH_DTYPES[setup.bnb_4bit_compute_dtype]),
-                quant_storage=setup.bnb_4bit_quant_storage,
-            )
-            # trl's SFTTrainer casts QLoRA adapters to bf16 (except DoRA magnitudes)
+            if setup.load_in_4bit:
+                nq = quantize_linears_4bit(
+                    pm, skip=skip, quant_type=setup.bnb_4bit_quant_type, double_quant=setup.bnb_4bit_use_double_quant,
+                    compute_dtype=getattr(torch, _TORCH_DTYPES[setup.bnb_4bit_compute_dtype]),
+                    quant_storage=setup.bnb_4bit_quant_storage,
+                )
+                kind = f"4-bit {setup.bnb_4bit_quant_type} stand-ins (bnb.matmul_4bit)"
+            else:
+                nq = quantize_linears_8bit(pm, skip=skip)
+                kind = "LLM.int8 stand-ins (bnb.matmul, outlier threshold 0: outlier columns not counted)"
+            # trl's SFTTrainer casts the adapters of a quantized model to bf16 (except DoRA magnitudes)
             for name, p in pm.named_parameters():
                 if p.requires_grad and "lora_magnitude_vector" not in name:
                     p.data = p.data.to(torch.bfloat16)
-            notes.append(f"{n4} linear layers as bitsandbytes 4-bit {setup.bnb_4bit_quant_type} stand-ins (bnb.matmul_4bit); adapters in bf16 as trl does")
+            notes.append(f"{nq} linear layers as bitsandbytes {kind}; adapters in bf16 as trl does")
         if is_peft and setup.gradient_checkpointing:
             pm.enable_input_require_grads()
         pm.train()
 
-        from tools._fake_bnb import Fake4bitLinear
+        from tools._fake_bnb import Fake4bitLinear, Fake8bitLinear
 
         params = [p for p in pm.parameters() if p.requires_grad]
         if not params:
@@ -761,7 +763,7 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
         frozen_store = {id(x.untyped_storage()) for x in list(pm.parameters()) + list(pm.buffers()) if not x.requires_grad}
         num_parameters = 0
         for mod in pm.modules():
-            if isinstance(mod, Fake4bitLinear):
+            if isinstance(mod, (Fake4bitLinear, Fake8bitLinear)):
                 num_parameters += mod.logical_numel
             else:
                 num_parameters += sum(p.numel() for p in mod.parameters(recurse=False))
@@ -796,7 +798,7 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
 
         # Step 2, the steady state: forward, loss, backward, clipping, optimizer step.
         with amp:
-            out = pm(**_inputs(setup, base.config, setup.per_device_train_batch_size, seq, vocab))
+            out = pm(**_inputs(setup, setup.per_device_train_batch_size, seq, vocab))
         loss = out.loss / setup.gradient_accumulation_steps
         logits = getattr(out, "logits", None)
         tracker.phase = "backward-loss"
@@ -867,7 +869,7 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
             tracker.phase = "eval"
             tracker.reset_peak()
             with torch.no_grad(), amp:
-                out = pm(**_inputs(setup, base.config, setup.per_device_eval_batch_size, seq, vocab))
+                out = pm(**_inputs(setup, setup.per_device_eval_batch_size, seq, vocab))
                 kept = None if setup.prediction_loss_only else out.logits
                 del out
             tracker.finish()
@@ -899,7 +901,7 @@ class _null:
 # --------------------------------------------------------------------------------------
 
 
-def _combine(runs: list[_RunResult], depths: list[int], total: int, period: int) -> StepMemory:
+def _combine(runs: list[_RunResult], depths: list[int], total: int) -> StepMemory:
     """Extend each segment's breakdown linearly in depth; the step peak is the largest segment at full depth.
 
     Peaks are tracked per segment because the segment holding the peak can change with depth
