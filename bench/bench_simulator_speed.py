@@ -53,6 +53,7 @@ CASES = {
     "8b-lora": ("llama3.1-8b", dict(method="lora", r=16, max_length=2048)),
     "8b-qlora": ("llama3.1-8b", dict(QLORA, max_length=2048)),
     "8b-full": ("llama3.1-8b", dict(method="full", optim="adamw_torch_fused", max_length=2048)),
+    "8b-lora-int8": ("llama3.1-8b", dict(method="lora", r=16, load_in_8bit=True, max_length=2048)),
     "7b-qlora-s512": ("llama2-7b", dict(QLORA, max_length=512)),
 }
 

@@ -875,6 +875,9 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
             tracker.finish()
             eval_peak = tracker.peak
             del kept
+            if not setup.prediction_loss_only:
+                notes.append("eval peak keeps one batch's logits; the Trainer also gathers every eval batch's logits "
+                             "on the GPU unless eval_accumulation_steps is set (not counted)")
     if setup.attn_implementation == "flash_attention_2":
         notes.append("flash_attention_2 simulated as CPU SDPA's flash kernel (no s^2 score matrix)")
     if setup.optim.startswith("paged_"):
