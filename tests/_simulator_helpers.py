@@ -40,10 +40,11 @@ def setup(**kw) -> TrainingSetup:
     return TrainingSetup(**base)
 
 
-def real_step(spec: ModelSpec, st: TrainingSetup) -> dict:
-    """Run two REAL training steps on CPU (step 1 complete, step 2 tracked) and measure them.
+def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
+    """Run two REAL training steps (step 1 complete, step 2 measured) and measure them.
 
-    Returns exact resident bytes summed from the tensors and the tracked peak of step 2.
+    Returns exact resident bytes summed from the tensors and the peak of step 2: tracked storage by
+    storage on CPU; on CUDA, torch.cuda.max_memory_allocated (the caching allocator's own count).
     """
     import peft
     import torch
@@ -57,7 +58,8 @@ def real_step(spec: ModelSpec, st: TrainingSetup) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[st.dtype]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=st.attn_implementation)
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=st.attn_implementation)
         if st.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if st.method == "lora":
@@ -70,10 +72,10 @@ def real_step(spec: ModelSpec, st: TrainingSetup) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = simulator._make_optimizer(model, st, params)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(st.compute_dtype)
-    ids = torch.randint(0, spec.vocab_size, (st.per_device_train_batch_size, st.max_length))
+    ids = torch.randint(0, spec.vocab_size, (st.per_device_train_batch_size, st.max_length), device=device)
 
     def step():
-        ctx = torch.autocast("cpu", dtype=amp_dtype) if (st.bf16 or st.fp16) else torch.autocast("cpu", enabled=False)
+        ctx = torch.autocast(device, dtype=amp_dtype) if (st.bf16 or st.fp16) else torch.autocast(device, enabled=False)
         with ctx:
             out = model(input_ids=ids, labels=ids, use_cache=False)
         loss = out.loss
@@ -88,15 +90,23 @@ def real_step(spec: ModelSpec, st: TrainingSetup) -> dict:
         warnings.simplefilter("ignore")
         step()
         opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
         tracker = simulator._make_tracker()
         states = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        with tracker:
-            # what exists before step 2 (parameters, buffers, optimizer state) is live from the start
-            for t in list(model.parameters()) + list(model.buffers()) + states:
-                tracker.add(t)
-            tracker.reset_peak()
-            step()
-            tracker.finish()
+        if device == "cpu":
+            with tracker:
+                # what exists before step 2 (parameters, buffers, optimizer state) is live from the start
+                for t in list(model.parameters()) + list(model.buffers()) + states:
+                    tracker.add(t)
+                tracker.reset_peak()
+                step()
+                tracker.finish()
+            peak = tracker.peak
     seen = set()
     resident = 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -113,6 +123,6 @@ def real_step(spec: ModelSpec, st: TrainingSetup) -> dict:
         "param_and_buffer_bytes": resident,
         "gradient_bytes": sum(p.grad.nbytes for p in params if p.grad is not None),
         "optimizer_bytes": state_bytes,
-        "peak_bytes": tracker.peak,
+        "peak_bytes": peak,
         "trainable_parameters": sum(p.numel() for p in params),
     }
