@@ -86,7 +86,7 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
             torch.nn.utils.clip_grad_norm_(params, st.max_grad_norm, foreach=True)
         opt.step()
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), simulator.CudaLikeDropout():  # same dropout kernel as the simulator (and CUDA)
         warnings.simplefilter("ignore")
         step()
         opt.zero_grad(set_to_none=True)

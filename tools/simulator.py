@@ -31,6 +31,7 @@ foreach=True (the CUDA default), `adamw_torch_fused` with fused=True; params are
 HF Trainer does (decay / no-decay). Mixed precision runs under `torch.autocast("cpu", dtype)`
 (the HF Trainer uses CUDA autocast; the two op lists differ in a few fp32 ops). CPU SDPA
 dispatches to a flash kernel (no s^2 matrix), so `flash_attention_2` is simulated as `sdpa`;
+dropout runs CUDA's fused kernel (bool mask) instead of CPU's composite (mask in the input dtype);
 `eager` materialises the s^2 scores. QLoRA uses `tools._fake_bnb.Fake4bitLinear`, which calls
 bitsandbytes' own `matmul_4bit` (transient dequantised weight in forward and backward); 8-bit
 (LLM.int8) bases use `Fake8bitLinear` and `bnb.matmul`; trl's SFTTrainer casts the adapters of
@@ -649,6 +650,34 @@ def _patch_moe(base) -> int:
     return n
 
 
+class CudaLikeDropout:
+    """Dropout as CUDA runs it: the fused native_dropout kernel keeps a 1-byte bool mask for backward.
+
+    On CPU, torch.nn.functional.dropout takes a composite path whose saved mask has the input's
+    dtype (2 bytes in bf16): that would overcount every LoRA dropout by a byte per element.
+    """
+
+    def __enter__(self):
+        import torch
+        import torch.nn.functional as F
+
+        self._orig = orig = F.dropout
+
+        def dropout(input, p=0.5, training=True, inplace=False):  # noqa: A002 - torch's own signature
+            if not training or p == 0.0 or p == 1.0 or not input.is_floating_point():
+                return orig(input, p, training, inplace)
+            return torch.native_dropout(input, p, True)[0]
+
+        F.dropout = dropout
+        return self
+
+    def __exit__(self, *exc):
+        import torch.nn.functional as F
+
+        F.dropout = self._orig
+        return False
+
+
 class _TrainingMaskPolicy:
     """Let transformers skip the causal mask for SDPA exactly as it does on real tensors.
 
@@ -718,7 +747,7 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
 
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = _make_tracker()
-    with _TrainingMaskPolicy(), fake, tracker, warnings.catch_warnings():
+    with _TrainingMaskPolicy(), CudaLikeDropout(), fake, tracker, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm.to_empty(device="cpu")
         if _patch_moe(base):
