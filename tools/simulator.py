@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 import warnings
 import weakref
@@ -73,6 +74,7 @@ _IRRELEVANT = {
     "logging_steps", "merge_adapter", "packing", "lora_alpha", "use_rslora",
 }
 _CACHE: dict[str, StepMemory] = {}
+_LOCK = threading.RLock()
 _CACHE_MAX = 256
 
 _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -116,7 +118,8 @@ def simulate(model: ModelSpec, setup: TrainingSetup, *, extrapolate: bool = True
     else:
         depths = [total]
     try:
-        runs = [_run(model, setup, d) for d in depths]
+        with _LOCK:  # the dry run patches a few library functions process-wide while it runs
+            runs = [_run(model, setup, d) for d in depths]
     except TunepilotError:
         raise
     except Exception as e:  # noqa: BLE001 - a model/library combination we cannot run: say so, the caller falls back
