@@ -125,4 +125,5 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
         "optimizer_bytes": state_bytes,
         "peak_bytes": peak,
         "trainable_parameters": sum(p.numel() for p in params),
+        "num_parameters": sum(p.numel() for p in model.parameters()),  # tied parameters once (as HF counts)
     }

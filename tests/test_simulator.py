@@ -44,6 +44,30 @@ def test_simulated_step_matches_real_cpu_step(kw):
     assert sim.peak_bytes == pytest.approx(real["peak_bytes"], rel=0.01)
 
 
+TINY_QWEN2_TIED = dict(
+    model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=True,
+)
+
+
+@pytest.mark.parametrize("kw", [dict(method="full", optim="adamw_torch", gradient_checkpointing=False),
+                                dict(method="lora", optim="adamw_torch_fused")], ids=["full", "lora"])
+def test_tied_embeddings_counted_once(kw):
+    """A tied LM head shares the embedding matrix: one tensor, counted once (as in the real model)."""
+    spec = tiny_spec(TINY_QWEN2_TIED)
+    st = setup(**kw)
+    sim = simulate(spec, st, extrapolate=False)
+    real = real_step(spec, st)
+    assert sim.num_parameters == real["num_parameters"]
+    assert sim.weights_bytes + sim.adapter_bytes == real["param_and_buffer_bytes"]
+    assert sim.gradient_bytes == real["gradient_bytes"]
+    assert sim.optimizer_bytes == real["optimizer_bytes"]
+    assert sim.peak_bytes == pytest.approx(real["peak_bytes"], rel=0.01)
+    # extrapolated over depth too: the shared matrix is not a per-block quantity
+    deep = tiny_spec(TINY_QWEN2_TIED, num_hidden_layers=4)
+    assert simulate(deep, st).num_parameters == simulate(deep, st, extrapolate=False).num_parameters
+
+
 def test_extrapolation_equals_full_simulation():
     spec = tiny_spec(num_hidden_layers=4)
     for kw in (dict(gradient_checkpointing=True), dict(gradient_checkpointing=False, method="full", optim="adamw_torch")):

@@ -357,6 +357,25 @@ def _wrap_peft(m, setup: TrainingSetup):
     return pm
 
 
+def _retie(base) -> None:
+    """Re-tie input and output embeddings after materialisation (transformers 5: `tie_weights()`)."""
+    if not getattr(getattr(base, "config", None), "tie_word_embeddings", False):
+        return
+    try:
+        base.tie_weights()
+    except Exception:  # noqa: BLE001 - fall back to pointing the head at the embedding matrix
+        pass
+    try:
+        out, inp = base.get_output_embeddings(), base.get_input_embeddings()
+    except Exception:  # noqa: BLE001
+        return
+    if out is None or inp is None:
+        return
+    out = getattr(out, "base_layer", out)  # a LoRA-wrapped head keeps its frozen weight in base_layer
+    if getattr(out, "weight", None) is not None and out.weight.shape == inp.weight.shape and out.weight is not inp.weight:
+        out.weight = inp.weight
+
+
 def _head_module(base):
     """The output head (lm_head, or score/classifier for sequence classification)."""
     head = None
@@ -753,6 +772,9 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
     with _TrainingMaskPolicy(), CudaLikeDropout(), fake, tracker, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm.to_empty(device="cpu")
+        # to_empty converts each module's parameters separately, so a tied output head (embeddings
+        # shared with lm_head) comes back as two tensors: re-tie exactly as from_pretrained does
+        _retie(base)
         if _patch_moe(base):
             notes.append("MoE experts routed with a perfectly balanced load (tokens*top_k/num_experts per expert), eager experts loop")
         elif getattr(base.config, "_experts_implementation", None) not in (None, "eager") and any(
@@ -794,11 +816,15 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
             raise SimulationError(f"method: {setup.method} leaves no trainable parameter for this model")
         frozen_store = {id(x.untyped_storage()) for x in list(pm.parameters()) + list(pm.buffers()) if not x.requires_grad}
         num_parameters = 0
+        seen_params: set[int] = set()  # a tied parameter belongs to two modules: count it once
         for mod in pm.modules():
             if isinstance(mod, (Fake4bitLinear, Fake8bitLinear)):
                 num_parameters += mod.logical_numel
-            else:
-                num_parameters += sum(p.numel() for p in mod.parameters(recurse=False))
+                continue
+            for p in mod.parameters(recurse=False):
+                if id(p) not in seen_params:
+                    seen_params.add(id(p))
+                    num_parameters += p.numel()
         trainable = sum(p.numel() for p in params)
         _mark_recompute(_blocks(base), tracker)
         if head is not None:
