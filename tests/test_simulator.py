@@ -204,6 +204,22 @@ def test_cache_returns_equal_result_fast():
     assert other.peak_bytes < first.peak_bytes  # no dropped copy of the LoRA input
 
 
+def test_cache_key_keeps_fields_that_change_memory():
+    """lora_dropout 0 (peft's Identity: no mask, no dropped copy) vs 0.1, and weight decay under foreach SGD."""
+    spec = tiny_spec()
+    kw = dict(gradient_checkpointing=False, optim="sgd")
+    d0 = simulate(spec, setup(lora_dropout=0.0, **kw), extrapolate=False)
+    d1 = simulate(spec, setup(lora_dropout=0.1, **kw), extrapolate=False)
+    assert not any("cache" in n for n in d1.notes)
+    assert d1.peak_breakdown["activations"] > d0.peak_breakdown["activations"]
+    st = setup(method="full", dtype="fp32", bf16=False, max_length=8, per_device_train_batch_size=1, **kw)
+    no_wd = simulate(spec, st, extrapolate=False)
+    wd = simulate(spec, st.model_copy(update={"weight_decay": 0.01}), extrapolate=False)
+    assert not any("cache" in n for n in wd.notes)
+    # foreach SGD adds the decay out of place: one more copy of the decayed gradients at the step
+    assert wd.peak_bytes > no_wd.peak_bytes
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kw", [dict(method="lora", optim="adamw_torch_fused"),
                                 dict(method="full", optim="adamw_torch", gradient_checkpointing=False)],

@@ -66,9 +66,14 @@ class SimulationError(TunepilotError):
     """A setup the simulator cannot run (unsupported combination or a model transformers cannot build)."""
 
 
-# Fields of TrainingSetup that cannot change the memory of one training step.
+# Fields of TrainingSetup that cannot change the memory of one simulated training step (the cache
+# ignores them). Not here, on purpose: lora_dropout (0 -> peft's Identity, no mask and no dropped
+# copy), weight_decay (foreach SGD/Adagrad/RMSprop add it out of place: a copy of every gradient),
+# max_grad_norm (clipping temporaries), and every shape/dtype/kernel field. Sharding and offload
+# (num_gpus, zero_stage, fsdp, offload) are applied to the one-replica step by tools.estimator.
+# lora_alpha/use_rslora only change a scalar; packing is simulated as its worst case (full rows).
 _IRRELEVANT = {
-    "model_id", "learning_rate", "num_train_epochs", "weight_decay", "warmup_steps", "lr_scheduler_type",
+    "model_id", "learning_rate", "num_train_epochs", "warmup_steps", "lr_scheduler_type",
     "seed", "eval_steps", "num_gpus", "num_nodes", "zero_stage", "fsdp", "offload", "gpu", "dataset",
     "dataset_text_field", "use_chat_template", "streaming", "output_dir", "save_steps", "save_total_limit",
     "logging_steps", "merge_adapter", "packing", "lora_alpha", "use_rslora",
@@ -167,6 +172,7 @@ def _cache_key(model: ModelSpec, setup: TrainingSetup, extrapolate: bool) -> str
     s = setup.model_dump(mode="json", exclude=_IRRELEVANT)
     s["gradient_accumulation_steps"] = min(setup.gradient_accumulation_steps, 2)
     s["lora_dropout"] = setup.lora_dropout > 0  # a dropped copy of the input exists or not; the rate is irrelevant
+    s["weight_decay"] = setup.weight_decay > 0  # only whether the optimizer runs the decay term
     if setup.eval_strategy != "no":
         s["eval_strategy"] = "yes"
     else:
@@ -534,7 +540,7 @@ class _RunResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _decay_groups(model, params: list):
+def _decay_groups(model, params: list, weight_decay: float = 0.0):
     """HF Trainer's two parameter groups: weight decay for everything but biases and norms."""
     import re
 
@@ -549,13 +555,13 @@ def _decay_groups(model, params: list):
                 no_decay_ids.add(id(p))
     decay = [p for p in params if id(p) not in no_decay_ids]
     no_decay = [p for p in params if id(p) in no_decay_ids]
-    return [g for g in ({"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
 def _make_optimizer(model, setup: TrainingSetup, params: list):
     import torch
 
-    groups = _decay_groups(model, params)
+    groups = _decay_groups(model, params, setup.weight_decay)
     lr = setup.learning_rate
     name = setup.optim
     if name == "adamw_torch":
