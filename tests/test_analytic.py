@@ -178,3 +178,24 @@ def test_analytic_within_10pct_of_simulator(name, kw):
     assert ana.optimizer_bytes == pytest.approx(sim.optimizer_bytes, rel=0.05)
     err = (ana.peak_bytes - sim.peak_bytes) / sim.peak_bytes
     assert abs(err) <= 0.10, f"analytic {ana.peak_bytes} vs simulated {sim.peak_bytes} ({100 * err:+.1f}%)"
+
+
+def test_dropout_masks_are_one_byte_in_both_tiers(llama):
+    """LoRA dropout costs the same in both tiers: a 1-byte mask (CUDA's fused kernel) per adapter input element."""
+    simulator = pytest.importorskip("tools.simulator")
+    delta = {}
+    for tier in ("simulated", "analytic"):
+        peaks = []
+        for d in (0.0, 0.1):
+            st = make_setup(method="lora", gradient_checkpointing=False, lora_dropout=d, max_length=256)
+            mem = simulator.simulate(llama, st) if tier == "simulated" else analytic_step_memory(llama, st)
+            peaks.append(mem.peak_breakdown["activations"])
+        delta[tier] = peaks[1] - peaks[0]
+    assert delta["analytic"] == delta["simulated"] > 0
+    # the mask itself: 1 byte per element of every adapter's input, in every block but the first
+    # (whose input, the frozen embeddings, needs no gradient: no mask kept for q/k/v)
+    tokens, h, inter, L = 2 * 256, LLAMA["hidden_size"], LLAMA["intermediate_size"], LLAMA["num_hidden_layers"]
+    per_block = 6 * h + inter  # q,k,v,o,gate,up read h-wide inputs, down reads the intermediate
+    masks = tokens * (per_block * L - 3 * h)
+    # under bf16 autocast lora_A saves its bf16 cast of the input with or without dropout: only the masks differ
+    assert delta["analytic"] == masks

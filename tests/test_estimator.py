@@ -242,3 +242,12 @@ def test_sharding_can_move_the_peak_to_another_moment():
     e = estimate(SPEC, st, fast=True, advice=False)
     assert e.breakdown["activations"] > 10
     assert any("moment" in p for p in e.provenance)
+
+
+def test_no_dropout_correction_on_top_of_a_step():
+    """Both tiers count CUDA's 1-byte dropout masks already: the estimator must not correct LoRA activations again."""
+    lora = TrainingSetup(model_id=SPEC.model_id, method="lora", lora_dropout=0.1, gradient_checkpointing=False)
+    st = step(gradients=GIB // 8, optimizer_state=GIB // 4)
+    e = estimate(SPEC, lora, step=st, advice=False)
+    assert e.breakdown["activations"] == pytest.approx(4.0, abs=1e-3)
+    assert not any("dropout" in p.lower() for p in e.provenance)

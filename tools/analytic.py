@@ -36,8 +36,9 @@ BNB_4BIT_BLOCK = 64  # bitsandbytes 4-bit blocksize (params per absmax)
 BNB_NESTED_BLOCK = 256  # double quant: absmax values per fp32 second-level constant
 BNB_OPTIM_BLOCK = 256  # bnb 8-bit optimizers: block-wise fp32 absmax per 256 values
 BNB_MIN_8BIT_SIZE = 4096  # bnb optimizers keep tensors smaller than this in 32-bit state
-# Dropout masks: on CPU (and in the fake-tensor dry run) the mask has the input's dtype; CUDA's fused
-# dropout keeps a 1-byte mask. This tier mirrors the dry run (slight overestimate for LoRA on CUDA).
+# Dropout masks: CUDA's fused dropout (and the dry run, which runs the same native_dropout kernel)
+# keeps a 1-byte bool mask for backward, whatever the input's dtype.
+DROPOUT_MASK_BYTES = 1
 
 # Names peft/HF use for the linear layers of common decoder blocks.
 ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -303,12 +304,12 @@ def _block_activation_bytes(model: ModelSpec, setup: TrainingSetup, tokens: int,
         inter = model.intermediate_size
         per_tok += c * inter + (c * inter if full else 0)  # fc_in out (+ act out as fc_out input)
     # adapters (peft casts the input to the adapter dtype; under autocast lora_A then runs in the
-    # compute dtype and saves that cast; dropout keeps its mask in the input dtype on CPU)
+    # compute dtype and saves that cast; dropout keeps a 1-byte mask, as CUDA's fused kernel does)
     if setup.method in ("lora", "qlora", "dora"):
         ad = adapter_dtype_bytes(setup)
         autocast = setup.bf16 or setup.fp16
         for lin in lora_targets(model, setup):
-            mask = ad if setup.lora_dropout > 0 else 0
+            mask = DROPOUT_MASK_BYTES if setup.lora_dropout > 0 else 0
             if autocast and ad != c:
                 x = mask + c  # mask + the compute-dtype cast lora_A saves
                 a_out = c
@@ -420,7 +421,7 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dic
             # dropout masks of the adapters reading it are not saved
             first = 4 * h + 4
             if setup.method != "ia3" and setup.lora_dropout > 0:
-                first += adapter_dtype_bytes(setup) * h * sum(1 for t in lora_targets(model, setup) if t.fan_in == h and t.name in ("q_proj", "k_proj", "v_proj"))
+                first += DROPOUT_MASK_BYTES * h * sum(1 for t in lora_targets(model, setup) if t.fan_in == h and t.name in ("q_proj", "k_proj", "v_proj"))
             acts_all -= first * T
 
     static = weights + adapters + optim

@@ -15,6 +15,9 @@ fallback when the simulator does not support a setup), then:
    cuBLAS workspaces (-> peak allocated), caching-allocator rounding and fragmentation
    (-> peak reserved), CUDA context and NCCL buffers (-> device total, what nvidia-smi shows);
 4. checks the result against the GPU and explains what dominates and what cuts it most.
+
+Both tiers already count dropout masks as CUDA keeps them (1 byte per element, the fused
+native_dropout kernel): no kernel correction is applied on top of a step.
 """
 
 from __future__ import annotations
@@ -158,33 +161,6 @@ def _shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -> tuple[di
     return bd, host, notes
 
 
-def _cuda_kernel_corrections(step: StepMemory, setup: TrainingSetup, model: ModelSpec, bd: dict[str, float]) -> list[str]:
-    """Adjust for kernels that differ between the CPU dry run and CUDA (in place); returns notes.
-
-    Dropout: CPU (and the dry run) keeps the mask in the input's dtype, CUDA's fused dropout in
-    1 byte. LoRA saves one mask per adapter per block for backward, so without checkpointing the
-    CPU figure overstates LoRA activations by (mask bytes - 1) per adapter input element.
-    """
-    if setup.method not in ("lora", "qlora", "dora") or setup.lora_dropout <= 0 or not bd.get("activations"):
-        return []
-    from tools.analytic import adapter_dtype_bytes, lora_targets
-
-    try:
-        targets = lora_targets(model, setup)
-    except TunepilotError:
-        return []
-    seq = setup.max_length
-    tokens = setup.per_device_train_batch_size * seq
-    blocks = 1 if setup.gradient_checkpointing else max(model.num_hidden_layers - 1, 1)
-    per_block = sum(t.fan_in * t.count for t in targets) * tokens
-    cut = (adapter_dtype_bytes(setup) - 1) * per_block * blocks
-    cut = min(cut, 0.5 * bd["activations"])
-    if cut <= 0:
-        return []
-    bd["activations"] -= cut
-    return [f"CUDA dropout keeps 1-byte masks (the CPU dry run keeps them in the adapter dtype): activations -{cut / BYTES_PER_GIB:.2f} GiB"]
-
-
 def _uncertainty_pct(tier: str, setup: TrainingSetup, model: ModelSpec) -> float:
     t = calibration()["tier_uncertainty_pct"]
     pct = float(t[tier])
@@ -233,7 +209,6 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
             if sum(abd2.values()) > sum(bd.values()):
                 bd, host = abd2, max(host, ahost)
                 provenance.append(f"after sharding the per-GPU peak is the {name.replace('_', ' ')} moment (analytic)")
-    provenance += _cuda_kernel_corrections(step, setup, model, bd)
     gib = float(BYTES_PER_GIB)
     # allocated: + cuBLAS workspaces (through torch's allocator)
     cw = _const("cublas_workspace_mib")
