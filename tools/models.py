@@ -468,8 +468,11 @@ def _http_get_via_proxy(url: str, headers: dict[str, str], timeout: float) -> tu
     import urllib.request
 
     req = urllib.request.Request(url, headers=headers)
+    # a private opener: urllib.request.urlopen caches a global opener with the proxies of its
+    # first call, which would then route every later urlopen in the process (slack_sdk's too)
+    opener = urllib.request.build_opener()
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with opener.open(req, timeout=timeout) as resp:
             return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
