@@ -58,14 +58,20 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[st.dtype]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if st.task == "sequence-classification":
+            cfg.num_labels = st.num_labels
+            auto = transformers.AutoModelForSequenceClassification
+        else:
+            auto = transformers.AutoModelForCausalLM
         with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=st.attn_implementation)
+            model = auto.from_config(cfg, dtype=dtype, attn_implementation=st.attn_implementation)
         if st.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if st.method == "lora":
             model = peft.get_peft_model(model, peft.LoraConfig(
                 r=st.r, lora_alpha=st.lora_alpha, lora_dropout=st.lora_dropout,
-                target_modules=st.target_modules, task_type="CAUSAL_LM"))
+                target_modules=st.target_modules,
+                task_type="SEQ_CLS" if st.task == "sequence-classification" else "CAUSAL_LM"))
             if st.gradient_checkpointing:
                 model.enable_input_require_grads()
     model.train()
@@ -73,11 +79,15 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
     opt = simulator._make_optimizer(model, st, params)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(st.compute_dtype)
     ids = torch.randint(0, spec.vocab_size, (st.per_device_train_batch_size, st.max_length), device=device)
+    if st.task == "sequence-classification":
+        labels = torch.zeros(st.per_device_train_batch_size, dtype=torch.long, device=device)
+    else:
+        labels = ids
 
     def step():
         ctx = torch.autocast(device, dtype=amp_dtype) if (st.bf16 or st.fp16) else torch.autocast(device, enabled=False)
         with ctx:
-            out = model(input_ids=ids, labels=ids, use_cache=False)
+            out = model(input_ids=ids, labels=labels, **({} if st.task == "sequence-classification" else {"use_cache": False}))
         loss = out.loss
         del out
         loss.backward()

@@ -68,6 +68,36 @@ def test_tied_embeddings_counted_once(kw):
     assert simulate(deep, st).num_parameters == simulate(deep, st, extrapolate=False).num_parameters
 
 
+TINY_BERT = dict(model_type="bert", hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 vocab_size=8192, max_position_embeddings=512, type_vocab_size=2, pad_token_id=0)
+BERT_SETUP = dict(task="sequence-classification", method="full", dtype="fp32", bf16=False, attn_implementation="eager",
+                  gradient_checkpointing=False, optim="adamw_torch_fused", max_length=128)
+
+
+def test_bert_sequence_classification_matches_real_cpu_step():
+    """Encoder, eager attention (s^2 probabilities + their dropout masks), pooler and classifier head."""
+    spec = tiny_spec(TINY_BERT)
+    st = setup(**BERT_SETUP)
+    sim = simulate(spec, st, extrapolate=False)
+    real = real_step(spec, st)
+    assert sim.num_parameters == real["num_parameters"]
+    assert sim.weights_bytes == real["param_and_buffer_bytes"]
+    assert sim.optimizer_bytes == real["optimizer_bytes"]
+    assert sim.peak_bytes == pytest.approx(real["peak_bytes"], rel=0.01)
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+def test_bert_extrapolation_equals_full_simulation(ga):
+    """The embedding backward is its own segment: a 1-block model's backward peak is not the deep model's kind of moment."""
+    spec = tiny_spec(TINY_BERT, num_hidden_layers=6)
+    st = setup(**BERT_SETUP, per_device_train_batch_size=1, gradient_accumulation_steps=ga)
+    ext = simulate(spec, st)
+    full = simulate(spec, st, extrapolate=False)
+    assert ext.layers_simulated == [1, 2]
+    assert ext.peak_bytes == pytest.approx(full.peak_bytes, rel=0.01)
+    assert ext.peak_breakdown["activations"] == pytest.approx(full.peak_breakdown["activations"], rel=0.01)
+
+
 def test_extrapolation_equals_full_simulation():
     spec = tiny_spec(num_hidden_layers=4)
     for kw in (dict(gradient_checkpointing=True), dict(gradient_checkpointing=False, method="full", optim="adamw_torch")):

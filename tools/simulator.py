@@ -403,8 +403,13 @@ def _head_module(base):
 
 
 _SEGMENT = {"forward-head": "forward", "setup": "setup"}
-_TRAIN_SEGMENTS = ("forward", "backward-loss", "backward", "optimizer")
-_PHASE_OF_SEGMENT = {"forward": "forward", "backward-loss": "backward", "backward": "backward", "optimizer": "optimizer"}
+# backward-tail: after the gradient has left the first block (embedding backward, or nothing). Kept apart
+# from the blocks' backward so that each segment's peak moment is the same kind of moment at every
+# depth (a 1-block model otherwise peaks in the embedding backward, a 2-block one at the start of
+# backward, and the linear extrapolation of that segment mixes the two).
+_TRAIN_SEGMENTS = ("forward", "backward-loss", "backward", "backward-tail", "optimizer")
+_PHASE_OF_SEGMENT = {"forward": "forward", "backward-loss": "backward", "backward": "backward", "backward-tail": "backward",
+                     "optimizer": "optimizer"}
 
 
 class _Rec:
@@ -838,6 +843,14 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
                 if tracker.phase == "forward":
                     tracker.phase = "forward-head"
             head.register_forward_pre_hook(_head_pre)
+        blocks = _blocks(base)
+        if blocks:
+            def _first_block_pre(_mod, args, kwargs):
+                x = args[0] if args else kwargs.get("hidden_states")
+                if tracker.phase == "forward" and isinstance(x, torch.Tensor) and x.requires_grad:
+                    x.register_hook(lambda g: setattr(tracker, "phase", "backward-tail"))
+
+            blocks[0].register_forward_pre_hook(_first_block_pre, with_kwargs=True)
         largest = 0
         for blk in _blocks(base):
             largest = max(largest, sum(x.untyped_storage().nbytes() for x in list(blk.parameters()) + list(blk.buffers())))
