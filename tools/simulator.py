@@ -321,8 +321,12 @@ def _build_model(model: ModelSpec, setup: TrainingSetup, depth: int):
                 raise SimulationError(f"task: transformers cannot build {setup.task} for '{model.model_type}' ({text[:200]})") from None
         except (KeyError, TypeError, AttributeError, NotImplementedError) as e:
             raise SimulationError(f"model.config: transformers cannot build '{model.model_type}' from this config ({e}); use --fast") from None
-        if setup.gradient_checkpointing:  # (deprecated name in transformers 5, same behaviour; the Trainer calls it)
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if setup.gradient_checkpointing:
+            # transformers 5 name (the old gradient_checkpointing_enable warns FutureWarning on every call)
+            if hasattr(m, "activation_checkpointing_enable"):
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return m
 
 
