@@ -330,8 +330,48 @@ def _build_model(model: ModelSpec, setup: TrainingSetup, depth: int):
     return m
 
 
+def _import_peft():
+    """Import peft without bitsandbytes (~2 s: bnb compiles its default ops with torch.compile on import).
+
+    peft.helpers imports bitsandbytes eagerly only to offer it; the simulator never lets peft dispatch
+    to bnb layers (it wraps plain nn.Linear on meta, then swaps in tools._fake_bnb stand-ins), and
+    imports bitsandbytes itself when a setup is quantized or uses a bnb optimizer.
+    """
+    import sys
+
+    if "peft" in sys.modules:
+        return sys.modules["peft"]
+    blocked = "bitsandbytes" not in sys.modules
+    if blocked:
+        sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError: peft.helpers sets bnb = None
+    try:
+        import peft
+    finally:
+        if blocked and sys.modules.get("bitsandbytes", 0) is None:
+            del sys.modules["bitsandbytes"]
+    return peft
+
+
+class _NoPeftBnbDispatch:
+    """While peft wraps the model: no bitsandbytes dispatchers (they would import bnb for nothing)."""
+
+    def __enter__(self):
+        from peft.tuners.lora import model as lora_model
+
+        self._mod = lora_model
+        self._saved = {n: getattr(lora_model, n) for n in ("is_bnb_available", "is_bnb_4bit_available") if hasattr(lora_model, n)}
+        for n in self._saved:
+            setattr(lora_model, n, lambda: False)
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self._saved.items():
+            setattr(self._mod, n, f)
+        return False
+
+
 def _peft_config(setup: TrainingSetup):
-    import peft
+    peft = _import_peft()
 
     task_type = {"causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "sequence-classification": "SEQ_CLS"}[setup.task]
     if setup.method in ("lora", "qlora", "dora"):
@@ -354,12 +394,12 @@ def _peft_config(setup: TrainingSetup):
 def _wrap_peft(m, setup: TrainingSetup):
     if setup.method == "full":
         return m
-    import peft
     import torch
 
+    peft = _import_peft()
     try:
         # on meta, peft's new adapter layers skip their (real, costly) random init
-        with torch.device("meta"), warnings.catch_warnings():
+        with torch.device("meta"), warnings.catch_warnings(), _NoPeftBnbDispatch():
             warnings.simplefilter("ignore")
             pm = peft.get_peft_model(m, _peft_config(setup))
     except (ValueError, KeyError, TypeError) as e:
