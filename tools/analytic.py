@@ -44,8 +44,11 @@ DROPOUT_MASK_BYTES = 1
 ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 # Architecture families whose MLP is not gated (fc_in -> act -> fc_out).
-_UNGATED = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "gpt_bigcode", "starcoder2", "codegen", "gpt_neo"}
-_LAYERNORM = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "gpt_bigcode", "starcoder2", "codegen", "gpt_neo", "stablelm"}
+# Encoders (BERT family) are ungated GELU MLPs with LayerNorm too.
+_ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert"}
+_UNGATED = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "gpt_bigcode", "starcoder2", "codegen", "gpt_neo"} | _ENCODERS
+_LAYERNORM = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "gpt_bigcode", "starcoder2", "codegen", "gpt_neo",
+              "stablelm"} | _ENCODERS
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,8 @@ def _block_activation_bytes(model: ModelSpec, setup: TrainingSetup, tokens: int,
     if setup.attn_implementation == "eager":
         per_tok += q + 2 * q + q  # q, repeated k and v, attention output
         extra = b * nh * seq * seq * (4 + c)  # fp32 softmax output + probabilities in compute dtype
+        if float(_cfg(model, "attention_probs_dropout_prob", "attention_dropout", default=0.0) or 0.0) > 0:
+            extra += b * nh * seq * seq * DROPOUT_MASK_BYTES  # attention dropout's mask (BERT: 0.1)
     else:
         per_tok += q + 2 * kv + q + 4 * nh
     if full:
