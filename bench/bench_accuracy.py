@@ -11,7 +11,9 @@ tier, and prints the error of both next to two rules of thumb on the same rows:
 
 Each prediction is compared on the quantity the source measured: allocated, reserved or
 nvidia-smi (device total; when the source measured its own CUDA context, that figure replaces
-our context constant). 'unspecified' rows are compared with the device total.
+our context constant). 'unspecified' rows are compared with the device total. Rows with
+grads_kept=true come from training loops that zero gradients in place (torch < 2.0's default
+zero_grad(set_to_none=False)): they are estimated with every gradient allocated through the step.
 
     .venv/bin/python bench/bench_accuracy.py            # both tiers (the simulator takes a while)
     .venv/bin/python bench/bench_accuracy.py --fast     # analytic tier only
@@ -79,9 +81,15 @@ def model_for(ref: str):
 
 def setup_for(row: dict, model_id: str) -> TrainingSetup:
     mp = row["mixed_precision"]
+    ga = int(row["grad_accum"])
+    if row.get("grads_kept") == "true" and ga == 1:
+        # the source's loop zeroes gradients instead of freeing them (torch < 2.0 zero_grad(set_to_none=False),
+        # which transformers <= 4.2x's Trainer called): from step 2 on every gradient is allocated through the
+        # forward and backward, exactly the memory of a later micro-batch of an accumulation window
+        ga = 2
     kw = dict(
         model_id=model_id, task=row["task"], method=row["method"], dtype=row["dtype"], bf16=mp == "bf16", fp16=mp == "fp16",
-        optim=row["optim"], per_device_train_batch_size=int(row["batch"]), gradient_accumulation_steps=int(row["grad_accum"]),
+        optim=row["optim"], per_device_train_batch_size=int(row["batch"]), gradient_accumulation_steps=ga,
         max_length=int(row["seq_len"]), gradient_checkpointing=row["gradient_checkpointing"] == "true",
         attn_implementation=row["attn"], num_gpus=int(row["num_gpus"]),
     )
