@@ -1,6 +1,7 @@
 """Accuracy of tunepilot's memory estimate against published, measured peaks.
 
-Reads bench/measurements.csv (each row: a fully stated setup, the quantity the source measured,
+Reads bench/measurements.csv (each row: a fully stated setup, `extra` holding further TrainingSetup
+fields as key=value;key=value, the quantity the source measured,
 the source URL and where in it), estimates every row with the simulated tier and the analytic
 tier, and prints the error of both next to two rules of thumb on the same rows:
 
@@ -102,6 +103,10 @@ def setup_for(row: dict, model_id: str) -> TrainingSetup:
         kw["target_modules"] = tm if tm == "all-linear" else tm.split(";")
     if row["method"] == "qlora":
         kw["load_in_4bit"] = True
+    for item in filter(None, (row.get("extra") or "").split(";")):
+        key, value = item.split("=", 1)
+        field = TrainingSetup.model_fields[key]
+        kw[key] = type(field.default)(value) if isinstance(field.default, (int, float)) and not isinstance(field.default, bool) else value
     return TrainingSetup(**kw)
 
 
