@@ -210,3 +210,12 @@ def test_dropout_masks_are_one_byte_in_both_tiers(llama):
     masks = tokens * (per_block * L - 3 * h)
     # under bf16 autocast lora_A saves its bf16 cast of the input with or without dropout: only the masks differ
     assert delta["analytic"] == masks
+
+
+def test_qlora_with_fp32_embeddings_keeps_an_fp32_residual_stream(llama):
+    """4-bit base with fp32 embeddings/norms (peft's prepare_model_for_kbit_training, trl 2024): fp32 layer inputs."""
+    simulator = pytest.importorskip("tools.simulator")
+    st = make_setup(method="qlora", dtype="fp32", gradient_checkpointing=True, max_length=1024, per_device_train_batch_size=4)
+    sim = simulator.simulate(llama, st)
+    ana = analytic_step_memory(llama, st)
+    assert ana.peak_bytes == pytest.approx(sim.peak_bytes, rel=0.05)

@@ -280,6 +280,9 @@ def _block_activation_bytes(model: ModelSpec, setup: TrainingSetup, tokens: int,
         norm += 2 * c * h if not layer_norm else c * h
     per_tok += 2 * norm
     wb = DTYPE_BYTES[setup.dtype]
+    if not full and not layer_norm and (setup.bf16 or setup.fp16) and wb > c:
+        # frozen fp32 norms/embeddings under autocast: the residual stream and both norm outputs stay fp32
+        per_tok += 2 * (wb - c) * h + 2 * wb * h
     if full and not layer_norm and (setup.bf16 or setup.fp16) and wb > c and not setup.load_in_4bit:
         # fp32 weights under autocast: the residual stream stays fp32, the norm's weight sees the fp32
         # product, and every linear casts the norm output itself (q, k, v: 3 casts; gate, up: 2)
@@ -403,7 +406,9 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dic
     block_saved, block_transient = _block_activation_bytes(model, setup, T, seq)
     if setup.load_in_4bit:
         block_transient += max(lin.fan_in * lin.fan_out for lin in block_linears(model) if _is_peft_linear(lin)) * c
-    layer_input = c * h * T
+    # the residual stream has the embeddings' dtype: fp32 embeddings (fp32 load dtype, or peft's
+    # prepare_model_for_kbit_training upcast of a 4-bit model) keep fp32 layer inputs under autocast
+    layer_input = max(c, wb) * h * T
     head_trainable = full
     final_norm = (4 * h + 4) * T + (2 * c * h * T if head_trainable else 0)
     if setup.task == "causal-lm":
