@@ -21,6 +21,32 @@ from torch import nn
 
 _WARMED = False
 
+
+def import_bitsandbytes():
+    """Import bitsandbytes without torch.compile-ing its CPU default kernels (~2 s of dynamo/inductor imports).
+
+    bnb wraps its default (CPU) ops in `_try_torch_compile`, which falls back to the plain function when
+    torch.compile raises: the dry run (fake tensors, fake kernels) and the one tiny real quantize_4bit
+    warm-up need no compiled CPU kernels. Memory is unaffected; only the import gets cheaper.
+    """
+    import sys
+
+    mod = sys.modules.get("bitsandbytes")
+    if mod is not None:
+        return mod
+    sys.modules.pop("bitsandbytes", None)
+    orig = torch.compile
+
+    def _no_compile(*args, **kwargs):
+        raise RuntimeError("tunepilot dry run: bitsandbytes' CPU default ops run eagerly")
+
+    torch.compile = _no_compile
+    try:
+        import bitsandbytes
+    finally:
+        torch.compile = orig
+    return bitsandbytes
+
 _STORAGE = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -29,6 +55,7 @@ def warm_bitsandbytes() -> None:
     global _WARMED
     if _WARMED:
         return
+    import_bitsandbytes()
     import bitsandbytes.functional as F
 
     from torch._subclasses.fake_tensor import unset_fake_temporarily

@@ -628,7 +628,9 @@ def _make_optimizer(model, setup: TrainingSetup, params: list):
 
         return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
     if name in _BNB_OPTIMS:
-        import bitsandbytes as bnb
+        from tools._fake_bnb import import_bitsandbytes
+
+        bnb = import_bitsandbytes()
 
         cls_name, bits, paged = _BNB_OPTIMS[name]
         cls = getattr(bnb.optim, cls_name)
@@ -836,7 +838,9 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
                 getattr(getattr(x, "gate_up_proj", None), "ndim", 0) == 3 for x in base.modules()):
             notes.append(f"MoE experts run transformers' {base.config._experts_implementation} path (its memory does not depend on the routing)")
         if setup.load_in_4bit or setup.load_in_8bit:
-            from tools._fake_bnb import quantize_linears_4bit, quantize_linears_8bit
+            from tools._fake_bnb import import_bitsandbytes, quantize_linears_4bit, quantize_linears_8bit
+
+            import_bitsandbytes()
 
             # transformers quantizes every linear layer except the output head; adapters come later
             skip = {id(x) for x in pm.modules() if any(p.requires_grad for p in x.parameters(recurse=False))}
