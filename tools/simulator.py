@@ -10,8 +10,12 @@ new storage with its size, and learns its death through a weakref finalizer, so 
 live total after every op. Step 1 only creates the optimizer state (zero gradients + one
 optimizer.step(), which allocates exactly what a first real step leaves behind); the peak of the
 SECOND, complete step (steady state) is reported. Peaks are kept per segment of the step (forward,
-loss backward, block backward, optimizer) because the segment that holds the peak can change with
-depth. The live storages at the peak moment are split into categories:
+loss backward, block backward, backward after the first block i.e. the embedding backward, optimizer)
+because the segment that holds the peak can change with depth, and each segment's peak must be the
+same kind of moment at depth k and k+period for the linear extrapolation to hold. Tied input/output
+embeddings are re-tied after materialisation (to_empty unties them) and counted once. peft is
+imported without bitsandbytes and bitsandbytes without compiling its CPU kernels (import time only).
+The live storages at the peak moment are split into categories:
 
 - weights / adapters: storages of frozen parameters and buffers (incl. 4-bit packed weights and
   their absmax/constants) / of trainable peft parameters (in full fine-tuning, trainable
