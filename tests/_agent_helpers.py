@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +29,15 @@ from pydantic import PrivateAttr
 _ids = itertools.count(1)
 
 Step = Union[AIMessage, Callable[[list[BaseMessage]], AIMessage], str]
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released): connections are refused at once."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 def tool_call(name: str, **args: Any) -> AIMessage:

@@ -14,6 +14,7 @@ import prompts
 from tools import agent_tools
 from tools.schemas import TrainingSetup, TunepilotError
 from tools.web_search import WebSearchError, web_search
+from tests._agent_helpers import closed_port
 
 EXPECTED = ["lookup_model", "parse_hardware", "estimate_memory", "plan_training", "make_peft_config",
             "write_training_script", "run_trial", "web_search"]
@@ -137,16 +138,8 @@ def test_session_state_reads_the_latest_artifacts():
 # --------------------------------------------------------------------------------------
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_web_search_offline_is_one_clear_error(monkeypatch):
-    monkeypatch.setenv("DDGS_PROXY", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("DDGS_PROXY", f"http://127.0.0.1:{closed_port()}")
     t0 = time.perf_counter()
     with pytest.raises(WebSearchError) as e:
         web_search("Qwen3-4B config.json", timeout=3)
@@ -187,7 +180,7 @@ def test_web_search_is_bounded_in_time_on_a_black_holed_network(monkeypatch):
 
 
 def test_web_search_tool_turns_offline_into_an_observation(monkeypatch):
-    monkeypatch.setenv("DDGS_PROXY", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("DDGS_PROXY", f"http://127.0.0.1:{closed_port()}")
     msg = _invoke("web_search", query="brand new model config", max_results=3)
     assert msg.content.startswith("web search unavailable") and msg.artifact == {"web_search": "unavailable"}
 

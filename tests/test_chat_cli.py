@@ -12,7 +12,6 @@ import pty
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._agent_helpers import OpenAIStub, stub_tool_call
+from tests._agent_helpers import OpenAIStub, closed_port, stub_tool_call
 
 ROOT = Path(__file__).resolve().parent.parent
 POLYGLOT = "EleutherAI/polyglot-ko-1.3b"
@@ -42,14 +41,6 @@ def _tool_result(body: dict) -> dict:
     msg = body["messages"][-1]
     assert msg["role"] == "tool", msg
     return json.loads(msg["content"])
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # --------------------------------------------------------------------------------------
@@ -103,7 +94,7 @@ def test_ask_without_a_model_or_with_an_unreachable_one_says_so_in_one_line(tmp_
     assert r.returncode == 2 and "TUNEPILOT_LLM" in r.stderr and "Traceback" not in r.stderr
     r = _cli("ask", "hi", "--llm", "openai:gpt-4o-mini", home=tmp_path)  # no OPENAI_API_KEY
     assert r.returncode == 2 and "needs OPENAI_API_KEY" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("ask", "hi", "--llm", "openai:m", "--base-url", f"http://127.0.0.1:{_closed_port()}/v1", home=tmp_path)
+    r = _cli("ask", "hi", "--llm", "openai:m", "--base-url", f"http://127.0.0.1:{closed_port()}/v1", home=tmp_path)
     assert r.returncode == 2 and "cannot reach the chat model server" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 
 from agent.core import agent_error_message, build_agent, run_turn
 from agent.llm import LLMNotConfiguredError, make_chat_model
-from tests._agent_helpers import OpenAIStub
+from tests._agent_helpers import OpenAIStub, closed_port
 from tools.schemas import TunepilotError
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_no_model_configured_says_how_to_configure_one():
@@ -64,7 +55,7 @@ def test_unknown_provider_and_missing_integration_are_one_line():
 
 
 def test_unreachable_server_is_one_clear_line():
-    model = make_chat_model("openai:stub-model", base_url=f"http://127.0.0.1:{_closed_port()}/v1", timeout=5, max_retries=0)
+    model = make_chat_model("openai:stub-model", base_url=f"http://127.0.0.1:{closed_port()}/v1", timeout=5, max_retries=0)
     agent = build_agent(model)
     with pytest.raises(TunepilotError) as e:
         run_turn(agent, "t", "hello")
