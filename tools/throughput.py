@@ -94,6 +94,14 @@ MULTI_NODE_FACTOR = 0.90
 OFFLOAD_FACTOR: dict[str, float] = {"none": 1.0, "optimizer": 0.5, "all": 0.3}
 # With PEFT the offloaded optimizer state is tiny: little is lost.
 PEFT_OPTIMIZER_OFFLOAD_FACTOR = 0.9
+# Parameter offload ('all': ZeRO-3 offload_param / FSDP cpu_offload) is bounded by host<->GPU
+# traffic, not by a flat factor: every micro-batch copies this GPU's shard of the weights to the
+# GPU for the forward, again for the checkpointed recompute, and again for the backward. So the
+# cost depends on how many bytes the weights take (4-bit QLoRA moves ~4x less than bf16 LoRA).
+# PCIe 4.0 x16 moves ~25 GB/s per direction in practice from pinned memory (32 GB/s theoretical);
+# DeepSpeed overlaps prefetch with compute, taken as half of the shorter of the two hidden.
+PCIE_GBS = 25.0
+OFFLOAD_OVERLAP = 0.5
 
 # GEMMs with few rows (tokens per micro-batch) and narrow models run below peak.
 FULL_EFFICIENCY_TOKENS = 4096   # tokens per micro-batch per GPU
@@ -339,14 +347,39 @@ def _utilisation(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec)
         u *= EAGER_ATTENTION_FACTOR
         parts.append(f"eager attention x{EAGER_ATTENTION_FACTOR}")
     if setup.offload != "none":
-        f = PEFT_OPTIMIZER_OFFLOAD_FACTOR if (setup.offload == "optimizer" and setup.is_peft) else OFFLOAD_FACTOR[setup.offload]
+        # the optimizer part of any offload; parameter traffic ('all') is added in _param_offload_factor
+        f = PEFT_OPTIMIZER_OFFLOAD_FACTOR if setup.is_peft else OFFLOAD_FACTOR["optimizer"]
         u *= f
-        parts.append(f"CPU offload {setup.offload} x{f}")
+        parts.append(f"CPU offload of the optimizer x{f}")
     scale, scale_desc = _scaling(setup)
     if scale != 1.0:
         parts.append(f"{scale_desc} scaling x{scale:.2f}")
     u *= scale
     return u, scale, "; ".join(parts)
+
+
+def _weight_bytes_per_param(setup: TrainingSetup) -> float:
+    """Bytes per base parameter as stored (what parameter offload moves across PCIe)."""
+    if setup.load_in_4bit:
+        return 0.5 + 0.07  # packed 4-bit + absmax/double-quant constants and unquantized embeddings, roughly
+    if setup.load_in_8bit:
+        return 1.0 + 0.02
+    if setup.method == "full" and (setup.zero_stage or setup.fsdp != "none"):
+        return 2.0 if (setup.bf16 or setup.fp16) else 4.0  # sharded engines gather the compute-dtype copy
+    return {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}[setup.dtype]
+
+
+def _param_offload_factor(model: ModelSpec, setup: TrainingSetup, fpt: float, tflops_per_gpu: float) -> tuple[float, str]:
+    """Slow-down from streaming offloaded parameters over PCIe each micro-batch: compute / step time."""
+    shards = max(1, setup.num_gpus)
+    passes = 3 if setup.gradient_checkpointing else 2  # forward, (recompute,) backward
+    traffic = model.num_parameters * _weight_bytes_per_param(setup) / shards * passes  # bytes per GPU per micro-batch
+    transfer_s = traffic / (PCIE_GBS * 1e9)
+    compute_s = fpt * setup.per_device_train_batch_size * setup.max_length / (tflops_per_gpu * 1e12)
+    step_s = max(compute_s, transfer_s) + (1 - OFFLOAD_OVERLAP) * min(compute_s, transfer_s)
+    f = compute_s / step_s
+    return f, (f"parameter offload x{f:.2f} ({traffic / 1e9:.1f} GB over PCIe per micro-batch at {PCIE_GBS:g} GB/s: "
+               f"{transfer_s:.2f} s vs {compute_s:.2f} s compute)")
 
 
 # --------------------------------------------------------------------------------------
@@ -389,6 +422,10 @@ def estimate_throughput(
     if u > MAX_UTILISATION:
         u = MAX_UTILISATION
         factors += f"; capped at {MAX_UTILISATION}"
+    if setup.offload == "all":
+        f, desc = _param_offload_factor(model, setup, fpt, peak * u)
+        u *= f
+        factors += f"; {desc}"
     notes.append(f"utilisation {u:.3f} = {factors}")
 
     num_gpus = setup.num_gpus
