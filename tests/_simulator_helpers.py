@@ -106,7 +106,7 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
             step()
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
-        tracker = simulator._make_tracker()
+        tracker = simulator._make_tracker(fake=False)
         states = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         if device == "cpu":
             with tracker:
