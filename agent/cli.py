@@ -8,6 +8,7 @@ Errors meant for people (TunepilotError) become one line on stderr and exit code
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -615,16 +616,33 @@ def slack(
         err_console.print("Slack bot stopped")
 
 
+# Commands that only compute and print: once their output is flushed, nothing is left to save, and
+# the interpreter's teardown of torch/transformers (~1 s of freeing modules) is skipped.
+_QUICK_EXIT = {"estimate", "plan", "script", "model", "models", "gpus"}
+
+
 def main() -> None:
     """Console-script entry point: people see one line per error, never a traceback."""
+    code: int | str | None = 0
     try:
         app()
+    except SystemExit as e:
+        code = e.code
     except TunepilotError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         err_console.print("interrupted")
-        sys.exit(130)
+        code = 130
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    if command in _QUICK_EXIT and "torch" in sys.modules and isinstance(code, (int, type(None))):
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be written anyway
+            pass
+        os._exit(code or 0)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

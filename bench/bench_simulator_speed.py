@@ -6,8 +6,12 @@ Run from the repository root:
     .venv/bin/python bench/bench_simulator_speed.py --case 70b-qlora
 
 Cold = a subprocess that imports tools.simulator and simulates once (what `tunepilot estimate`
-pays). Warm = a second simulation in the same process with a different setup (what the planner
-pays per confirmed candidate); a repeated identical call is a cache hit and costs ~0 s.
+pays; the CLI itself adds ~0.5 s, see `bench/bench_estimate_speed.py`). Warm = later simulations in
+the same process with the result cache cleared: "repeat" re-runs the same setup (every op shape seen
+before), "new" runs a sequence length never simulated in this process (every activation shape new:
+what the planner pays per confirmed candidate), "new, 1 core" the same with the two depths run one
+after the other (TUNEPILOT_SIM_PARALLEL=0) instead of side by side in a forked child. A repeated
+identical call is a result-cache hit and costs ~0 s.
 The configs below are the public config.json values of Llama-2-70B and Llama-3.1-8B.
 Targets on the 2-core dev machine: cold <= 10 s, warm <= 1 s.
 """
@@ -79,13 +83,13 @@ def setup_for(fields: dict):
     return TrainingSetup(**base)
 
 
-def one(case: str) -> dict:
-    """Simulate one case in this process; returns the headline figures."""
+def one(case: str, **changes) -> dict:
+    """Simulate one case (with optional setup changes) in this process; returns the headline figures."""
     from tools.simulator import simulate
 
     cfg, fields = CASES[case]
     t = time.perf_counter()
-    mem = simulate(spec_for(cfg), setup_for(fields))
+    mem = simulate(spec_for(cfg), setup_for({**fields, **changes}))
     return {
         "case": case, "seconds": round(time.perf_counter() - t, 2), "peak_gib": round(mem.peak_bytes / 2**30, 2),
         "resident_gib": round((mem.weights_bytes + mem.adapter_bytes + mem.optimizer_bytes) / 2**30, 2),
@@ -116,17 +120,24 @@ def main() -> None:
     import tools.simulator  # noqa: F401  - warm the imports once for the in-process timings
     import transformers  # noqa: F401
     print(f"imports (torch, transformers): {time.perf_counter() - t:.1f} s")
-    for case in cases:
+    import tools.simulator as sim_mod
+
+    for n, case in enumerate(cases):
         cold_s = None if args.no_cold else cold(case)
         first = one(case)  # first in-process call: model classes, peft, bnb, fake-tensor caches warm up
-        from tools.simulator import clear_cache
-
-        clear_cache()
-        warm = one(case)  # same setup again, cache cleared: the real per-call cost once warm
+        sim_mod.clear_cache()
+        warm = one(case)  # same setup again, result cache cleared: every op shape seen before
+        cfg, fields = CASES[case]
+        seq = fields.get("max_length", 2048)
+        new = one(case, max_length=seq - 8 * (2 * n + 1))  # a sequence length no case uses: all shapes new
+        sim_mod._PARALLEL = False
+        try:
+            serial = one(case, max_length=seq - 8 * (2 * n + 2))
+        finally:
+            sim_mod._PARALLEL = True
         print(f"{case:14s} cold {cold_s if cold_s is not None else '-':>6} s | first in-process {first['seconds']:5.2f} s | "
-              f"warm {warm['seconds']:5.2f} s | peak {warm['peak_gib']:7.2f} GiB (resident {warm['resident_gib']} GiB, "
-              f"peak in {warm['phase']}) {warm['breakdown_gib']}")
-
+              f"warm: repeat {warm['seconds']:5.2f} s, new {new['seconds']:5.2f} s, new 1 core {serial['seconds']:5.2f} s | "
+              f"peak {warm['peak_gib']:7.2f} GiB (resident {warm['resident_gib']} GiB, peak in {warm['phase']}) {warm['breakdown_gib']}")
 
 if __name__ == "__main__":
     main()

@@ -78,7 +78,13 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = simulator._make_optimizer(model, st, params)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(st.compute_dtype)
-    ids = torch.randint(0, spec.vocab_size, (st.per_device_train_batch_size, st.max_length), device=device)
+    extra = {}
+    if st.packing and st.task == "causal-lm":
+        # trl's padding-free packing: the batch as one row, position_ids restarting at every example
+        ids = torch.randint(0, spec.vocab_size, (1, st.per_device_train_batch_size * st.max_length), device=device)
+        extra["position_ids"] = torch.arange(st.max_length, device=device).repeat(st.per_device_train_batch_size)[None]
+    else:
+        ids = torch.randint(0, spec.vocab_size, (st.per_device_train_batch_size, st.max_length), device=device)
     if st.task == "sequence-classification":
         labels = torch.zeros(st.per_device_train_batch_size, dtype=torch.long, device=device)
     else:
@@ -87,7 +93,8 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
     def step():
         ctx = torch.autocast(device, dtype=amp_dtype) if (st.bf16 or st.fp16) else torch.autocast(device, enabled=False)
         with ctx:
-            out = model(input_ids=ids, labels=labels, **({} if st.task == "sequence-classification" else {"use_cache": False}))
+            out = model(input_ids=ids, labels=labels, **extra,
+                        **({} if st.task == "sequence-classification" else {"use_cache": False}))
         loss = out.loss
         del out
         loss.backward()

@@ -171,6 +171,9 @@ GRID = [
                      gradient_checkpointing=False, max_length=256)),
     ("bert", dict(task="sequence-classification", method="full", dtype="fp32", bf16=False, attn_implementation="eager",
                   gradient_checkpointing=False, max_length=256, per_device_train_batch_size=4)),
+    # trl's padding-free packing: one row of b*s tokens and transformers' block-diagonal mask
+    ("llama", dict(method="lora", packing=True, gradient_checkpointing=False, max_length=256, per_device_train_batch_size=4)),
+    ("llama", dict(method="lora", packing=True, gradient_checkpointing=True, max_length=512, per_device_train_batch_size=4)),
 ]
 
 

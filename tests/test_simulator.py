@@ -266,3 +266,149 @@ def test_simulated_peak_matches_cuda_max_memory_allocated(kw):
     assert sim.optimizer_bytes == pytest.approx(real["optimizer_bytes"], rel=1e-3)
     # CUDA-only extras (cuBLAS workspace, attention kernels' logsumexp, 512-byte rounding) are small here
     assert sim.peak_bytes == pytest.approx(real["peak_bytes"], rel=0.10)
+
+
+# --- speed machinery: the op cache and the forked second depth must not change a single byte -----
+
+_SPEED_CASES = [
+    dict(method="lora", gradient_checkpointing=True, lora_dropout=0.1),
+    dict(method="full", optim="adamw_torch", gradient_checkpointing=False, eval_strategy="epoch"),
+    dict(method="qlora", load_in_4bit=True, optim="paged_adamw_8bit", r=8),
+    dict(method="dora", gradient_checkpointing=True, optim="adafactor"),
+]
+
+
+def _comparable(mem) -> dict:
+    return mem.model_dump(exclude={"seconds", "notes"})
+
+
+@pytest.mark.parametrize("kw", _SPEED_CASES, ids=lambda kw: kw["method"])
+def test_op_cache_gives_the_same_result_as_fake_tensor_mode(kw, monkeypatch):
+    """The tracker's own op cache (replayed outputs) vs FakeTensorMode's full path on every op."""
+    import tools.simulator as sim_mod
+
+    spec = tiny_spec(num_hidden_layers=3)
+    st = setup(**kw)
+    monkeypatch.setattr(sim_mod, "_PARALLEL", False)
+    monkeypatch.setattr(sim_mod, "_FAST_PATH", False)
+    sim_mod.clear_cache()
+    slow = simulate(spec, st)
+    monkeypatch.setattr(sim_mod, "_FAST_PATH", True)
+    sim_mod.clear_cache()
+    sim_mod._OP_CACHE.clear()
+    fast_first = simulate(spec, st)  # fills the op cache
+    sim_mod.clear_cache()
+    fast_replayed = simulate(spec, st)  # answered from it
+    assert _comparable(fast_first) == _comparable(slow)
+    assert _comparable(fast_replayed) == _comparable(slow)
+
+
+def _fork_available() -> bool:
+    """Linux with two cores (the suite itself may have left idle server threads: the tests allow them)."""
+    import os
+    import sys
+
+    return sys.platform.startswith("linux") and len(os.sched_getaffinity(0)) >= 2
+
+
+@pytest.mark.skipif(not _fork_available(), reason="needs Linux and two cores")
+def test_forked_depth_gives_the_same_result_as_in_process(monkeypatch):
+    import tools.simulator as sim_mod
+
+    monkeypatch.setattr(sim_mod, "_single_threaded", lambda: True)
+    spec = tiny_spec(num_hidden_layers=5)
+    st = setup(method="lora", gradient_checkpointing=True)
+    monkeypatch.setattr(sim_mod, "_PARALLEL", False)
+    sim_mod.clear_cache()
+    alone = simulate(spec, st)
+    forks = []
+    real_fork = sim_mod.os.fork
+
+    def counting_fork():
+        forks.append(1)
+        return real_fork()
+
+    monkeypatch.setattr(sim_mod, "_PARALLEL", True)
+    monkeypatch.setattr(sim_mod.os, "fork", counting_fork)
+    sim_mod.clear_cache()
+    side_by_side = simulate(spec, st)
+    assert forks, "the shallower depth was not forked"
+    assert side_by_side.layers_simulated == [1, 2]
+    assert _comparable(side_by_side) == _comparable(alone)
+
+
+@pytest.mark.skipif(not _fork_available(), reason="needs Linux and two cores")
+@pytest.mark.parametrize("failure", ["raises", "dies", "hangs"])
+def test_a_failing_child_falls_back_to_in_process(failure, monkeypatch):
+    """Whatever happens to the forked child, the result is the one an in-process run gives."""
+    import os
+    import time
+
+    import tools.simulator as sim_mod
+
+    spec = tiny_spec(num_hidden_layers=4)
+    st = setup(method="full", optim="sgd", gradient_checkpointing=False)
+    monkeypatch.setattr(sim_mod, "_PARALLEL", False)
+    sim_mod.clear_cache()
+    expected = simulate(spec, st)
+    parent = os.getpid()
+    real_run = sim_mod._run
+
+    def flaky_run(model, setup_, depth):
+        if os.getpid() != parent:
+            if failure == "raises":
+                raise RuntimeError("boom in the child")
+            if failure == "dies":
+                os._exit(3)
+            time.sleep(60)
+        return real_run(model, setup_, depth)
+
+    monkeypatch.setattr(sim_mod, "_run", flaky_run)
+    monkeypatch.setattr(sim_mod, "_single_threaded", lambda: True)
+    monkeypatch.setattr(sim_mod, "_PARALLEL", True)
+    monkeypatch.setattr(sim_mod, "_CHILD_MIN_WAIT", 1.0)
+    monkeypatch.setattr(sim_mod, "_fork_broken", False)
+    sim_mod.clear_cache()
+    t = time.perf_counter()
+    got = simulate(spec, st)
+    assert _comparable(got) == _comparable(expected)
+    assert time.perf_counter() - t < 30
+    if failure == "hangs":
+        assert sim_mod._fork_broken  # a stuck child: no more forking in this process
+
+
+def test_no_fork_in_a_threaded_process(monkeypatch):
+    """With another Python thread alive (the Slack bot's workers), both depths run in this process."""
+    import threading
+
+    import tools.simulator as sim_mod
+
+    monkeypatch.setattr(sim_mod, "_PARALLEL", True)
+    monkeypatch.setattr(sim_mod.os, "fork", lambda: pytest.fail("forked a threaded process"))
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait, daemon=True)
+    worker.start()
+    try:
+        sim_mod.clear_cache()
+        mem = simulate(tiny_spec(num_hidden_layers=4), setup(method="full", optim="sgd"))
+    finally:
+        stop.set()
+        worker.join()
+    assert mem.layers_simulated == [1, 2]
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
+def test_packing_matches_a_real_padding_free_step(ckpt):
+    """trl's packing: one row of b*s tokens with restarting position_ids; SDPA gets transformers' block mask."""
+    spec = tiny_spec()
+    st = setup(method="lora", optim="adamw_torch_fused", packing=True, gradient_checkpointing=ckpt,
+               max_length=128, per_device_train_batch_size=4)
+    sim = simulate(spec, st, extrapolate=False)
+    real = real_step(spec, st)
+    assert sim.peak_bytes == pytest.approx(real["peak_bytes"], rel=0.01)
+    unpacked = simulate(spec, st.model_copy(update={"packing": False}), extrapolate=False)
+    tokens = st.per_device_train_batch_size * st.max_length
+    assert sim.peak_bytes >= unpacked.peak_bytes + tokens * tokens  # at least the [1,1,T,T] bool mask
+    # flash-attention runs the packed row as variable-length sequences: no mask
+    flash = simulate(spec, st.model_copy(update={"attn_implementation": "flash_attention_2"}), extrapolate=False)
+    assert flash.peak_bytes < sim.peak_bytes

@@ -40,9 +40,13 @@ def import_bitsandbytes():
     def _no_compile(*args, **kwargs):
         raise RuntimeError("tunepilot dry run: bitsandbytes' CPU default ops run eagerly")
 
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     torch.compile = _no_compile
     try:
-        import bitsandbytes
+        # never under a fake mode: bnb creates module-level tensors at import (the NF4/FP4 tables)
+        with unset_fake_temporarily():
+            import bitsandbytes
     finally:
         torch.compile = orig
     return bitsandbytes

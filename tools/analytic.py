@@ -264,8 +264,11 @@ def _optimizer(setup: TrainingSetup, trainable: int, param_bytes: int, largest: 
     return int(state), int(temp), notes
 
 
-def _block_activation_bytes(model: ModelSpec, setup: TrainingSetup, tokens: int, seq: int) -> tuple[int, int]:
-    """(saved-for-backward bytes of one decoder block, transient bytes while it runs) for `tokens` = b*s."""
+def _block_activation_bytes(model: ModelSpec, setup: TrainingSetup, tokens: int, seq: int,
+                            packed: bool = False) -> tuple[int, int]:
+    """(saved-for-backward bytes of one decoder block, transient bytes while it runs) for `tokens` = b*s.
+
+    `packed`: one padding-free row of `tokens` packed sequences (pass seq=tokens)."""
     h, d = model.hidden_size, model.head_dim
     nh, nkv = model.num_attention_heads, model.num_key_value_heads
     b = tokens // max(seq, 1)
@@ -297,6 +300,11 @@ def _block_activation_bytes(model: ModelSpec, setup: TrainingSetup, tokens: int,
             extra += b * nh * seq * seq * DROPOUT_MASK_BYTES  # attention dropout's mask (BERT: 0.1)
     else:
         per_tok += q + 2 * kv + q + 4 * nh
+        if packed and setup.attn_implementation != "flash_attention_2":
+            # a packed row with transformers' block mask: SDPA turns the bool mask into an additive one
+            # in the compute dtype (saved for backward), and with a mask transformers repeats k/v
+            extra += c * seq * seq
+            per_tok += 2 * (q - kv)
     if full:
         per_tok += q  # o_proj input
     # MLP
@@ -403,7 +411,9 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dic
         optim += int(small * per * (4 - (1 + 4 / BNB_OPTIM_BLOCK)))
 
     # activations
-    block_saved, block_transient = _block_activation_bytes(model, setup, T, seq)
+    packed = setup.packing and setup.task == "causal-lm" and setup.method not in ("prompt-tuning", "p-tuning", "prefix-tuning")
+    # trl's packing is padding-free: the batch is one row of T tokens, attention spans it
+    block_saved, block_transient = _block_activation_bytes(model, setup, T, T if packed else seq, packed)
     if setup.load_in_4bit:
         block_transient += max(lin.fan_in * lin.fan_out for lin in block_linears(model) if _is_peft_linear(lin)) * c
     # the residual stream has the embeddings' dtype: fp32 embeddings (fp32 load dtype, or peft's
@@ -419,12 +429,18 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dic
         n = setup.num_labels * b
         logits_fwd, logits_bwd, logits_saved = 12 * n, 12 * n, 4 * n
 
+    packed_mask = 0
+    if packed and setup.attn_implementation != "flash_attention_2":
+        # transformers' block-diagonal mask over the packed row: bool for SDPA, additive in compute
+        # dtype for eager; built once per forward, alive until the last block's backward
+        packed_mask = T * T * (1 if setup.attn_implementation != "eager" else c)
+        notes.append(f"packing with {setup.attn_implementation}: a [1,1,{T},{T}] block-diagonal mask (flash_attention_2 needs none)")
     if setup.gradient_checkpointing:
-        acts_all = L * layer_input + final_norm
+        acts_all = L * layer_input + final_norm + packed_mask
         recompute = block_saved + block_transient + 2 * layer_input
         notes.append("gradient checkpointing: one saved layer input per block + one block recomputed in backward")
     else:
-        acts_all = L * block_saved + final_norm
+        acts_all = L * block_saved + final_norm + packed_mask
         recompute = 0
         if setup.method in ("lora", "qlora", "dora", "ia3"):
             # the first block's input (frozen embeddings) needs no gradient: its first norm and the

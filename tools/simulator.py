@@ -78,12 +78,13 @@ class SimulationError(TunepilotError):
 # copy), weight_decay (foreach SGD/Adagrad/RMSprop add it out of place: a copy of every gradient),
 # max_grad_norm (clipping temporaries), and every shape/dtype/kernel field. Sharding and offload
 # (num_gpus, zero_stage, fsdp, offload) are applied to the one-replica step by tools.estimator.
-# lora_alpha/use_rslora only change a scalar; packing is simulated as its worst case (full rows).
+# lora_alpha/use_rslora only change a scalar. packing is simulated (trl flattens the packed batch into
+# one row; with sdpa/eager transformers then builds a block-diagonal [1,1,b*s,b*s] mask).
 _IRRELEVANT = {
     "model_id", "learning_rate", "num_train_epochs", "warmup_steps", "lr_scheduler_type",
     "seed", "eval_steps", "num_gpus", "num_nodes", "zero_stage", "fsdp", "offload", "gpu", "dataset",
     "dataset_text_field", "use_chat_template", "streaming", "output_dir", "save_steps", "save_total_limit",
-    "logging_steps", "merge_adapter", "packing", "lora_alpha", "use_rslora",
+    "logging_steps", "merge_adapter", "lora_alpha", "use_rslora",
 }
 _CACHE: dict[str, StepMemory] = {}
 _LOCK = threading.RLock()
@@ -167,13 +168,18 @@ def simulate(model: ModelSpec, setup: TrainingSetup, *, extrapolate: bool = True
 # is simulated in-process, so the result never depends on the fork. TUNEPILOT_SIM_PARALLEL=0
 # switches this off.
 _PARALLEL = os.environ.get("TUNEPILOT_SIM_PARALLEL", "1") != "0"
+_CHILD_MIN_WAIT = 10.0  # seconds the parent waits for the child at least (and 3x its own run)
 _fork_broken = False
+
+
+def _single_threaded() -> bool:
+    return threading.active_count() == 1
 
 
 def _fork_ok() -> bool:
     if not _PARALLEL or _fork_broken or not hasattr(os, "fork") or not sys.platform.startswith("linux"):
         return False
-    if threading.active_count() > 1:
+    if not _single_threaded():
         return False
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -216,7 +222,7 @@ def _run_depths(model: ModelSpec, setup: TrainingSetup, depths: list[int]) -> li
     except BaseException:
         _collect(pid, r, deadline=0.0)
         raise
-    shallow = _collect(pid, r, deadline=max(10.0, 3 * (time.perf_counter() - t0)))
+    shallow = _collect(pid, r, deadline=max(_CHILD_MIN_WAIT, 3 * (time.perf_counter() - t0)))
     if shallow is None:
         shallow = _run(model, setup, depths[0])
     return [shallow, deep]
@@ -1065,13 +1071,17 @@ class CudaLikeDropout:
 
 
 class _TrainingMaskPolicy:
-    """Let transformers skip the causal mask for SDPA exactly as it does on real tensors.
+    """Let transformers decide the attention mask exactly as it does on real tensors.
 
     transformers refuses to skip the materialised [b,1,s,s] mask when the position ids or the query
     offset are fake tensors ("tracing"); on a GPU, a full-length training batch with one sequence
     per row and no padding skips it (SDPA's is_causal, which also enables GQA without repeating
-    k/v). Training always starts at offset 0.
+    k/v). Training always starts at offset 0. With `packed`, the rows hold several sequences
+    (position_ids restart) and transformers builds its block-diagonal mask, as on a GPU.
     """
+
+    def __init__(self, packed: bool = False):
+        self.packed = packed
 
     def __enter__(self):
         import torch
@@ -1088,9 +1098,18 @@ class _TrainingMaskPolicy:
             return orig(padding_mask, q_length, kv_length, q_offset, kv_offset, *args, **kwargs)
 
         masking_utils._ignore_causal_mask_sdpa = patched
-        # one sequence per row (position_ids 0..s-1): transformers returns None here on real tensors
         self._orig_packed = masking_utils.find_packed_sequence_indices
-        masking_utils.find_packed_sequence_indices = lambda position_ids: None
+        if self.packed:
+            # several sequences per row: transformers' own computation without its data-dependent
+            # "is there only one?" check (there are several: position_ids restart)
+            def packed_indices(position_ids):
+                first = position_ids[:, :1] - 1
+                return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+            masking_utils.find_packed_sequence_indices = packed_indices
+        else:
+            # one sequence per row (position_ids 0..s-1): transformers returns None here on real tensors
+            masking_utils.find_packed_sequence_indices = lambda position_ids: None
         return self
 
     def __exit__(self, *exc):
@@ -1099,9 +1118,23 @@ class _TrainingMaskPolicy:
         return False
 
 
+def _packed(setup: TrainingSetup) -> bool:
+    """trl's packing ('bfd', its default) turns on padding-free batches: the whole batch is one row."""
+    return setup.packing and setup.task == "causal-lm" and setup.method not in ("prompt-tuning", "prefix-tuning", "p-tuning")
+
+
 def _inputs(setup: TrainingSetup, batch: int, seq: int, vocab: int):
+    """One batch as the Trainer feeds it: [batch, seq] rows, or with packing trl's padding-free form.
+
+    Packing: trl's collator flattens the batch into a single row of batch*seq tokens whose position_ids
+    restart at every packed example, and passes no attention mask (the worst case: every row full).
+    """
     import torch
 
+    if _packed(setup):
+        ids = torch.randint(0, max(2, vocab), (1, batch * seq))
+        pos = torch.arange(seq).repeat(batch).unsqueeze(0)
+        return {"input_ids": ids, "labels": ids, "position_ids": pos, "use_cache": False}
     ids = torch.randint(0, max(2, vocab), (batch, seq))
     kw = {"input_ids": ids}
     if setup.task == "sequence-classification":
@@ -1132,7 +1165,9 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
     vocab = int(getattr(base.config, "vocab_size", 0) or model.vocab_size)
 
     tracker = _make_tracker()  # the FakeTensorMode, counting storages
-    with _TrainingMaskPolicy(), CudaLikeDropout(), tracker, warnings.catch_warnings():
+    # flash-attention runs packed rows as variable-length sequences (no mask); sdpa/eager get the block mask
+    packed_mask = _packed(setup) and setup.attn_implementation != "flash_attention_2"
+    with _TrainingMaskPolicy(packed_mask), CudaLikeDropout(), tracker, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _materialise(pm, tracker)
         # to_empty converts each module's parameters separately, so a tied output head (embeddings
