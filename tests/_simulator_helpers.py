@@ -90,6 +90,8 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
     else:
         labels = ids
 
+    scaler = torch.amp.GradScaler(device) if st.fp16 else None  # the Trainer's fp16 path
+
     def step():
         ctx = torch.autocast(device, dtype=amp_dtype) if (st.bf16 or st.fp16) else torch.autocast(device, enabled=False)
         with ctx:
@@ -97,11 +99,17 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
                         **({} if st.task == "sequence-classification" else {"use_cache": False}))
         loss = out.loss
         del out
-        loss.backward()
+        (scaler.scale(loss) if scaler else loss).backward()
         del loss
+        if scaler:
+            scaler.unscale_(opt)
         if st.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, st.max_grad_norm, foreach=True)
-        opt.step()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
 
     with warnings.catch_warnings(), simulator.CudaLikeDropout():  # same dropout kernel as the simulator (and CUDA)
         warnings.simplefilter("ignore")

@@ -22,6 +22,8 @@ REAL_CASES = [
     dict(method="lora", optim="adamw_torch_fused", gradient_checkpointing=True),
     dict(method="full", optim="sgd", gradient_checkpointing=True, dtype="fp32", bf16=False),
     dict(method="lora", optim="adamw_bnb_8bit", gradient_checkpointing=False, r=64),
+    # fp16 mixed precision: fp32 weights, fp16 autocast, GradScaler (scaled loss, in-place unscale)
+    dict(method="lora", optim="adamw_torch_fused", gradient_checkpointing=True, dtype="fp32", bf16=False, fp16=True),
 ]
 
 

@@ -91,6 +91,7 @@ _LOCK = threading.RLock()
 _CACHE_MAX = 256
 
 _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_FP16_LOSS_SCALE = 65536.0  # torch.amp.GradScaler's initial scale
 _BNB_OPTIMS = {
     # name: (bnb class name, optim_bits, is_paged)
     "adamw_bnb_8bit": ("AdamW", 8, False),
@@ -606,7 +607,7 @@ def _make_tracker(fake: bool = True):
     """The memory tracker: the FakeTensorMode of a dry run (fake=True), or a plain dispatch mode that
     counts the storages of a real step the same way (fake=False; the tests compare the two)."""
     import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
@@ -726,7 +727,10 @@ def _make_tracker(fake: bool = True):
             self._init_tracking()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is prim_device:
+            if func is prim_device:  # autograd asks thousands of times: answer as FakeTensorMode's handler does
+                t = args[0] if len(args) == 1 else None
+                if isinstance(t, FakeTensor) and not t.fake_mode.in_kernel_invocation:
+                    return t.fake_device
                 return fake_dispatch(self, func, types, args, kwargs or {})
             key = None
             if not self._nested and _FAST_PATH:
@@ -1272,6 +1276,8 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
         with amp:
             out = pm(**_inputs(setup, setup.per_device_train_batch_size, seq, vocab))
         loss = out.loss / setup.gradient_accumulation_steps
+        if setup.fp16:
+            loss = loss * _FP16_LOSS_SCALE  # GradScaler.scale(loss): the Trainer's fp16 path
         logits = getattr(out, "logits", None)
         tracker.phase = "backward-loss"
         if logits is not None and logits.requires_grad:
@@ -1282,6 +1288,16 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
         loss.backward()
         del loss
         tracker.phase = "optimizer"
+        if setup.fp16:
+            # GradScaler.unscale_ (before clipping): the in-place foreach check-and-unscale per dtype group;
+            # scaler.step's found_inf.item() needs real values and allocates nothing, so it is skipped
+            found_inf, inv_scale = torch.zeros(1), torch.full((1,), 1.0 / _FP16_LOSS_SCALE)
+            groups: dict = {}
+            for p in params:
+                if p.grad is not None:
+                    groups.setdefault(p.grad.dtype, []).append(p.grad)
+            for grads in groups.values():
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
         if setup.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, setup.max_grad_norm, foreach=True)  # CUDA default: foreach
         optimizer.step()
@@ -1354,6 +1370,8 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
         notes.append("flash_attention_2 simulated as CPU SDPA's flash kernel (no s^2 score matrix)")
     if setup.optim.startswith("paged_"):
         notes.append(f"{setup.optim}: paged optimizer state counted as resident GPU memory (it is unified memory, evicted only under pressure)")
+    if setup.fp16:
+        notes.append("fp16: GradScaler's scaled loss and in-place unscale of the gradients simulated")
     if autocast:
         notes.append(f"mixed precision simulated with torch.autocast('cpu', {setup.compute_dtype}); the Trainer uses CUDA autocast (same policy for matmuls)")
     return _RunResult(
