@@ -187,14 +187,57 @@ def quantize_linears_4bit(model: nn.Module, *, skip: set[int], quant_type: str, 
             if type(child) is nn.Linear and id(child) not in skip:
                 swaps.append((parent, name, child))
     shared_code = None
-    for parent, name, child in swaps:
-        new = Fake4bitLinear(child, quant_type=quant_type, double_quant=double_quant,
-                             compute_dtype=compute_dtype, quant_storage=quant_storage)
-        if new.quant_state.nested:
-            # bnb caches the 256-entry dynamic map once per device and every nested state points at it
-            if shared_code is None:
-                shared_code = new.quant_state.state2.code
-            new.quant_state.state2.code = shared_code
-            new.nested_code = shared_code
-        setattr(parent, name, new)
+    with _FakeCodeTables():
+        for parent, name, child in swaps:
+            new = Fake4bitLinear(child, quant_type=quant_type, double_quant=double_quant,
+                                 compute_dtype=compute_dtype, quant_storage=quant_storage)
+            if new.quant_state.nested:
+                # bnb caches the 256-entry dynamic map once per device and every nested state points at it
+                if shared_code is None:
+                    shared_code = new.quant_state.state2.code
+                new.quant_state.state2.code = shared_code
+                new.nested_code = shared_code
+            setattr(parent, name, new)
     return len(swaps)
+
+
+class _FakeCodeTables:
+    """While the dry run quantizes: bnb's code tables as fake tensors, made once instead of once per layer.
+
+    bnb builds the 16-entry 4-bit table from a Python list on every quantize_4bit call and passes its
+    real 256-entry dynamic map (module-level, so it must stay real) to every double quantization;
+    under the fake mode each is a real-to-fake conversion (~1 ms per linear layer). The same tensors
+    result: a fresh 16-entry table per layer, one shared dynamic map on the device (counted once).
+    """
+
+    def __enter__(self):
+        import bitsandbytes.functional as F
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        self._F = F
+        self._get = get = F.get_4bit_type
+        self._dynamic = F.name2qmap.get("dynamic")
+        mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+        if mode is None:
+            return self
+        tables: dict = {}
+
+        def get_4bit_type(typename, device=None, blocksize=64):
+            key = (typename, blocksize)
+            if key not in tables:
+                tables[key] = get(typename, device=device, blocksize=blocksize)
+            return tables[key].clone()
+
+        F.get_4bit_type = get_4bit_type
+        if self._dynamic is not None and not isinstance(self._dynamic, FakeTensor):
+            fake = mode.from_tensor(self._dynamic)
+            if hasattr(mode, "add"):  # the simulator's tracking mode: the device copy is memory
+                mode.add(fake)
+            F.name2qmap["dynamic"] = fake
+        return self
+
+    def __exit__(self, *exc):
+        self._F.get_4bit_type = self._get
+        if self._dynamic is not None:
+            self._F.name2qmap["dynamic"] = self._dynamic
+        return False

@@ -761,7 +761,7 @@ def _make_tracker(fake: bool = True):
                 self._nested -= 1
             if self._nested:
                 return out
-            if key is not None and (direct or func is unsafe_view
+            if key is not None and (direct or func is unsafe_view or getattr(func, "namespace", None) == "bitsandbytes"
                                     or cacheable != FakeTensorMode.cache_hits + FakeTensorMode.cache_misses):
                 entry = _record(out, args)
                 if entry is not None:
@@ -790,7 +790,8 @@ def _make_tracker(fake: bool = True):
 # (same op, same input shapes/strides/dtypes) from its cache, but builds that cache key and the
 # output through ~0.4 ms of Python per op, and a 70B LoRA dry run dispatches ~2,500 such ops.
 # Here an op that FakeTensorMode itself found cacheable (a hit or a cached miss; plus
-# aten._unsafe_view, which it never caches) is remembered under a cheaper key: per tensor input
+# aten._unsafe_view, which it never caches, and bitsandbytes' ops, which it never caches as
+# non-builtin ops: their outputs follow from their arguments' metadata) is remembered under a cheaper key: per tensor input
 # (shape, stride, storage offset, dtype, requires_grad, device), other inputs by type and value.
 # A replay makes the output on `meta` exactly as FakeTensorMode's cache does: a fresh storage of
 # the same size, a view of the same input's storage, or the in-place input itself. Inputs with a
@@ -838,6 +839,8 @@ def _record(out, args):
     """How to make `out` again from inputs of the same metadata, or None if this op is not replayable."""
     from torch._subclasses.fake_tensor import FakeTensor
 
+    if out is None:
+        return ("none", ())  # an op that only mutates values (foreach/in-place updates): nothing to make
     outs = out if isinstance(out, (tuple, list)) else (out,)
     if not outs or not all(isinstance(o, FakeTensor) for o in outs):
         return None
@@ -874,6 +877,8 @@ def _replay(mode, entry, args):
     from torch._subclasses.fake_tensor import FakeTensor
 
     seq_type, infos = entry
+    if seq_type == "none":
+        return None
     outs = []
     for info in infos:
         if info[0] == "inplace":
@@ -1249,6 +1254,15 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
             largest = max(largest, sum(x.untyped_storage().nbytes() for x in list(blk.parameters()) + list(blk.buffers())))
 
         optimizer = _make_optimizer(pm, setup, params)
+        qmaps = getattr(optimizer, "name2qmap", None)
+        if isinstance(qmaps, dict):
+            # bitsandbytes' quantile maps are real tensors shared by every parameter's state: make them
+            # fake once, instead of FakeTensorMode converting them in each per-parameter update
+            from torch._subclasses.fake_tensor import FakeTensor
+
+            for k, v in list(qmaps.items()):
+                if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor):
+                    qmaps[k] = tracker.from_tensor(v)
         amp = torch.autocast("cpu", dtype=compute) if autocast else _null()
         seq = setup.max_length
 
