@@ -38,11 +38,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="meta-llama/Llama-2-70b-hf")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--method", default=None, help="full|lora|qlora|... (default: the CLI's default setup)")
     a = ap.parse_args()
+    extra = ["--method", a.method] if a.method else []
 
-    fast_med, fast_all = cold([a.model, "--fast", "--json"], a.repeat)
+    fast_med, fast_all = cold([a.model, *extra, "--fast", "--json"], a.repeat)
     print(f"cold  --fast     {a.model}: {fast_med:6.2f} s  (runs {', '.join(f'{t:.2f}' for t in fast_all)})  target <= 1 s")
-    sim_med, sim_all = cold([a.model, "--json"], a.repeat)
+    sim_med, sim_all = cold([a.model, *extra, "--json"], a.repeat)
     print(f"cold  simulated  {a.model}: {sim_med:6.2f} s  (runs {', '.join(f'{t:.2f}' for t in sim_all)})  target <= 10 s")
 
     import warnings
@@ -54,7 +56,10 @@ def main() -> int:
     from tools import simulator
 
     spec = lookup_model(a.model, hub=False)
-    st = TrainingSetup(model_id=spec.model_id)
+    fields = {"method": a.method} if a.method else {}
+    if a.method == "qlora":
+        fields.update(load_in_4bit=True, bnb_4bit_compute_dtype="bf16")  # as the CLI sets it
+    st = TrainingSetup(model_id=spec.model_id, **fields)
     t = time.perf_counter()
     estimate(spec, st)  # imports torch/transformers/peft and runs the dry run once
     first = time.perf_counter() - t
