@@ -132,7 +132,7 @@ def simulate(model: ModelSpec, setup: TrainingSetup, *, extrapolate: bool = True
     else:
         depths = [total]
     try:
-        with _LOCK:  # the dry run patches a few library functions process-wide while it runs
+        with _LOCK, _QuietTransformers():  # the dry run patches a few library functions process-wide while it runs
             runs = _run_depths(model, setup, depths)
     except TunepilotError:
         raise
@@ -325,6 +325,27 @@ def _min_period(seq: list) -> int:
     return len(seq)
 
 
+class _QuietTransformers:
+    """transformers' advice about a config ("legacy hidden_act value", "loss_type ... unrecognized") is
+    for people loading a model to run it; a dry run only counts bytes, so it is kept off the screen."""
+
+    def __enter__(self):
+        try:
+            from transformers.utils import logging as hf_logging
+        except ImportError:  # pragma: no cover - transformers is a [train] dependency
+            self._log = None
+            return self
+        self._log = hf_logging
+        self._level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        return self
+
+    def __exit__(self, *exc):
+        if self._log is not None:
+            self._log.set_verbosity(self._level)
+        return False
+
+
 def _layer_types(model: ModelSpec) -> list | None:
     """Per-block attention types (sliding/full...) as transformers derives them for the full depth."""
     lt = model.config.get("layer_types")
@@ -388,7 +409,8 @@ def _hf_config(model: ModelSpec, **overrides):
     raw = {k: v for k, v in model.config.items() if k not in ("model_type", "transformers_version", "architectures", "auto_map")}
     raw.update(overrides)
     try:
-        cfg = AutoConfig.for_model(model.model_type, **raw)
+        with _QuietTransformers():
+            cfg = AutoConfig.for_model(model.model_type, **raw)
     except Exception as e:  # noqa: BLE001 - any failure here is an unknown/odd config
         raise SimulationError(f"model.config: transformers cannot build a '{model.model_type}' config ({e}); use --fast") from None
     for k, v in overrides.items():  # attribute_map aliases (n_layer ...) are set both ways
