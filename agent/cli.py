@@ -432,7 +432,10 @@ def script(
         fail("give either --text-field F or --chat, not both")
     try:
         setup = TrainingSetup.load(setup_file)
+        setup, moe_note = _supported_dropout(setup)
         rendered = write_script(setup, output, dataset=dataset, text_field=text_field, chat=chat)
+        if moe_note:
+            rendered.notes.insert(0, moe_note)
     except ValidationError as e:
         fail(format_validation_error(e))
     except TunepilotError as e:
@@ -450,6 +453,20 @@ def script(
     console.print(f"trial first:  {rendered.trial_command}", highlight=False)
     for note in rendered.notes:
         console.print(f"[dim]note: {note}[/]", highlight=False)
+
+
+def _supported_dropout(setup):
+    """lora_dropout 0 where peft refuses dropout (LoRA on a catalog MoE model's fused experts); no Hub access."""
+    from tools.models import lookup_model
+    from tools.peft_config import supported_lora_dropout
+
+    if setup.lora_dropout <= 0 or setup.method not in ("lora", "qlora", "dora"):
+        return setup, None
+    try:
+        spec = lookup_model(setup.model_id, hub=False)
+    except TunepilotError:  # not in the catalog or the local cache: peft itself will say so if it applies
+        return setup, None
+    return supported_lora_dropout(spec, setup)
 
 
 def _trial_table(report) -> "object":

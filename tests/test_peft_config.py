@@ -185,3 +185,49 @@ def test_qlora_configs_load_a_real_4bit_model_on_cuda(llama, tmp_path):
     assert sum(p.numel() for p in pm.parameters() if p.requires_grad) == result.trainable_parameters
     ids = torch.randint(0, 256, (2, 16), device="cuda")
     pm(input_ids=ids, labels=ids).loss.backward()
+
+
+# --- LoRA on fused MoE experts: peft's ParamWrapper refuses dropout ---------------------------------
+
+TINY_MIXTRAL = {
+    "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+    "num_local_experts": 4, "num_experts_per_tok": 2, "tie_word_embeddings": False,
+}
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return spec_from_config(dict(TINY_MIXTRAL), "tiny/mixtral", "test")
+
+
+def test_moe_all_linear_lora_gets_zero_dropout_because_real_peft_refuses_it(mixtral, llama):
+    import peft
+    import transformers
+
+    from tools.peft_config import adapts_fused_experts, supported_lora_dropout
+
+    st = TrainingSetup(model_id="tiny/mixtral", method="lora", lora_dropout=0.05)
+    assert adapts_fused_experts(mixtral, st)
+    # the rule mirrors the real library: all-linear wraps the fused experts, and then dropout is refused
+    cfg = hf_config(mixtral)
+    with pytest.raises(ValueError, match="dropout"):
+        peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(cfg),
+                            peft.LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.05, task_type="CAUSAL_LM"))
+    fixed, note = supported_lora_dropout(mixtral, st)
+    assert fixed.lora_dropout == 0.0 and "ParamWrapper" in note
+    peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(cfg),
+                        peft.LoraConfig(r=8, target_modules="all-linear", lora_dropout=fixed.lora_dropout, task_type="CAUSAL_LM"))
+    # attention-only adapters and dense models keep their dropout
+    attn_only = st.model_copy(update={"target_modules": ["q_proj", "v_proj"]})
+    assert supported_lora_dropout(mixtral, attn_only) == (attn_only, None)
+    dense = TrainingSetup(model_id="tiny/llama", method="lora", lora_dropout=0.05)
+    assert supported_lora_dropout(llama, dense) == (dense, None)
+
+
+def test_moe_estimate_is_simulated_with_zero_dropout_and_says_so(mixtral):
+    from tools.estimator import estimate
+
+    est = estimate(mixtral, TrainingSetup(model_id="tiny/mixtral", method="lora", lora_dropout=0.05, max_length=64))
+    assert est.tier == "simulated"
+    assert any("lora_dropout 0.05 will be refused by peft" in n for n in est.provenance)

@@ -282,3 +282,13 @@ def test_a_busy_local_gpu_is_called_out():
     p = plan(lookup_model("Qwen/Qwen2.5-0.5B", hub=False), hw, PlanGoals(confirm=False, top=1))
     assert p.fits
     assert any(a.startswith("Right now a GPU has only 2.0 GiB free") for a in p.advice)
+
+
+def test_moe_lora_candidates_use_no_dropout():
+    """peft refuses dropout on fused MoE experts (all-linear wraps them): every adapter candidate has 0."""
+    p = _plan("mistralai/Mixtral-8x7B-v0.1", "8x H100", seq_len=1024, dataset_examples=1_000, method="lora", confirm=False)
+    adapters = [c.setup for c in p.candidates if c.setup.method in ("lora", "qlora", "dora")]
+    assert adapters, [c.setup.short() for c in p.candidates]
+    for st in adapters:
+        if st.target_modules == "all-linear":
+            assert st.lora_dropout == 0.0

@@ -210,6 +210,17 @@ def test_script_cli_writes_the_files(tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "not both" in bad.stderr
 
 
+def test_script_cli_drops_lora_dropout_for_moe_experts(tmp_path):
+    """A catalog MoE model with all-linear LoRA: peft refuses dropout on fused experts, so the script gets 0."""
+    setup_path = TrainingSetup(model_id="mistralai/Mixtral-8x7B-v0.1", method="lora", lora_dropout=0.05).save(tmp_path / "s.yaml")
+    out = tmp_path / "train.py"
+    res = subprocess.run([sys.executable, "-m", "agent.cli", "script", str(setup_path), "-o", str(out), "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, env=run_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "lora_dropout=0.0," in out.read_text()
+    assert any("ParamWrapper" in n for n in json.loads(res.stdout)["notes"])
+
+
 # ---- real runs on CPU ------------------------------------------------------------------
 
 

@@ -57,6 +57,27 @@ class PeftConfigResult(BaseModel):
 # --------------------------------------------------------------------------------------
 
 
+MOE_DROPOUT_NOTE = ("lora_dropout 0: peft puts LoRA on fused MoE expert weights through lora.ParamWrapper "
+                    "('all-linear' selects them in transformers 5), which refuses any dropout")
+
+
+def adapts_fused_experts(model: ModelSpec, setup: TrainingSetup) -> bool:
+    """Whether peft will wrap the model's fused MoE expert weights (lora.ParamWrapper: no dropout allowed)."""
+    if setup.method not in ("lora", "qlora", "dora") or not model.is_moe:
+        return False
+    targets = setup.target_modules
+    if targets == "all-linear":
+        return True
+    return any(t == "experts" or t.endswith(".experts") for t in targets)
+
+
+def supported_lora_dropout(model: ModelSpec, setup: TrainingSetup) -> tuple[TrainingSetup, str | None]:
+    """The setup with lora_dropout=0 where peft refuses dropout (adapters on fused MoE experts), and why."""
+    if setup.lora_dropout > 0 and adapts_fused_experts(model, setup):
+        return setup.model_copy(update={"lora_dropout": 0.0}), MOE_DROPOUT_NOTE
+    return setup, None
+
+
 def _config_key(model: ModelSpec) -> str:
     blob = json.dumps(model.config, sort_keys=True, default=str)
     return model.model_id + "#" + hashlib.sha1(blob.encode()).hexdigest()

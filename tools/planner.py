@@ -206,6 +206,8 @@ def _make_setup(
     )
     if method != "full":
         kw.update(r=r, lora_alpha=2 * r, target_modules=targets)
+        if model.is_moe and (targets == "all-linear" or "experts" in targets):
+            kw["lora_dropout"] = 0.0  # peft's ParamWrapper on fused MoE experts refuses dropout
     if method == "qlora":
         kw.update(
             load_in_4bit=True,
