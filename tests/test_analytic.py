@@ -33,6 +33,13 @@ BERT = dict(
     num_attention_heads=4, vocab_size=4096, max_position_embeddings=512, type_vocab_size=2, pad_token_id=0,
 )
 
+# MoE with fused experts: all-linear LoRA reaches them through peft's ParamWrapper (no dropout)
+MIXTRAL = dict(
+    model_type="mixtral", architectures=["MixtralForCausalLM"], hidden_size=128, intermediate_size=256,
+    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=2048, num_local_experts=4,
+    num_experts_per_tok=2, tie_word_embeddings=False, max_position_embeddings=4096,
+)
+
 
 def spec(cfg: dict) -> ModelSpec:
     """ModelSpec with the exact parameter count (meta instantiation of the real transformers class)."""
@@ -174,13 +181,15 @@ GRID = [
     # trl's padding-free packing: one row of b*s tokens and transformers' block-diagonal mask
     ("llama", dict(method="lora", packing=True, gradient_checkpointing=False, max_length=256, per_device_train_batch_size=4)),
     ("llama", dict(method="lora", packing=True, gradient_checkpointing=True, max_length=512, per_device_train_batch_size=4)),
+    ("mixtral", dict(method="lora", lora_dropout=0.0, gradient_checkpointing=True)),
+    ("mixtral", dict(method="lora", lora_dropout=0.0, gradient_checkpointing=False)),
 ]
 
 
 @pytest.mark.parametrize("name,kw", GRID, ids=[f"{n}-{i}" for i, (n, _) in enumerate(GRID)])
 def test_analytic_within_10pct_of_simulator(name, kw):
     simulator = pytest.importorskip("tools.simulator")
-    m = spec({"llama": LLAMA, "mistral": MISTRAL, "bert": BERT}[name])
+    m = spec({"llama": LLAMA, "mistral": MISTRAL, "bert": BERT, "mixtral": MIXTRAL}[name])
     st = make_setup(**kw)
     sim = simulator.simulate(m, st)
     ana = analytic_step_memory(m, st)

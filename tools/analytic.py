@@ -140,6 +140,30 @@ def lora_targets(model: ModelSpec, setup: TrainingSetup) -> list[Linear]:
     return hit
 
 
+def adapts_experts(model: ModelSpec, setup: TrainingSetup) -> bool:
+    """peft wraps the fused 3-D expert weights (lora.ParamWrapper) for 'all-linear' or an 'experts' target."""
+    if setup.method not in ("lora", "qlora", "dora") or not model.is_moe:
+        return False
+    t = setup.target_modules
+    return t == "all-linear" or any(x == "experts" or x.endswith(".experts") for x in t)
+
+
+def expert_adapter_params(model: ModelSpec, setup: TrainingSetup) -> int:
+    """LoRA parameters peft's ParamWrapper adds to one block's fused experts.
+
+    Per expert weight [E, out, in]: lora_A [r*E, in] and lora_B [out, r*E]; the fused gate_up
+    weight gets twice the rank (checked against real peft on Mixtral and Qwen3-MoE configs).
+    """
+    if not adapts_experts(model, setup):
+        return 0
+    n = 0
+    for lin in block_linears(model):
+        if lin.name.startswith("experts."):
+            factor = 2 if lin.name.endswith("gate_up_proj") else 1
+            n += factor * setup.r * (lin.fan_in + lin.fan_out) * lin.count
+    return n
+
+
 @dataclass
 class Counts:
     """Parameter counts of the model, split the way memory cares about."""
@@ -180,6 +204,7 @@ def _counts(model: ModelSpec, setup: TrainingSetup) -> Counts:
             adapter_per_block += setup.r * (lin.fan_in + lin.fan_out) * lin.count
             if setup.use_dora or m == "dora":
                 adapter_per_block += lin.fan_out * lin.count  # magnitude vector
+        adapter_per_block += expert_adapter_params(model, setup)
         adapters = adapter_per_block * L
     elif m == "ia3":
         names = {lin.name: lin for lin in block_linears(model)}
@@ -340,6 +365,10 @@ def _block_activation_bytes(model: ModelSpec, setup: TrainingSetup, tokens: int,
                 extra += c * lin.fan_in * lin.fan_in * lin.count
     elif setup.method == "ia3":
         per_tok += c * (2 * nkv * d + model.intermediate_size)
+    if adapts_experts(model, setup):
+        # peft's ParamWrapper adds B@A, reshaped to [experts, out, in], to each fused expert weight in
+        # forward and keeps it for backward: a compute-dtype copy of the block's expert weights
+        extra += c * sum(lin.fan_in * lin.fan_out * lin.count for lin in block_linears(model) if lin.name.startswith("experts."))
     saved = per_tok * tokens + extra
     # transient while a block runs: its MLP intermediate and (QLoRA) one dequantized weight
     transient = 2 * c * model.intermediate_size * tokens

@@ -224,7 +224,8 @@ def _lora_trainable(key: str, task: str, num_labels: int, r: int, targets: tuple
     for depth in (1, 2):
         net = _build_meta(spec, depth, task, num_labels)
         base = sum(p.numel() for p in net.parameters())
-        cfg = peft.LoraConfig(r=r, lora_alpha=r, target_modules=list(targets), use_dora=use_dora, task_type=_TASK_TYPE[task])
+        tm = "all-linear" if targets == ("all-linear",) else list(targets)
+        cfg = peft.LoraConfig(r=r, lora_alpha=r, target_modules=tm, use_dora=use_dora, task_type=_TASK_TYPE[task])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pm = peft.get_peft_model(net, cfg)
@@ -314,8 +315,14 @@ def peft_config(model: ModelSpec, setup: TrainingSetup) -> PeftConfigResult:
         total = model.num_parameters
         guidance.append(f"full fine-tuning: all {model.num_parameters:,} parameters are trained; no peft adapter, save the whole model")
     else:
-        targets = _resolve_targets(model, setup)
+        experts = adapts_fused_experts(model, setup)
+        # MoE + all-linear: peft's own resolution also wraps the fused experts (no module name reaches
+        # them), so the config keeps 'all-linear', exactly as the generated script passes it
+        targets = "all-linear" if experts and setup.target_modules == "all-linear" else _resolve_targets(model, setup)
         use_dora = setup.use_dora or setup.method == "dora"
+        setup, dropout_note = supported_lora_dropout(model, setup)
+        if dropout_note:
+            guidance.append(dropout_note)
         lora = {
             "r": setup.r,
             "lora_alpha": setup.lora_alpha,
@@ -327,11 +334,17 @@ def peft_config(model: ModelSpec, setup: TrainingSetup) -> PeftConfigResult:
             "use_dora": use_dora,
         }
         key = _remember(model)
-        trainable, added = _lora_trainable(key, setup.task, setup.num_labels, setup.r, tuple(targets), use_dora)
+        trainable, added = _lora_trainable(key, setup.task, setup.num_labels, setup.r,
+                                           (targets,) if isinstance(targets, str) else tuple(targets), use_dora)
         total = model.num_parameters + added
         guidance.extend(_lora_guidance(setup, use_dora, trainable, total))
-        if model.is_moe:
-            guidance.append("MoE model: experts stored as fused 3-D parameters are not nn.Linear and get no adapters from target_modules; peft's target_parameters can reach them")
+        if experts:
+            guidance.append(
+                "MoE model: adapters on the fused experts (peft's ParamWrapper) add B@A to every expert weight in "
+                "forward and keep that delta for backward: keep gradient checkpointing on, or target the attention "
+                "and router modules only to leave the experts frozen")
+        elif model.is_moe:
+            guidance.append("MoE model: the fused experts get no adapters from these target_modules ('all-linear' would wrap them too)")
 
     if setup.fp16 and setup.load_in_4bit and setup.bnb_4bit_compute_dtype != "fp16":
         guidance.append("bnb_4bit_compute_dtype: with fp16 mixed precision (GPU without bf16) the 4-bit compute dtype should be fp16")
@@ -372,7 +385,7 @@ def peft_config(model: ModelSpec, setup: TrainingSetup) -> PeftConfigResult:
         lora_config=lora,
         bnb_config=bnb,
         python=python,
-        target_modules=targets,
+        target_modules=targets if isinstance(targets, list) else [*linear_modules(model, setup.task), "experts"],
         trainable_parameters=int(trainable),
         total_parameters=int(total),
         guidance=guidance,
