@@ -432,10 +432,9 @@ def script(
         fail("give either --text-field F or --chat, not both")
     try:
         setup = TrainingSetup.load(setup_file)
-        setup, moe_note = _supported_dropout(setup)
+        setup, fixes = _supported_setup(setup)
         rendered = write_script(setup, output, dataset=dataset, text_field=text_field, chat=chat)
-        if moe_note:
-            rendered.notes.insert(0, moe_note)
+        rendered.notes[:0] = fixes
     except ValidationError as e:
         fail(format_validation_error(e))
     except TunepilotError as e:
@@ -455,18 +454,24 @@ def script(
         console.print(f"[dim]note: {note}[/]", highlight=False)
 
 
-def _supported_dropout(setup):
-    """lora_dropout 0 where peft refuses dropout (LoRA on a catalog MoE model's fused experts); no Hub access."""
-    from tools.models import lookup_model
-    from tools.peft_config import supported_lora_dropout
+def _supported_setup(setup):
+    """The setup with what transformers/peft would refuse at load time replaced, and a note per change.
 
-    if setup.lora_dropout <= 0 or setup.method not in ("lora", "qlora", "dora"):
-        return setup, None
+    Catalog / HF-cache models only (no Hub access): lora_dropout 0 for LoRA on fused MoE experts,
+    eager attention where the model class has no sdpa / flash-attention kernel."""
+    from tools.models import lookup_model
+    from tools.peft_config import supported_attention, supported_lora_dropout
+
     try:
         spec = lookup_model(setup.model_id, hub=False)
-    except TunepilotError:  # not in the catalog or the local cache: peft itself will say so if it applies
-        return setup, None
-    return supported_lora_dropout(spec, setup)
+    except TunepilotError:  # not in the catalog or the local cache: transformers/peft will say it themselves
+        return setup, []
+    notes = []
+    for fix in (supported_lora_dropout, supported_attention):
+        setup, note = fix(spec, setup)
+        if note:
+            notes.append(note)
+    return setup, notes
 
 
 def _trial_table(report) -> "object":

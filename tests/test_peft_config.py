@@ -231,3 +231,29 @@ def test_moe_estimate_is_simulated_with_zero_dropout_and_says_so(mixtral):
     est = estimate(mixtral, TrainingSetup(model_id="tiny/mixtral", method="lora", lora_dropout=0.05, max_length=64))
     assert est.tier == "simulated"
     assert any("lora_dropout 0.05 will be refused by peft" in n for n in est.provenance)
+
+
+def test_attention_kernels_transformers_refuses_are_replaced_by_eager():
+    """Gemma-2 has no sdpa and BLOOM neither sdpa nor flash-attention in transformers: they load only as eager."""
+    import transformers
+
+    from tools.estimator import estimate
+    from tools.models import lookup_model
+    from tools.peft_config import attention_support, supported_attention
+
+    bloom, gemma2, llama = (lookup_model(m, hub=False) for m in
+                            ("bigscience/bloom-560m", "google/gemma-2-2b", "meta-llama/Llama-3.1-8B"))
+    assert attention_support("bloom") == (False, False)
+    assert attention_support("gemma2") == (False, True)
+    assert attention_support("llama") == (True, True)
+    # the rule is transformers' own: loading with the refused kernel raises
+    cfg = transformers.AutoConfig.for_model("bloom", hidden_size=32, n_layer=1, n_head=4, vocab_size=64)
+    with pytest.raises(ValueError):
+        transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    st = TrainingSetup(model_id="x", method="lora", max_length=128)
+    fixed, note = supported_attention(gemma2, st)
+    assert fixed.attn_implementation == "eager" and "flash_attention_2" in note
+    assert supported_attention(gemma2, st.model_copy(update={"attn_implementation": "flash_attention_2"}))[1] is None
+    assert supported_attention(llama, st) == (st, None)
+    est = estimate(bloom, st.model_copy(update={"model_id": bloom.model_id}))
+    assert est.tier == "simulated" and any("no sdpa attention for bloom" in n for n in est.provenance)

@@ -292,3 +292,8 @@ def test_moe_lora_candidates_use_no_dropout():
     for st in adapters:
         if st.target_modules == "all-linear":
             assert st.lora_dropout == 0.0
+
+
+def test_models_without_sdpa_are_planned_with_eager_attention():
+    p = _plan("bigscience/bloom-560m", "T4", seq_len=512, dataset_examples=1_000, confirm=False)
+    assert p.candidates and all(c.setup.attn_implementation == "eager" for c in p.candidates)

@@ -221,6 +221,16 @@ def test_script_cli_drops_lora_dropout_for_moe_experts(tmp_path):
     assert any("ParamWrapper" in n for n in json.loads(res.stdout)["notes"])
 
 
+def test_script_cli_uses_eager_where_transformers_has_no_sdpa(tmp_path):
+    setup_path = TrainingSetup(model_id="google/gemma-2-2b", method="lora").save(tmp_path / "s.yaml")
+    out = tmp_path / "train.py"
+    res = subprocess.run([sys.executable, "-m", "agent.cli", "script", str(setup_path), "-o", str(out), "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, env=run_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert '"eager"' in out.read_text() and '"sdpa"' not in out.read_text()
+    assert any("no sdpa attention for gemma2" in n for n in json.loads(res.stdout)["notes"])
+
+
 # ---- real runs on CPU ------------------------------------------------------------------
 
 

@@ -530,11 +530,12 @@ def write_training_script_tool(**kw) -> tuple[str, dict]:
     if updates:
         setup = TrainingSetup.model_validate(setup.model_dump() | updates)
     if _spec is not None:
-        from tools.peft_config import supported_lora_dropout
+        from tools.peft_config import supported_attention, supported_lora_dropout
 
-        setup, moe_note = supported_lora_dropout(_spec, setup)
-        if moe_note:
-            notes.append(moe_note)
+        for fix in (supported_lora_dropout, supported_attention):
+            setup, note = fix(_spec, setup)
+            if note:
+                notes.append(note)
     rendered = render_script(setup, dataset=setup.dataset, text_field=setup.dataset_text_field, chat=setup.use_chat_template)
     ctx = current_context()
     out_dir = ctx.thread_dir

@@ -78,6 +78,37 @@ def supported_lora_dropout(model: ModelSpec, setup: TrainingSetup) -> tuple[Trai
     return setup, None
 
 
+@lru_cache(maxsize=128)
+def attention_support(model_type: str) -> tuple[bool, bool]:
+    """(sdpa, flash_attention_2) supported by transformers' causal-LM class for this model type.
+
+    transformers raises at load time for an attn_implementation its class does not support (Gemma-2:
+    no sdpa, soft-capped logits; BLOOM: neither, ALiBi). Unknown types answer (True, True)."""
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # no transformers here: nothing to check against
+        return True, True
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ""), None)
+    if cls is None:
+        return True, True
+    return bool(getattr(cls, "_supports_sdpa", True)), bool(getattr(cls, "_supports_flash_attn", True))
+
+
+def supported_attention(model: ModelSpec, setup: TrainingSetup) -> tuple[TrainingSetup, str | None]:
+    """The setup with an attn_implementation transformers accepts for this model (eager otherwise), and why."""
+    attn = setup.attn_implementation
+    if attn not in ("sdpa", "flash_attention_2") or setup.task != "causal-lm":
+        return setup, None
+    sdpa, flash = attention_support(model.model_type)
+    if (attn == "sdpa" and sdpa) or (attn == "flash_attention_2" and flash):
+        return setup, None
+    alt = "flash_attention_2 on a GPU with flash-attn, or eager" if attn == "sdpa" and flash else "eager"
+    return (setup.model_copy(update={"attn_implementation": "eager"}),
+            f"attn_implementation eager: transformers has no {attn} attention for {model.model_type} "
+            f"(it would refuse to load the model); use {alt}")
+
+
 def _config_key(model: ModelSpec) -> str:
     blob = json.dumps(model.config, sort_keys=True, default=str)
     return model.model_id + "#" + hashlib.sha1(blob.encode()).hexdigest()

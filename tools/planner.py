@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from tools.peft_config import attention_support
 from tools.schemas import (
     Candidate,
     HardwareSpec,
@@ -204,6 +205,10 @@ def _make_setup(
         offload=strategy.offload,
         gpu=hardware.gpu.name,
     )
+    if attn in ("sdpa", "flash_attention_2"):
+        sdpa_ok, flash_ok = attention_support(model.model_type)
+        if not (sdpa_ok if attn == "sdpa" else flash_ok):
+            kw["attn_implementation"] = "eager"  # transformers refuses the other kernels for this model
     if method != "full":
         kw.update(r=r, lora_alpha=2 * r, target_modules=targets)
         if model.is_moe and (targets == "all-linear" or "experts" in targets):
@@ -370,7 +375,7 @@ def _search(
         if not best.fits:  # a bound from a neighbour was wrong (non-monotone estimate): trust the estimate
             continue
         best.thr = _throughput(model, best.setup, hardware, goals)
-        if flash:
+        if flash and attention_support(model.model_type)[1]:
             fa = best.setup.model_copy(update={"attn_implementation": "flash_attention_2"})
             thr = _throughput(model, fa, hardware, goals)
             if thr.tokens_per_second > best.thr.tokens_per_second * 1.001:
@@ -642,6 +647,9 @@ def _quant_variants_advice(model, hardware, goals, winner: _Option) -> Optional[
 
 
 def _flash_advice(hardware: HardwareSpec, winner: _Option) -> Optional[str]:
+    if winner.setup.attn_implementation == "eager":
+        return ("Attention: eager; transformers supports neither sdpa nor (here) flash_attention_2 for this model, "
+                "so attention memory grows with seq_len squared.")
     if _cc(hardware) >= 8.0 and winner.setup.attn_implementation == "sdpa":
         return ("Attention: sdpa (PyTorch's built-in flash kernel). flash_attention_2 also runs on this GPU "
                 "(compute capability >= 8.0) with the same memory; it needs `pip install flash-attn`.")
