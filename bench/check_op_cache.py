@@ -20,7 +20,7 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     import tools.simulator as sim
     from tools.models import catalog
-    from tools.peft_config import supported_lora_dropout
+    from tools.peft_config import supported_attention, supported_lora_dropout
     from tools.schemas import TrainingSetup, TunepilotError
 
     sim._PARALLEL = False  # compare the paths in one process
@@ -33,6 +33,7 @@ def main() -> int:
         for kw in (dict(method="lora", max_length=128),
                    dict(method="full", optim="adamw_torch", max_length=128, gradient_checkpointing=False)):
             st, _ = supported_lora_dropout(spec, TrainingSetup(model_id=spec.model_id, **kw))
+            st, _ = supported_attention(spec, st)  # eager where transformers has no sdpa (Gemma-2, BLOOM)
             try:
                 sim._FAST_PATH = False
                 sim.clear_cache()
