@@ -460,18 +460,13 @@ def _supported_setup(setup):
     Catalog / HF-cache models only (no Hub access): lora_dropout 0 for LoRA on fused MoE experts,
     eager attention where the model class has no sdpa / flash-attention kernel."""
     from tools.models import lookup_model
-    from tools.peft_config import supported_attention, supported_lora_dropout
+    from tools.peft_config import loadable_setup
 
     try:
         spec = lookup_model(setup.model_id, hub=False)
     except TunepilotError:  # not in the catalog or the local cache: transformers/peft will say it themselves
         return setup, []
-    notes = []
-    for fix in (supported_lora_dropout, supported_attention):
-        setup, note = fix(spec, setup)
-        if note:
-            notes.append(note)
-    return setup, notes
+    return loadable_setup(spec, setup)
 
 
 def _trial_table(report) -> "object":

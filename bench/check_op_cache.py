@@ -20,7 +20,7 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     import tools.simulator as sim
     from tools.models import catalog
-    from tools.peft_config import supported_attention, supported_lora_dropout
+    from tools.peft_config import loadable_setup
     from tools.schemas import TrainingSetup, TunepilotError
 
     sim._PARALLEL = False  # compare the paths in one process
@@ -32,8 +32,8 @@ def main() -> int:
         seen.add(spec.model_type)
         for kw in (dict(method="lora", max_length=128),
                    dict(method="full", optim="adamw_torch", max_length=128, gradient_checkpointing=False)):
-            st, _ = supported_lora_dropout(spec, TrainingSetup(model_id=spec.model_id, **kw))
-            st, _ = supported_attention(spec, st)  # eager where transformers has no sdpa (Gemma-2, BLOOM)
+            # no dropout on fused MoE experts, eager where transformers has no sdpa (Gemma-2, BLOOM)
+            st, _ = loadable_setup(spec, TrainingSetup(model_id=spec.model_id, **kw))
             try:
                 sim._FAST_PATH = False
                 sim.clear_cache()

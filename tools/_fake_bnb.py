@@ -71,7 +71,19 @@ def warm_bitsandbytes() -> None:
     _WARMED = True
 
 
-class Fake4bitLinear(nn.Module):
+class _FakeQuantLinear(nn.Module):
+    """What both stand-ins share: the logical parameter count and peft's quantized-weight hook."""
+
+    @property
+    def logical_numel(self) -> int:
+        return self.in_features * self.out_features + (self.bias.numel() if self.bias is not None else 0)
+
+    @property
+    def W_q(self) -> torch.Tensor:  # noqa: N802 - peft's hook for "dequantize me via .dequantize()"
+        return self.weight
+
+
+class Fake4bitLinear(_FakeQuantLinear):
     """A bnb Linear4bit look-alike: packed 4-bit weight + quantization state, forward via bnb.matmul_4bit."""
 
     def __init__(self, linear: nn.Linear, *, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
@@ -99,14 +111,6 @@ class Fake4bitLinear(nn.Module):
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
 
-    @property
-    def logical_numel(self) -> int:
-        return self.in_features * self.out_features + (self.bias.numel() if self.bias is not None else 0)
-
-    @property
-    def W_q(self) -> torch.Tensor:  # noqa: N802 - peft's hook for "dequantize me via .dequantize()"
-        return self.weight
-
     def dequantize(self) -> torch.Tensor:
         """The full weight in the compute dtype, as peft's DoRA gets it from a real Params4bit."""
         import bitsandbytes.functional as F
@@ -122,7 +126,7 @@ class Fake4bitLinear(nn.Module):
         return bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=self.quant_state).to(inp_dtype)
 
 
-class Fake8bitLinear(nn.Module):
+class Fake8bitLinear(_FakeQuantLinear):
     """A bnb Linear8bitLt look-alike: int8 weight + fp32 row scales, forward via bnb.matmul (LLM.int8)."""
 
     def __init__(self, linear: nn.Linear):
@@ -142,14 +146,6 @@ class Fake8bitLinear(nn.Module):
         self.state.CB, self.state.SCB = self.weight, self.SCB
         self.state.has_fp16_weights = False
         self.state.threshold = 0.0
-
-    @property
-    def logical_numel(self) -> int:
-        return self.in_features * self.out_features + (self.bias.numel() if self.bias is not None else 0)
-
-    @property
-    def W_q(self) -> torch.Tensor:  # noqa: N802 - peft's hook for "dequantize me via .dequantize()"
-        return self.weight
 
     def dequantize(self) -> torch.Tensor:
         """The full weight in fp16, as peft's DoRA gets it from a real Int8Params."""

@@ -530,12 +530,10 @@ def write_training_script_tool(**kw) -> tuple[str, dict]:
     if updates:
         setup = TrainingSetup.model_validate(setup.model_dump() | updates)
     if _spec is not None:
-        from tools.peft_config import supported_attention, supported_lora_dropout
+        from tools.peft_config import loadable_setup
 
-        for fix in (supported_lora_dropout, supported_attention):
-            setup, note = fix(_spec, setup)
-            if note:
-                notes.append(note)
+        setup, fixes = loadable_setup(_spec, setup)
+        notes += fixes
     rendered = render_script(setup, dataset=setup.dataset, text_field=setup.dataset_text_field, chat=setup.use_chat_template)
     ctx = current_context()
     out_dir = ctx.thread_dir

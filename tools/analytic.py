@@ -140,8 +140,9 @@ def lora_targets(model: ModelSpec, setup: TrainingSetup) -> list[Linear]:
     return hit
 
 
-def adapts_experts(model: ModelSpec, setup: TrainingSetup) -> bool:
-    """peft wraps the fused 3-D expert weights (lora.ParamWrapper) for 'all-linear' or an 'experts' target."""
+def adapts_fused_experts(model: ModelSpec, setup: TrainingSetup) -> bool:
+    """Whether peft wraps the fused 3-D expert weights (lora.ParamWrapper: no dropout allowed), i.e. for
+    'all-linear' or an 'experts' target on an MoE model."""
     if setup.method not in ("lora", "qlora", "dora") or not model.is_moe:
         return False
     t = setup.target_modules
@@ -154,7 +155,7 @@ def expert_adapter_params(model: ModelSpec, setup: TrainingSetup) -> int:
     Per expert weight [E, out, in]: lora_A [r*E, in] and lora_B [out, r*E]; the fused gate_up
     weight gets twice the rank (checked against real peft on Mixtral and Qwen3-MoE configs).
     """
-    if not adapts_experts(model, setup):
+    if not adapts_fused_experts(model, setup):
         return 0
     n = 0
     for lin in block_linears(model):
@@ -365,7 +366,7 @@ def _block_activation_bytes(model: ModelSpec, setup: TrainingSetup, tokens: int,
                 extra += c * lin.fan_in * lin.fan_in * lin.count
     elif setup.method == "ia3":
         per_tok += c * (2 * nkv * d + model.intermediate_size)
-    if adapts_experts(model, setup):
+    if adapts_fused_experts(model, setup):
         # peft's ParamWrapper adds B@A, reshaped to [experts, out, in], to each fused expert weight in
         # forward and keeps it for backward: a compute-dtype copy of the block's expert weights
         extra += c * sum(lin.fan_in * lin.fan_out * lin.count for lin in block_linears(model) if lin.name.startswith("experts."))
@@ -440,7 +441,7 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dic
         optim += int(small * per * (4 - (1 + 4 / BNB_OPTIM_BLOCK)))
 
     # activations
-    packed = setup.packing and setup.task == "causal-lm" and setup.method not in ("prompt-tuning", "p-tuning", "prefix-tuning")
+    packed = setup.padding_free
     # trl's packing is padding-free: the batch is one row of T tokens, attention spans it
     block_saved, block_transient = _block_activation_bytes(model, setup, T, T if packed else seq, packed)
     if setup.load_in_4bit:

@@ -69,16 +69,11 @@ def _const(name: str) -> dict:
 def step_memory(model: ModelSpec, setup: TrainingSetup, *, fast: bool = False) -> tuple[StepMemory, list[str]]:
     """StepMemory of one replica from the simulator, or the analytic tier when fast or unsupported."""
     notes: list[str] = []
-    from tools.peft_config import adapts_fused_experts, supported_attention
+    from tools.peft_config import loadable_setup
 
-    if not fast:  # (the analytic tier imports no torch/transformers, so it cannot ask transformers)
-        setup, attn_note = supported_attention(model, setup)
-        if attn_note:
-            notes.append(attn_note)
-    if setup.lora_dropout > 0 and adapts_fused_experts(model, setup):
-        notes.append(f"lora_dropout {setup.lora_dropout} will be refused by peft for this MoE model (adapters on its fused "
-                     "expert weights, lora.ParamWrapper, take no dropout): estimated with lora_dropout 0; set it to 0")
-        setup = setup.model_copy(update={"lora_dropout": 0.0})
+    # (--fast must not import torch/transformers, which the attention check asks)
+    setup, fixes = loadable_setup(model, setup, attention=not fast)
+    notes += fixes
     if not fast:
         try:
             from tools.simulator import SimulationError, simulate

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tools.analytic import adapts_fused_experts  # the rule lives in the torch-free tier
 from tools.schemas import ModelSpec, TrainingSetup, TunepilotError
 
 __all__ = ["PeftConfigResult", "peft_config", "attention_modules", "linear_modules", "PeftConfigError"]
@@ -57,24 +58,13 @@ class PeftConfigResult(BaseModel):
 # --------------------------------------------------------------------------------------
 
 
-MOE_DROPOUT_NOTE = ("lora_dropout 0: peft puts LoRA on fused MoE expert weights through lora.ParamWrapper "
-                    "('all-linear' selects them in transformers 5), which refuses any dropout")
-
-
-def adapts_fused_experts(model: ModelSpec, setup: TrainingSetup) -> bool:
-    """Whether peft will wrap the model's fused MoE expert weights (lora.ParamWrapper: no dropout allowed)."""
-    if setup.method not in ("lora", "qlora", "dora") or not model.is_moe:
-        return False
-    targets = setup.target_modules
-    if targets == "all-linear":
-        return True
-    return any(t == "experts" or t.endswith(".experts") for t in targets)
-
-
 def supported_lora_dropout(model: ModelSpec, setup: TrainingSetup) -> tuple[TrainingSetup, str | None]:
     """The setup with lora_dropout=0 where peft refuses dropout (adapters on fused MoE experts), and why."""
     if setup.lora_dropout > 0 and adapts_fused_experts(model, setup):
-        return setup.model_copy(update={"lora_dropout": 0.0}), MOE_DROPOUT_NOTE
+        return setup.model_copy(update={"lora_dropout": 0.0}), (
+            f"lora_dropout {setup.lora_dropout} will be refused by peft for this MoE model: LoRA on its fused expert "
+            "weights ('all-linear' selects them in transformers 5) goes through lora.ParamWrapper, which takes no "
+            "dropout; using lora_dropout 0")
     return setup, None
 
 
@@ -107,6 +97,18 @@ def supported_attention(model: ModelSpec, setup: TrainingSetup) -> tuple[Trainin
     return (setup.model_copy(update={"attn_implementation": "eager"}),
             f"attn_implementation eager: transformers has no {attn} attention for {model.model_type} "
             f"(it would refuse to load the model); use {alt}")
+
+
+def loadable_setup(model: ModelSpec, setup: TrainingSetup, *, attention: bool = True) -> tuple[TrainingSetup, list[str]]:
+    """The setup with what peft / transformers would refuse at load time replaced, and a note per change.
+
+    attention=False leaves attn_implementation unchecked (asking transformers imports torch)."""
+    notes: list[str] = []
+    for fix in (supported_lora_dropout, supported_attention) if attention else (supported_lora_dropout,):
+        setup, note = fix(model, setup)
+        if note:
+            notes.append(note)
+    return setup, notes
 
 
 def _config_key(model: ModelSpec) -> str:

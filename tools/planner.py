@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from tools.peft_config import attention_support
+from tools.peft_config import attention_support, loadable_setup
 from tools.schemas import (
     Candidate,
     HardwareSpec,
@@ -205,14 +205,8 @@ def _make_setup(
         offload=strategy.offload,
         gpu=hardware.gpu.name,
     )
-    if attn in ("sdpa", "flash_attention_2"):
-        sdpa_ok, flash_ok = attention_support(model.model_type)
-        if not (sdpa_ok if attn == "sdpa" else flash_ok):
-            kw["attn_implementation"] = "eager"  # transformers refuses the other kernels for this model
     if method != "full":
         kw.update(r=r, lora_alpha=2 * r, target_modules=targets)
-        if model.is_moe and (targets == "all-linear" or "experts" in targets):
-            kw["lora_dropout"] = 0.0  # peft's ParamWrapper on fused MoE experts refuses dropout
     if method == "qlora":
         kw.update(
             load_in_4bit=True,
@@ -222,7 +216,8 @@ def _make_setup(
             # FSDP / ZeRO-3 shard only float storages: store the packed 4-bit weights as the compute dtype
             bnb_4bit_quant_storage=half if strategy.sharded_params else "uint8",
         )
-    return TrainingSetup(**kw)
+    # no dropout on fused MoE experts, eager where transformers has no sdpa / flash-attention kernel
+    return loadable_setup(model, TrainingSetup(**kw))[0]
 
 
 def _micro_sizes(per_gpu: int) -> list[int]:

@@ -257,6 +257,11 @@ class TrainingSetup(_Strict):
         return self.method != "full"
 
     @property
+    def padding_free(self) -> bool:
+        """trl's packing ('bfd', its default) is padding-free: the whole batch is one row of packed examples."""
+        return self.packing and self.task == "causal-lm" and self.method not in ("prompt-tuning", "prefix-tuning", "p-tuning")
+
+    @property
     def compute_dtype(self) -> DType:
         """dtype the matmuls run in."""
         if self.bf16:

@@ -124,15 +124,13 @@ def simulate(model: ModelSpec, setup: TrainingSetup, *, extrapolate: bool = True
         result.seconds = round(time.perf_counter() - t0, 3)
         result.notes.append(f"served from the in-process cache (first simulation took {hit.seconds:.2f} s)")
         return result
-    total = _num_layers(model)
-    prefix, period = _layer_period(model)
-    k1, k2 = prefix + period, prefix + 2 * period
-    if extrapolate and k2 < total:
-        depths = [k1, k2]
-    else:
-        depths = [total]
     try:
-        with _LOCK, _QuietTransformers():  # the dry run patches a few library functions process-wide while it runs
+        # the dry run patches a few library functions process-wide while it runs
+        with _LOCK, _QuietTransformers():
+            total = _num_layers(model)
+            prefix, period = _layer_period(model)
+            k1, k2 = prefix + period, prefix + 2 * period
+            depths = [k1, k2] if extrapolate and k2 < total else [total]
             runs = _run_depths(model, setup, depths)
     except TunepilotError:
         raise
@@ -190,43 +188,50 @@ def _fork_ok() -> bool:
 
 
 def _run_depths(model: ModelSpec, setup: TrainingSetup, depths: list[int]) -> list[_RunResult]:
-    if len(depths) != 2 or not _fork_ok():
+    child = _fork_run(model, setup, depths[0]) if len(depths) == 2 and _fork_ok() else None
+    if child is None:
         return [_run(model, setup, d) for d in depths]
+    pid, fd = child
+    t0 = time.perf_counter()
+    try:
+        deep = _run(model, setup, depths[1])
+    except BaseException:
+        _collect(pid, fd, deadline=0.0)
+        raise
+    shallow = _collect(pid, fd, deadline=max(_CHILD_MIN_WAIT, 3 * (time.perf_counter() - t0)))
+    if shallow is None:
+        shallow = _run(model, setup, depths[0])
+    return [shallow, deep]
+
+
+def _fork_run(model: ModelSpec, setup: TrainingSetup, depth: int) -> tuple[int, int] | None:
+    """Start the dry run of `depth` in a forked child: (its pid, the pipe its result comes on), or None."""
     try:
         r, w = os.pipe()
     except OSError:
-        return [_run(model, setup, d) for d in depths]
+        return None
     try:
         pid = os.fork()
     except OSError:
         os.close(r)
         os.close(w)
-        return [_run(model, setup, d) for d in depths]
-    if pid == 0:  # the child: simulate the shallower depth, send it back, leave without any clean-up
+        return None
+    if pid:
+        os.close(w)
+        return pid, r
+    try:  # the child: simulate, send the result back, leave without any clean-up
+        os.close(r)
         try:
-            os.close(r)
-            try:
-                import torch
+            import torch
 
-                torch.set_num_threads(1)  # never enter the parent's OpenMP pool after a fork
-                payload = pickle.dumps(("ok", _run(model, setup, depths[0])))
-            except BaseException as e:  # noqa: BLE001 - reported to the parent, which re-runs in-process
-                payload = pickle.dumps(("error", f"{type(e).__name__}: {e}"))
-            with os.fdopen(w, "wb") as f:
-                f.write(payload)
-        finally:
-            os._exit(0)
-    os.close(w)
-    t0 = time.perf_counter()
-    try:
-        deep = _run(model, setup, depths[1])
-    except BaseException:
-        _collect(pid, r, deadline=0.0)
-        raise
-    shallow = _collect(pid, r, deadline=max(_CHILD_MIN_WAIT, 3 * (time.perf_counter() - t0)))
-    if shallow is None:
-        shallow = _run(model, setup, depths[0])
-    return [shallow, deep]
+            torch.set_num_threads(1)  # never enter the parent's OpenMP pool after a fork
+            payload = pickle.dumps(("ok", _run(model, setup, depth)))
+        except BaseException as e:  # noqa: BLE001 - reported to the parent, which re-runs in-process
+            payload = pickle.dumps(("error", f"{type(e).__name__}: {e}"))
+        with os.fdopen(w, "wb") as f:
+            f.write(payload)
+    finally:
+        os._exit(0)
 
 
 def _collect(pid: int, fd: int, deadline: float) -> _RunResult | None:
@@ -409,8 +414,7 @@ def _hf_config(model: ModelSpec, **overrides):
     raw = {k: v for k, v in model.config.items() if k not in ("model_type", "transformers_version", "architectures", "auto_map")}
     raw.update(overrides)
     try:
-        with _QuietTransformers():
-            cfg = AutoConfig.for_model(model.model_type, **raw)
+        cfg = AutoConfig.for_model(model.model_type, **raw)
     except Exception as e:  # noqa: BLE001 - any failure here is an unknown/odd config
         raise SimulationError(f"model.config: transformers cannot build a '{model.model_type}' config ({e}); use --fast") from None
     for k, v in overrides.items():  # attribute_map aliases (n_layer ...) are set both ways
@@ -1149,11 +1153,6 @@ class _TrainingMaskPolicy:
         return False
 
 
-def _packed(setup: TrainingSetup) -> bool:
-    """trl's packing ('bfd', its default) turns on padding-free batches: the whole batch is one row."""
-    return setup.packing and setup.task == "causal-lm" and setup.method not in ("prompt-tuning", "prefix-tuning", "p-tuning")
-
-
 def _inputs(setup: TrainingSetup, batch: int, seq: int, vocab: int):
     """One batch as the Trainer feeds it: [batch, seq] rows, or with packing trl's padding-free form.
 
@@ -1162,7 +1161,7 @@ def _inputs(setup: TrainingSetup, batch: int, seq: int, vocab: int):
     """
     import torch
 
-    if _packed(setup):
+    if setup.padding_free:
         ids = torch.randint(0, max(2, vocab), (1, batch * seq))
         pos = torch.arange(seq).repeat(batch).unsqueeze(0)
         return {"input_ids": ids, "labels": ids, "position_ids": pos, "use_cache": False}
@@ -1197,7 +1196,7 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
 
     tracker = _make_tracker()  # the FakeTensorMode, counting storages
     # flash-attention runs packed rows as variable-length sequences (no mask); sdpa/eager get the block mask
-    packed_mask = _packed(setup) and setup.attn_implementation != "flash_attention_2"
+    packed_mask = setup.padding_free and setup.attn_implementation != "flash_attention_2"
     with _TrainingMaskPolicy(packed_mask), CudaLikeDropout(), tracker, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _materialise(pm, tracker)
@@ -1295,8 +1294,8 @@ def _run(model: ModelSpec, setup: TrainingSetup, depth: int) -> _RunResult:
             p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        # bitsandbytes builds its quantile maps (qmap1/qmap2) as real tensors outside the fake mode
-        # and shares them in every parameter's state; on a GPU they are moved there once: count them
+        # state tensors no op produced (bitsandbytes' quantile maps, made fake above and shared by every
+        # parameter's state; on a GPU they are moved there once): count them
         for st in optimizer.state.values():
             for v in st.values():
                 if isinstance(v, torch.Tensor) and tracker.rec_of(v) is None:
