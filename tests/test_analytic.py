@@ -231,3 +231,101 @@ def test_qlora_with_fp32_embeddings_keeps_an_fp32_residual_stream(llama):
     sim = simulator.simulate(llama, st)
     ana = analytic_step_memory(llama, st)
     assert ana.peak_bytes == pytest.approx(sim.peak_bytes, rel=0.05)
+
+
+# --------------------------------------------------------------------------------------
+# module names of every catalog family (the analytic tier must speak each family's names)
+# --------------------------------------------------------------------------------------
+
+def _catalog_families() -> list[ModelSpec]:
+    from tools.models import catalog
+
+    seen: dict[str, ModelSpec] = {}
+    for m in catalog():
+        seen.setdefault(m.model_type, m)
+    return list(seen.values())
+
+
+CATALOG_FAMILIES = _catalog_families()
+
+
+def _block0(net):
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    block = next(mod for name, mod in net.named_modules() if name.endswith(("layers.0", "h.0")))
+    real = {}
+    for name, mod in block.named_modules():
+        if isinstance(mod, Conv1D):  # GPT-2: weight is [in, out]
+            real[name] = (mod.weight.shape[0], mod.weight.shape[1], mod.bias is not None)
+        elif isinstance(mod, torch.nn.Linear):
+            real[name] = (mod.in_features, mod.out_features, mod.bias is not None)
+    return block, real
+
+
+@pytest.mark.parametrize("model", CATALOG_FAMILIES, ids=[m.model_type for m in CATALOG_FAMILIES])
+def test_block_linears_are_the_real_module_tree_and_targets_count_like_peft(model):
+    """Names, shapes and biases the analytic tier uses equal the real transformers block (built on meta from
+    the catalog entry), and every one of its layer names, given as an explicit target_modules, gets
+    exactly the adapters real peft puts on that block."""
+    import warnings
+
+    import peft
+
+    from tools.analytic import _counts, _is_peft_linear
+    from tools.peft_config import _build_meta
+
+    _, real = _block0(_build_meta(model, 1))
+    mine = {lin.path: (lin.fan_in, lin.fan_out, lin.bias) for lin in block_linears(model) if _is_peft_linear(lin)
+            and lin.role != "router"}
+    assert mine == real
+    names = sorted({lin.name for lin in block_linears(model) if _is_peft_linear(lin)})
+    for target in ["all-linear", *([n] for n in names)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(_build_meta(model, 1), peft.LoraConfig(r=4, target_modules=target, task_type="CAUSAL_LM"))
+        block, _ = _block0(pm)
+        per_block = sum(p.numel() for n, p in block.named_parameters() if p.requires_grad)
+        st = make_setup(method="lora", r=4, target_modules=target)
+        assert _counts(model, st).adapter_per_block == per_block, target
+
+
+@pytest.mark.parametrize("model_id,target", [
+    ("EleutherAI/polyglot-ko-1.3b", "query_key_value"), ("bigscience/bloom-560m", "dense_4h_to_h"),
+    ("tiiuae/falcon-7b", "query_key_value"), ("openai-community/gpt2", "c_attn"), ("microsoft/phi-2", "fc1"),
+    ("facebook/opt-1.3b", "out_proj"), ("microsoft/Phi-3-mini-4k-instruct", "qkv_proj"),
+])
+def test_fast_and_sharded_estimates_take_each_familys_names(model_id, target):
+    """The reported bug: an explicit family name failed under --fast and in every ZeRO/FSDP estimate."""
+    from tools.estimator import estimate
+    from tools.models import lookup_model
+
+    m = lookup_model(model_id, hub=False)
+    lora = make_setup(model_id=model_id, method="lora", target_modules=[target])
+    est = estimate(m, lora, fast=True)
+    assert est.tier == "analytic" and est.trainable_parameters > 0
+    zero3 = estimate(m, lora.model_copy(update={"num_gpus": 2, "zero_stage": 3}), fast=True)
+    assert zero3.peak_allocated_gib < est.peak_allocated_gib
+    assert estimate(m, lora.model_copy(update={"num_gpus": 2, "fsdp": "full_shard"}), fast=True).trainable_parameters \
+        == est.trainable_parameters
+    if target in ("query_key_value", "c_attn", "qkv_proj"):  # fused q/k/v: Llama's name is the wrong one here
+        with pytest.raises(TunepilotError, match=f"q_proj not found.*{target}"):
+            estimate(m, lora.model_copy(update={"target_modules": ["q_proj"]}), fast=True)
+
+
+@pytest.mark.parametrize("model", [m for m in CATALOG_FAMILIES if m.model_type not in ("qwen3_moe", "phi3", "stablelm", "olmo2")],
+                         ids=lambda m: m.model_type)
+def test_ia3_defaults_are_peft_defaults(model):
+    """peft's default IA3 targets differ per family (k/v/down, q/v/down, query_key_value/dense_4h_to_h, ...)."""
+    import warnings
+
+    import peft
+
+    from tools.analytic import _counts
+    from tools.peft_config import _build_meta
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(_build_meta(model, 1), peft.IA3Config(task_type="CAUSAL_LM"))
+    block, _ = _block0(pm)
+    assert _counts(model, make_setup(method="ia3")).adapter_per_block == sum(p.numel() for p in block.parameters() if p.requires_grad)

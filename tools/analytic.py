@@ -3,6 +3,9 @@
 `analytic_step_memory(model, setup)` mirrors what the simulator (tools/simulator.py) sees
 when it runs the real Hugging Face training step on fake tensors, one component at a time:
 
+- the linear layers of a block under each family's real module names and shapes (`_FAMILIES`:
+  fused query_key_value / c_attn / qkv_proj / gate_up_proj, dense_h_to_4h, fc1/fc2, out_proj, ...),
+  so explicit target_modules match exactly what peft wraps (checked over the catalog by a test),
 - weights by dtype / bitsandbytes quantization (4-bit packed + absmax + double-quant
   constants; embeddings, LM head and norms stay in the load dtype),
 - LoRA / DoRA / IA3 / prompt parameters (peft stores adapters in fp32 by default:
@@ -40,9 +43,6 @@ BNB_MIN_8BIT_SIZE = 4096  # bnb optimizers keep tensors smaller than this in 32-
 # keeps a 1-byte bool mask for backward, whatever the input's dtype.
 DROPOUT_MASK_BYTES = 1
 
-# Names peft/HF use for the linear layers of common decoder blocks.
-ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 # Architecture families whose MLP is not gated (fc_in -> act -> fc_out).
 # Encoders (BERT family) are ungated GELU MLPs with LayerNorm too.
 _ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert"}
@@ -52,14 +52,104 @@ _LAYERNORM = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "gpt_
 
 
 @dataclass(frozen=True)
+class _Family:
+    """Where a transformers family keeps the linear layers of one block: paths inside the block (what
+    peft's target_modules match, by suffix) and which of them carry a bias.
+
+    A bias is a bool, or (config key, default). `qkv` / `gate_up` name a fused projection (one
+    Linear for q, k and v: out = (heads + 2 * kv_heads) * head_dim; one for gate and up: 2 * intermediate).
+    Read from the real transformers 5 classes; tests/test_analytic.py builds every catalog family on
+    meta and compares these names and shapes with the real module tree.
+    """
+
+    q: str | None = "self_attn.q_proj"
+    k: str | None = "self_attn.k_proj"
+    v: str | None = "self_attn.v_proj"
+    qkv: str | None = None
+    o: str = "self_attn.o_proj"
+    gate: str | None = "mlp.gate_proj"
+    up: str = "mlp.up_proj"
+    gate_up: str | None = None
+    down: str = "mlp.down_proj"
+    qkv_bias: object = ("attention_bias", False)
+    o_bias: object = ("attention_bias", False)
+    mlp_bias: object = ("mlp_bias", False)
+    ia3: tuple[str, ...] = ()  # peft's default IA3 target_modules for the family (its feed-forward one last)
+    ia3_ff: str = ""
+
+
+_LLAMA = _Family(ia3=("k_proj", "v_proj", "down_proj"), ia3_ff="down_proj")
+_QV_DOWN = dict(ia3=("q_proj", "v_proj", "down_proj"), ia3_ff="down_proj")
+_NEOX_MLP = dict(gate=None, up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h")
+_FAMILIES: dict[str, _Family] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "mixtral": _Family(ia3=("k_proj", "v_proj", "w2"), ia3_ff="w2"),
+    "qwen2": _Family(qkv_bias=True, **_QV_DOWN),
+    "qwen2_moe": _Family(qkv_bias=True),
+    "qwen3": _Family(**_QV_DOWN),
+    "gemma": _Family(**_QV_DOWN),
+    "gemma2": _Family(**_QV_DOWN),
+    "gemma3_text": _Family(**_QV_DOWN),
+    "stablelm": _Family(qkv_bias=("use_qkv_bias", False), o_bias=False),
+    "phi3": _Family(q=None, k=None, v=None, qkv="self_attn.qkv_proj", gate=None, up="", gate_up="mlp.gate_up_proj",
+                    qkv_bias=False, o_bias=False, mlp_bias=False),
+    "phi": _Family(o="self_attn.dense", gate=None, up="mlp.fc1", down="mlp.fc2", qkv_bias=True, o_bias=True, mlp_bias=True,
+                   ia3=("q_proj", "v_proj", "fc2"), ia3_ff="fc2"),
+    "gpt_neox": _Family(q=None, k=None, v=None, qkv="attention.query_key_value", o="attention.dense", **_NEOX_MLP,
+                        qkv_bias=("attention_bias", True), o_bias=("attention_bias", True), mlp_bias=True,
+                        ia3=("query_key_value", "dense_4h_to_h"), ia3_ff="dense_4h_to_h"),
+    "bloom": _Family(q=None, k=None, v=None, qkv="self_attention.query_key_value", o="self_attention.dense", **_NEOX_MLP,
+                     qkv_bias=True, o_bias=True, mlp_bias=True,
+                     ia3=("query_key_value", "mlp.dense_4h_to_h"), ia3_ff="mlp.dense_4h_to_h"),
+    "falcon": _Family(q=None, k=None, v=None, qkv="self_attention.query_key_value", o="self_attention.dense", **_NEOX_MLP,
+                      qkv_bias=("bias", False), o_bias=("bias", False), mlp_bias=("bias", False),
+                      ia3=("query_key_value", "dense_4h_to_h"), ia3_ff="dense_4h_to_h"),
+    "gpt2": _Family(q=None, k=None, v=None, qkv="attn.c_attn", o="attn.c_proj", gate=None, up="mlp.c_fc", down="mlp.c_proj",
+                    qkv_bias=True, o_bias=True, mlp_bias=True, ia3=("c_attn", "mlp.c_proj"), ia3_ff="mlp.c_proj"),
+    "gpt_bigcode": _Family(q=None, k=None, v=None, qkv="attn.c_attn", o="attn.c_proj", gate=None, up="mlp.c_fc",
+                           down="mlp.c_proj", qkv_bias=True, o_bias=True, mlp_bias=True,
+                           ia3=("c_attn", "mlp.c_proj"), ia3_ff="mlp.c_proj"),
+    "starcoder2": _Family(gate=None, up="mlp.c_fc", down="mlp.c_proj", qkv_bias=("use_bias", True),
+                          o_bias=("use_bias", True), mlp_bias=("use_bias", True)),
+    "opt": _Family(o="self_attn.out_proj", gate=None, up="fc1", down="fc2", qkv_bias=("enable_bias", True),
+                   o_bias=("enable_bias", True), mlp_bias=("enable_bias", True), ia3=("q_proj", "k_proj", "fc2"), ia3_ff="fc2"),
+    "gptj": _Family(q="attn.q_proj", k="attn.k_proj", v="attn.v_proj", o="attn.out_proj", gate=None, up="mlp.fc_in",
+                    down="mlp.fc_out", qkv_bias=False, o_bias=False, mlp_bias=True,
+                    ia3=("q_proj", "v_proj", "fc_out"), ia3_ff="fc_out"),
+    "codegen": _Family(q=None, k=None, v=None, qkv="attn.qkv_proj", o="attn.out_proj", gate=None, up="mlp.fc_in",
+                       down="mlp.fc_out", qkv_bias=False, o_bias=False, mlp_bias=True),
+    "gpt_neo": _Family(q="attn.attention.q_proj", k="attn.attention.k_proj", v="attn.attention.v_proj",
+                       o="attn.attention.out_proj", gate=None, up="mlp.c_fc", down="mlp.c_proj", qkv_bias=False,
+                       o_bias=True, mlp_bias=True, ia3=("q_proj", "v_proj", "c_proj"), ia3_ff="c_proj"),
+}
+_BERT = _Family(q="attention.self.query", k="attention.self.key", v="attention.self.value", o="attention.output.dense",
+                gate=None, up="intermediate.dense", down="output.dense", qkv_bias=True, o_bias=True, mlp_bias=True,
+                ia3=("key", "value", "output.dense"), ia3_ff="output.dense")
+_FAMILIES.update({t: _BERT for t in _ENCODERS})
+_FAMILIES["distilbert"] = _Family(q="attention.q_lin", k="attention.k_lin", v="attention.v_lin", o="attention.out_lin",
+                                  gate=None, up="ffn.lin1", down="ffn.lin2", qkv_bias=True, o_bias=True, mlp_bias=True)
+
+
+def family(model: ModelSpec) -> _Family:
+    """The module names of `model`'s family (Llama's for families not in the table)."""
+    fam = _FAMILIES.get(model.model_type)
+    if fam is None:
+        fam = _LLAMA if model.model_type not in _UNGATED else _Family(gate=None)
+    return fam
+
+
+@dataclass(frozen=True)
 class Linear:
-    """One linear layer of a decoder block: its peft-visible name and shape."""
+    """One linear layer of a decoder block: its peft-visible name (last path part), shape and role."""
 
     name: str
     fan_in: int
     fan_out: int
     count: int = 1  # identical copies per block (MoE experts)
     bias: bool = False
+    path: str = ""  # path inside the block, as in the real module tree (e.g. attention.query_key_value)
+    role: str = ""  # q, k, v, qkv, o, gate, up, gate_up, down, router, expert_gate_up, expert_down, shared_*
 
 
 def _cfg(model: ModelSpec, *keys, default=None):
@@ -70,7 +160,7 @@ def _cfg(model: ModelSpec, *keys, default=None):
 
 
 _SHAPE_KEYS = ("attention_bias", "bias", "mlp_bias", "shared_expert_intermediate_size", "n_shared_experts",
-               "num_shared_experts", "moe_intermediate_size")
+               "num_shared_experts", "moe_intermediate_size", "use_qkv_bias", "use_bias", "enable_bias")
 _LINEARS_CACHE: dict[tuple, list[Linear]] = {}
 
 
@@ -86,41 +176,61 @@ def block_linears(model: ModelSpec) -> list[Linear]:
     return hit
 
 
+def _bias(model: ModelSpec, rule) -> bool:
+    if isinstance(rule, tuple):
+        return bool(_cfg(model, rule[0], default=rule[1]))
+    return bool(rule)
+
+
+def _lin(path: str, role: str, fan_in: int, fan_out: int, bias: bool = False, count: int = 1) -> Linear:
+    return Linear(path.rsplit(".", 1)[-1], fan_in, fan_out, count=count, bias=bias, path=path, role=role)
+
+
 def _block_linears(model: ModelSpec) -> list[Linear]:
     h, d = model.hidden_size, model.head_dim
     q_out, kv_out = model.num_attention_heads * d, model.num_key_value_heads * d
-    attn_bias = bool(_cfg(model, "attention_bias", "bias", default=model.model_type in ("qwen2", "qwen2_moe")))
-    mlp_bias = bool(_cfg(model, "mlp_bias", default=False))
-    lin = [
-        Linear("q_proj", h, q_out, bias=attn_bias),
-        Linear("k_proj", h, kv_out, bias=attn_bias),
-        Linear("v_proj", h, kv_out, bias=attn_bias),
-        Linear("o_proj", q_out, h, bias=bool(_cfg(model, "attention_bias", default=False))),
-    ]
+    fam = family(model)
+    qkv_bias, o_bias, mlp_bias = _bias(model, fam.qkv_bias), _bias(model, fam.o_bias), _bias(model, fam.mlp_bias)
+    if fam.qkv:
+        lin = [_lin(fam.qkv, "qkv", h, q_out + 2 * kv_out, qkv_bias)]
+    else:
+        lin = [_lin(fam.q, "q", h, q_out, qkv_bias), _lin(fam.k, "k", h, kv_out, qkv_bias),
+               _lin(fam.v, "v", h, kv_out, qkv_bias)]
+    lin.append(_lin(fam.o, "o", q_out, h, o_bias))
     inter = model.intermediate_size
     if model.is_moe:
         e = model.num_experts
         # transformers 5 stores routed experts as 3-D parameters (not nn.Linear): not LoRA / bnb targets.
-        lin.append(Linear("experts.gate_up_proj", h, 2 * inter, count=e))
-        lin.append(Linear("experts.down_proj", inter, h, count=e))
-        lin.append(Linear("gate", h, e))
+        lin.append(Linear("experts.gate_up_proj", h, 2 * inter, count=e, path="mlp.experts.gate_up_proj", role="expert_gate_up"))
+        lin.append(Linear("experts.down_proj", inter, h, count=e, path="mlp.experts.down_proj", role="expert_down"))
+        lin.append(_lin("mlp.gate", "router", h, e))
         shared = int(_cfg(model, "shared_expert_intermediate_size", default=0) or 0)
         n_shared = int(_cfg(model, "n_shared_experts", "num_shared_experts", default=0) or 0)
         if not shared and n_shared:
             shared = n_shared * int(_cfg(model, "moe_intermediate_size", default=inter))
         if shared:
-            lin += [Linear("shared_expert.gate_proj", h, shared), Linear("shared_expert.up_proj", h, shared),
-                    Linear("shared_expert.down_proj", shared, h)]
-    elif model.model_type in _UNGATED:
-        lin += [Linear("up_proj", h, inter, bias=True), Linear("down_proj", inter, h, bias=True)]
+            lin += [_lin("mlp.shared_expert.gate_proj", "shared_gate", h, shared),
+                    _lin("mlp.shared_expert.up_proj", "shared_up", h, shared),
+                    _lin("mlp.shared_expert.down_proj", "shared_down", shared, h)]
+    elif fam.gate_up:
+        lin += [_lin(fam.gate_up, "gate_up", h, 2 * inter, mlp_bias), _lin(fam.down, "down", inter, h, mlp_bias)]
+    elif fam.gate:
+        lin += [_lin(fam.gate, "gate", h, inter, mlp_bias), _lin(fam.up, "up", h, inter, mlp_bias),
+                _lin(fam.down, "down", inter, h, mlp_bias)]
     else:
-        lin += [Linear("gate_proj", h, inter, bias=mlp_bias), Linear("up_proj", h, inter, bias=mlp_bias),
-                Linear("down_proj", inter, h, bias=mlp_bias)]
+        lin += [_lin(fam.up, "up", h, inter, mlp_bias), _lin(fam.down, "down", inter, h, mlp_bias)]
     return lin
 
 
 def _is_peft_linear(lin: Linear) -> bool:
-    return not lin.name.startswith("experts.")
+    """A layer peft's LoRA wraps like an nn.Linear: not the fused 3-D experts (ParamWrapper, counted
+    apart). The MoE router (a TopKRouter holding a bare [experts, hidden] weight) gets an adapter too."""
+    return not lin.role.startswith("expert_")
+
+
+def _matches(lin: Linear, key: str) -> bool:
+    """peft's target_modules rule for one name: the module's path equals it or ends with '.' + it."""
+    return lin.path == key or lin.path.endswith("." + key) or lin.name == key
 
 
 def lora_targets(model: ModelSpec, setup: TrainingSetup) -> list[Linear]:
@@ -129,13 +239,13 @@ def lora_targets(model: ModelSpec, setup: TrainingSetup) -> list[Linear]:
     if setup.target_modules == "all-linear":
         return lins
     wanted = set(setup.target_modules)
-    hit = [lin for lin in lins if lin.name.split(".")[-1] in wanted or lin.name in wanted]
-    known = {lin.name.split(".")[-1] for lin in lins} | {lin.name for lin in lins}
-    unknown = sorted(wanted - known - {"lm_head", "embed_tokens"})
+    hit = [lin for lin in lins if any(_matches(lin, w) for w in wanted)]
+    unknown = sorted(w for w in wanted if not any(_matches(lin, w) for lin in block_linears(model)))
+    unknown = [w for w in unknown if w not in ("lm_head", "embed_tokens", "experts") and not w.endswith(".experts")]
     if unknown and not hit:
         raise TunepilotError(
             f"target_modules: {', '.join(unknown)} not found in {model.model_id}'s blocks "
-            f"(linear layers: {', '.join(sorted({lin.name.split('.')[-1] for lin in lins}))}); use 'all-linear' or those names"
+            f"(linear layers: {', '.join(sorted({lin.name for lin in lins}))}); use 'all-linear' or those names"
         )
     return hit
 
@@ -159,10 +269,22 @@ def expert_adapter_params(model: ModelSpec, setup: TrainingSetup) -> int:
         return 0
     n = 0
     for lin in block_linears(model):
-        if lin.name.startswith("experts."):
-            factor = 2 if lin.name.endswith("gate_up_proj") else 1
+        if lin.role.startswith("expert_"):
+            factor = 2 if lin.role == "expert_gate_up" else 1
             n += factor * setup.r * (lin.fan_in + lin.fan_out) * lin.count
     return n
+
+
+def ia3_targets(model: ModelSpec) -> list[tuple[Linear, bool]]:
+    """(layer, feed-forward?) pairs peft's default IA3 config scales in one block (feed-forward layers scale
+    their input, the others their output); Llama's k/v/down for families peft has no default for."""
+    fam = family(model)
+    names, ff = (fam.ia3, fam.ia3_ff) if fam.ia3 else (_LLAMA.ia3, _LLAMA.ia3_ff)
+    out = []
+    for lin in block_linears(model):
+        if _is_peft_linear(lin) and any(_matches(lin, n) for n in names):
+            out.append((lin, _matches(lin, ff)))
+    return out
 
 
 @dataclass
@@ -208,10 +330,8 @@ def _counts(model: ModelSpec, setup: TrainingSetup) -> Counts:
         adapter_per_block += expert_adapter_params(model, setup)
         adapters = adapter_per_block * L
     elif m == "ia3":
-        names = {lin.name: lin for lin in block_linears(model)}
-        for n, use_in in (("k_proj", False), ("v_proj", False), ("down_proj", True)):
-            if n in names:
-                adapter_per_block += names[n].fan_in if use_in else names[n].fan_out
+        for lin, ff in ia3_targets(model):
+            adapter_per_block += lin.fan_in if ff else lin.fan_out
         adapters = adapter_per_block * L
     elif m == "prompt-tuning":
         adapters = setup.num_virtual_tokens * h
@@ -334,12 +454,12 @@ def _block_activation_bytes(model: ModelSpec, setup: TrainingSetup, tokens: int,
     if full:
         per_tok += q  # o_proj input
     # MLP
-    lins = {lin.name: lin for lin in block_linears(model)}
+    roles = {lin.role for lin in block_linears(model)}
     if model.is_moe:
         k = max(model.num_experts_per_tok, 1)
         inter = model.intermediate_size
         per_tok += k * (c * h + 4 * c * inter) + 4 * model.num_experts + 8 * k
-    elif "gate_proj" in lins:
+    elif roles & {"gate", "gate_up"}:
         inter = model.intermediate_size
         per_tok += 3 * c * inter + (c * inter if full else 0)  # gate out, act out, up out (+ down input)
     else:
@@ -365,11 +485,12 @@ def _block_activation_bytes(model: ModelSpec, setup: TrainingSetup, tokens: int,
                 # identity cast alive with the block's activations
                 extra += c * lin.fan_in * lin.fan_in * lin.count
     elif setup.method == "ia3":
-        per_tok += c * (2 * nkv * d + model.intermediate_size)
+        # the scaled outputs (inputs of the feed-forward layer) are saved for the IA3 vectors' gradients
+        per_tok += c * sum(lin.fan_in if ff else lin.fan_out for lin, ff in ia3_targets(model))
     if adapts_fused_experts(model, setup):
         # peft's ParamWrapper adds B@A, reshaped to [experts, out, in], to each fused expert weight in
         # forward and keeps it for backward: a compute-dtype copy of the block's expert weights
-        extra += c * sum(lin.fan_in * lin.fan_out * lin.count for lin in block_linears(model) if lin.name.startswith("experts."))
+        extra += c * sum(lin.fan_in * lin.fan_out * lin.count for lin in block_linears(model) if lin.role.startswith("expert_"))
     saved = per_tok * tokens + extra
     # transient while a block runs: its MLP intermediate and (QLoRA) one dequantized weight
     transient = 2 * c * model.intermediate_size * tokens
@@ -477,7 +598,7 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dic
             # dropout masks of the adapters reading it are not saved
             first = 4 * h + 4
             if setup.method != "ia3" and setup.lora_dropout > 0:
-                first += DROPOUT_MASK_BYTES * h * sum(1 for t in lora_targets(model, setup) if t.fan_in == h and t.name in ("q_proj", "k_proj", "v_proj"))
+                first += DROPOUT_MASK_BYTES * h * sum(1 for t in lora_targets(model, setup) if t.fan_in == h and t.role in ("q", "k", "v", "qkv"))
             acts_all -= first * T
 
     static = weights + adapters + optim
