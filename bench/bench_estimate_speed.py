@@ -53,7 +53,7 @@ def main() -> int:
     from tools.estimator import estimate
     from tools.models import lookup_model
     from tools.schemas import TrainingSetup
-    from tools import simulator
+    from tools import memory
 
     spec = lookup_model(a.model, hub=False)
     fields = {"method": a.method} if a.method else {}
@@ -65,7 +65,7 @@ def main() -> int:
     first = time.perf_counter() - t
     warm = []
     for i in range(a.repeat):
-        simulator.clear_cache()  # a warm process, but a new dry run every time
+        memory.clear_cache()  # a warm process, but a new dry run every time
         st_i = st.model_copy(update={"max_length": 2048 + 64 * (i + 1)})
         t = time.perf_counter()
         estimate(spec, st_i)

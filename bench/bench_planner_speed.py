@@ -36,7 +36,7 @@ def main() -> None:
     import bitsandbytes  # noqa: F401  (the simulator's QLoRA stand-in and 8-bit optimizers)
     import peft  # noqa: F401
 
-    import tools.simulator  # noqa: F401  (torch, transformers)
+    import tools.memory.tracker  # noqa: F401  (torch)
     from tools.gpus import parse_hardware
     from tools.models import lookup_model
     from tools.peft_config import attention_modules

@@ -5,7 +5,7 @@ Run from the repository root:
     .venv/bin/python bench/bench_simulator_speed.py            # all cases
     .venv/bin/python bench/bench_simulator_speed.py --case 70b-qlora
 
-Cold = a subprocess that imports tools.simulator and simulates once (what `tunepilot estimate`
+Cold = a subprocess that imports tools.memory and simulates once (what `tunepilot estimate`
 pays; the CLI itself adds ~0.5 s, see `bench/bench_estimate_speed.py`). Warm = later simulations in
 the same process with the result cache cleared: "repeat" re-runs the same setup (every op shape seen
 before), "new" runs a sequence length never simulated in this process (every activation shape new:
@@ -85,7 +85,7 @@ def setup_for(fields: dict):
 
 def one(case: str, **changes) -> dict:
     """Simulate one case (with optional setup changes) in this process; returns the headline figures."""
-    from tools.simulator import simulate
+    from tools.memory import simulate
 
     cfg, fields = CASES[case]
     t = time.perf_counter()
@@ -117,10 +117,10 @@ def main() -> None:
         return
     cases = args.case or list(CASES)
     t = time.perf_counter()
-    import tools.simulator  # noqa: F401  - warm the imports once for the in-process timings
+    import tools.memory.tracker  # noqa: F401  - warm the imports (torch) once for the in-process timings
     import transformers  # noqa: F401
     print(f"imports (torch, transformers): {time.perf_counter() - t:.1f} s")
-    import tools.simulator as sim_mod
+    import tools.memory.runner as sim_mod
 
     for n, case in enumerate(cases):
         cold_s = None if args.no_cold else cold(case)

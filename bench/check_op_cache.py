@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> int:
     warnings.filterwarnings("ignore")
-    import tools.simulator as sim
+    import tools.memory.runner as sim
+    import tools.memory.tracker as tracker
     from tools.models import catalog
     from tools.peft_config import loadable_setup
     from tools.schemas import TrainingSetup, TunepilotError
@@ -35,12 +36,12 @@ def main() -> int:
             # no dropout on fused MoE experts, eager where transformers has no sdpa (Gemma-2, BLOOM)
             st, _ = loadable_setup(spec, TrainingSetup(model_id=spec.model_id, **kw))
             try:
-                sim._FAST_PATH = False
+                tracker._FAST_PATH = False
                 sim.clear_cache()
                 slow = sim.simulate(spec, st)
-                sim._FAST_PATH = True
+                tracker._FAST_PATH = True
                 sim.clear_cache()
-                sim._OP_CACHE.clear()
+                tracker._OP_CACHE.clear()
                 filling = sim.simulate(spec, st)
                 sim.clear_cache()
                 replay = sim.simulate(spec, st)

@@ -1,4 +1,4 @@
-"""Tiny real models and a real CPU training step to check tools.simulator against.
+"""Tiny real models and a real CPU training step to check the memory engine (tools.memory) against.
 
 The real step allocates every tensor (tiny model, CPU) and is tracked by the same storage counter the
 simulator uses, so simulated and measured peaks can be compared; resident bytes are summed straight
@@ -50,7 +50,8 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
     import torch
     import transformers
 
-    from tools import simulator
+    from tools.memory.step import CudaLikeDropout, make_optimizer
+    from tools.memory.tracker import make_tracker
 
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.for_model(spec.model_type, **{k: v for k, v in spec.config.items() if k != "model_type"})
@@ -76,7 +77,7 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
                 model.enable_input_require_grads()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = simulator._make_optimizer(model, st, params)
+    opt = make_optimizer(model, st, params)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(st.compute_dtype)
     extra = {}
     if st.packing and st.task == "causal-lm":
@@ -111,7 +112,7 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
         else:
             opt.step()
 
-    with warnings.catch_warnings(), simulator.CudaLikeDropout():  # same dropout kernel as the simulator (and CUDA)
+    with warnings.catch_warnings(), CudaLikeDropout():  # same dropout kernel as the simulator (and CUDA)
         warnings.simplefilter("ignore")
         step()
         opt.zero_grad(set_to_none=True)
@@ -121,7 +122,7 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
             step()
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
-        tracker = simulator._make_tracker(fake=False)
+        tracker = make_tracker(fake=False)
         states = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         if device == "cpu":
             with tracker:

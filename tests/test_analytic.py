@@ -188,7 +188,7 @@ GRID = [
 
 @pytest.mark.parametrize("name,kw", GRID, ids=[f"{n}-{i}" for i, (n, _) in enumerate(GRID)])
 def test_analytic_within_10pct_of_simulator(name, kw):
-    simulator = pytest.importorskip("tools.simulator")
+    simulator = pytest.importorskip("tools.memory")
     m = spec({"llama": LLAMA, "mistral": MISTRAL, "bert": BERT, "mixtral": MIXTRAL}[name])
     st = make_setup(**kw)
     sim = simulator.simulate(m, st)
@@ -205,7 +205,7 @@ def test_analytic_within_10pct_of_simulator(name, kw):
 
 def test_dropout_masks_are_one_byte_in_both_tiers(llama):
     """LoRA dropout costs the same in both tiers: a 1-byte mask (CUDA's fused kernel) per adapter input element."""
-    simulator = pytest.importorskip("tools.simulator")
+    simulator = pytest.importorskip("tools.memory")
     delta = {}
     for tier in ("simulated", "analytic"):
         peaks = []
@@ -226,7 +226,7 @@ def test_dropout_masks_are_one_byte_in_both_tiers(llama):
 
 def test_qlora_with_fp32_embeddings_keeps_an_fp32_residual_stream(llama):
     """4-bit base with fp32 embeddings/norms (peft's prepare_model_for_kbit_training, trl 2024): fp32 layer inputs."""
-    simulator = pytest.importorskip("tools.simulator")
+    simulator = pytest.importorskip("tools.memory")
     st = make_setup(method="qlora", dtype="fp32", gradient_checkpointing=True, max_length=1024, per_device_train_batch_size=4)
     sim = simulator.simulate(llama, st)
     ana = analytic_step_memory(llama, st)

@@ -207,7 +207,7 @@ def test_cli_zero_on_one_gpu_with_offload_is_allowed():
 
 
 def test_default_tier_is_the_simulator():
-    pytest.importorskip("tools.simulator")
+    pytest.importorskip("tools.memory")
     from tools.models import spec_from_config
 
     cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128,
@@ -226,7 +226,7 @@ def test_default_tier_is_the_simulator():
 
 
 def test_unsupported_by_simulator_falls_back_to_analytic_with_a_note():
-    pytest.importorskip("tools.simulator")
+    pytest.importorskip("tools.memory")
     # no config.json: the simulator cannot build the real model, the closed form still can
     st = TrainingSetup(model_id=SPEC.model_id, method="lora", max_length=256)
     e = estimate(SPEC, st, advice=False)

@@ -1,12 +1,12 @@
-"""tools.simulator against real CPU training steps of tiny real transformers/peft models."""
+"""The memory engine (tools.memory) against real CPU training steps of tiny real transformers/peft models."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests._simulator_helpers import real_step, setup, tiny_spec
+from tools.memory import simulate
 from tools.schemas import STEP_CATEGORIES, TunepilotError
-from tools.simulator import simulate
 
 
 def _check_shape(mem):
@@ -287,17 +287,18 @@ def _comparable(mem) -> dict:
 @pytest.mark.parametrize("kw", _SPEED_CASES, ids=lambda kw: kw["method"])
 def test_op_cache_gives_the_same_result_as_fake_tensor_mode(kw, monkeypatch):
     """The tracker's own op cache (replayed outputs) vs FakeTensorMode's full path on every op."""
-    import tools.simulator as sim_mod
+    import tools.memory.runner as sim_mod
+    import tools.memory.tracker as tracker_mod
 
     spec = tiny_spec(num_hidden_layers=3)
     st = setup(**kw)
     monkeypatch.setattr(sim_mod, "_PARALLEL", False)
-    monkeypatch.setattr(sim_mod, "_FAST_PATH", False)
+    monkeypatch.setattr(tracker_mod, "_FAST_PATH", False)
     sim_mod.clear_cache()
     slow = simulate(spec, st)
-    monkeypatch.setattr(sim_mod, "_FAST_PATH", True)
+    monkeypatch.setattr(tracker_mod, "_FAST_PATH", True)
     sim_mod.clear_cache()
-    sim_mod._OP_CACHE.clear()
+    tracker_mod._OP_CACHE.clear()
     fast_first = simulate(spec, st)  # fills the op cache
     sim_mod.clear_cache()
     fast_replayed = simulate(spec, st)  # answered from it
@@ -315,7 +316,7 @@ def _fork_available() -> bool:
 
 @pytest.mark.skipif(not _fork_available(), reason="needs Linux and two cores")
 def test_forked_depth_gives_the_same_result_as_in_process(monkeypatch):
-    import tools.simulator as sim_mod
+    import tools.memory.runner as sim_mod
 
     monkeypatch.setattr(sim_mod, "_single_threaded", lambda: True)
     spec = tiny_spec(num_hidden_layers=5)
@@ -346,7 +347,8 @@ def test_a_failing_child_falls_back_to_in_process(failure, monkeypatch):
     import os
     import time
 
-    import tools.simulator as sim_mod
+    import tools.memory.runner as sim_mod
+    import tools.memory.step as step_mod
 
     spec = tiny_spec(num_hidden_layers=4)
     st = setup(method="full", optim="sgd", gradient_checkpointing=False)
@@ -354,7 +356,7 @@ def test_a_failing_child_falls_back_to_in_process(failure, monkeypatch):
     sim_mod.clear_cache()
     expected = simulate(spec, st)
     parent = os.getpid()
-    real_run = sim_mod._run
+    real_run = step_mod.run
 
     def flaky_run(model, setup_, depth):
         if os.getpid() != parent:
@@ -365,7 +367,7 @@ def test_a_failing_child_falls_back_to_in_process(failure, monkeypatch):
             time.sleep(60)
         return real_run(model, setup_, depth)
 
-    monkeypatch.setattr(sim_mod, "_run", flaky_run)
+    monkeypatch.setattr(step_mod, "run", flaky_run)
     monkeypatch.setattr(sim_mod, "_single_threaded", lambda: True)
     monkeypatch.setattr(sim_mod, "_PARALLEL", True)
     monkeypatch.setattr(sim_mod, "_CHILD_MIN_WAIT", 1.0)
@@ -383,7 +385,7 @@ def test_no_fork_in_a_threaded_process(monkeypatch):
     """With another Python thread alive (the Slack bot's workers), both depths run in this process."""
     import threading
 
-    import tools.simulator as sim_mod
+    import tools.memory.runner as sim_mod
 
     monkeypatch.setattr(sim_mod, "_PARALLEL", True)
     monkeypatch.setattr(sim_mod.os, "fork", lambda: pytest.fail("forked a threaded process"))
@@ -414,3 +416,37 @@ def test_packing_matches_a_real_padding_free_step(ckpt):
     # flash-attention runs the packed row as variable-length sequences: no mask
     flash = simulate(spec, st.model_copy(update={"attn_implementation": "flash_attention_2"}), extrapolate=False)
     assert flash.peak_bytes < sim.peak_bytes
+
+
+def test_package_import_loads_no_torch():
+    """`import tools.memory` (and the old `tools.simulator` name) must stay light: --fast and --help never load torch."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys, json, tools.memory, tools.simulator, tools._fake_bnb\n"
+            "from tools.memory import SimulationError\n"
+            "print(json.dumps([m for m in ('torch', 'transformers', 'peft') if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_old_module_names_forward_to_the_package(monkeypatch):
+    """tools.simulator / tools._fake_bnb read and write the live state of tools.memory's modules."""
+    import tools._fake_bnb as old_bnb
+    import tools.memory.quant as quant
+    import tools.memory.runner as runner
+    import tools.memory.step as step
+    import tools.memory.tracker as tracker
+    import tools.simulator as old
+
+    assert old.simulate is runner.simulate and old.SimulationError is runner.SimulationError
+    assert old._run is step.run and old._make_tracker is tracker.make_tracker and old._OP_CACHE is tracker._OP_CACHE
+    assert old_bnb.Fake4bitLinear is quant.Fake4bitLinear
+    monkeypatch.setattr(old, "_PARALLEL", False)
+    monkeypatch.setattr(old, "_FAST_PATH", False)
+    assert runner._PARALLEL is False and tracker._FAST_PATH is False
+    monkeypatch.undo()
+    assert tracker._FAST_PATH is True
+    with pytest.raises(AttributeError):
+        old.no_such_name  # noqa: B018

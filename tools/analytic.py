@@ -1,6 +1,6 @@
 """Analytic memory tier: closed-form bytes of one training step, no torch.
 
-`analytic_step_memory(model, setup)` mirrors what the simulator (tools/simulator.py) sees
+`analytic_step_memory(model, setup)` mirrors what the simulator (tools/memory/) sees
 when it runs the real Hugging Face training step on fake tensors, one component at a time:
 
 - the linear layers of a block under each family's real module names and shapes (`_FAMILIES`:

@@ -76,7 +76,7 @@ def step_memory(model: ModelSpec, setup: TrainingSetup, *, fast: bool = False) -
     notes += fixes
     if not fast:
         try:
-            from tools.simulator import SimulationError, simulate
+            from tools.memory import SimulationError, simulate
         except ImportError as e:  # no torch / transformers in this environment
             notes.append(f"simulator unavailable ({e.__class__.__name__}: {e}); analytic tier used")
         else:

@@ -435,7 +435,7 @@ STEP_CATEGORIES = ("weights", "adapters", "gradients", "optimizer_state", "activ
 class StepMemory(_Strict):
     """Memory of one training step of ONE model replica (no sharding, no CUDA-only overheads), in bytes.
 
-    Produced by `tools.simulator.simulate` (tier 'simulated') and `tools.analytic.analytic_step_memory`
+    Produced by `tools.memory.simulate` (tier 'simulated') and `tools.analytic.analytic_step_memory`
     (tier 'analytic'); `tools.estimator.estimate` turns it into a per-GPU MemoryEstimate.
     """
 

@@ -1,0 +1,111 @@
+"""Depth: how many blocks a model has, which depths to simulate, and the linear extension to full depth.
+
+A block stack repeats with a period (1 for most models; the sliding/full attention pattern of
+Gemma-2/3 and friends, the MoE step of decoder_sparse_step models), after an optional dense prefix
+(first_k_dense_replace). k1 = prefix + period and k2 = prefix + 2*period blocks are simulated, and
+every category of every segment is extended linearly to the full depth (`combine`); the step peak
+is the largest segment at full depth. No torch here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from tools.memory.build import DEPTH_KEYS, layer_types
+from tools.memory.segments import PHASE_OF_SEGMENT
+from tools.schemas import STEP_CATEGORIES, ModelSpec, StepMemory
+
+if TYPE_CHECKING:
+    from tools.memory.step import RunResult
+
+
+def num_layers(model: ModelSpec) -> int:
+    """The full depth: the first depth key the config sets."""
+    cfg = model.config
+    for k in DEPTH_KEYS:
+        if isinstance(cfg.get(k), int):
+            return cfg[k]
+    return model.num_hidden_layers
+
+
+def min_period(seq: list) -> int:
+    """The shortest p such that seq repeats with period p."""
+    for p in range(1, len(seq) + 1):
+        if all(seq[i] == seq[i % p] for i in range(len(seq))):
+            return p
+    return len(seq)
+
+
+def layer_period(model: ModelSpec) -> tuple[int, int]:
+    """(dense prefix, period) of the block stack: simulate prefix+period and prefix+2*period blocks."""
+    cfg = model.config
+    prefix, period = 0, 1
+    if isinstance(cfg.get("first_k_dense_replace"), int):
+        prefix = cfg["first_k_dense_replace"]
+    per_block = layer_types(model)
+    if per_block:
+        period = min_period(per_block[prefix:] or per_block)
+    elif isinstance(cfg.get("sliding_window_pattern"), int) and cfg["sliding_window_pattern"] > 1:
+        period = cfg["sliding_window_pattern"]
+    step = cfg.get("decoder_sparse_step")
+    if isinstance(step, int) and step > 1:
+        period = period * step // math.gcd(period, step)
+    mlp_only = cfg.get("mlp_only_layers")
+    if isinstance(mlp_only, list) and mlp_only:
+        # irregular dense layers: simulate everything (rare; usually an empty list)
+        prefix = num_layers(model)
+    return prefix, period
+
+
+def depths_to_simulate(model: ModelSpec, extrapolate: bool = True) -> tuple[int, list[int]]:
+    """(full depth, the depths to simulate): [prefix+period, prefix+2*period], or [full] when that is not shallower."""
+    total = num_layers(model)
+    prefix, period = layer_period(model)
+    k1, k2 = prefix + period, prefix + 2 * period
+    return total, ([k1, k2] if extrapolate and k2 < total else [total])
+
+
+def combine(runs: list[RunResult], depths: list[int], total: int) -> StepMemory:
+    """Extend each segment's breakdown linearly in depth; the step peak is the largest segment at full depth.
+
+    Peaks are tracked per segment because the segment holding the peak can change with depth
+    (a 2-block model peaks at the logits, an 80-block one at the optimizer step).
+    """
+    a = runs[0]
+    notes = list(dict.fromkeys(n for r in runs for n in r.notes))
+    if len(runs) == 1:
+        segs = a.segments
+        ext = lambda x, y: x  # noqa: E731
+        b = a
+        per_layer = None
+    else:
+        b = runs[1]
+        k1, k2 = depths
+        steps = (total - k1) / (k2 - k1)  # periods to add beyond k1
+
+        def ext(x: int, y: int) -> int:
+            return max(0, round(x + (y - x) * steps))
+
+        segs = {
+            seg: {c: ext(a.segments[seg][c], b.segments[seg][c]) for c in STEP_CATEGORIES}
+            for seg in a.segments if seg in b.segments
+        }
+    best = max(segs, key=lambda seg: sum(segs[seg].values()))
+    breakdown = segs[best]
+    if len(runs) == 2:
+        per_layer = round((sum(b.segments[best].values()) - sum(a.segments[best].values())) / (depths[1] - depths[0]))
+    eval_peak = None if a.eval_peak_bytes is None else ext(a.eval_peak_bytes, b.eval_peak_bytes)
+    return StepMemory(
+        tier="simulated",
+        num_parameters=ext(a.num_parameters, b.num_parameters),
+        trainable_parameters=ext(a.trainable_parameters, b.trainable_parameters),
+        weights_bytes=ext(a.weights_bytes, b.weights_bytes),
+        adapter_bytes=ext(a.adapter_bytes, b.adapter_bytes),
+        gradient_bytes=ext(a.gradient_bytes, b.gradient_bytes),
+        optimizer_bytes=ext(a.optimizer_bytes, b.optimizer_bytes),
+        peak_bytes=sum(breakdown.values()), peak_breakdown=breakdown, peak_phase=PHASE_OF_SEGMENT[best],
+        eval_peak_bytes=eval_peak,
+        largest_layer_param_bytes=max(a.largest_layer_param_bytes, b.largest_layer_param_bytes),
+        per_layer_bytes=per_layer, layers_simulated=list(depths), notes=notes,
+    )
