@@ -200,6 +200,8 @@ def estimate(
     offload: Optional[str] = typer.Option(None, "--offload", help="none | optimizer | all (CPU offload with ZeRO/FSDP)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU to check against, e.g. '4090', 'A100 80GB', '2x H100'."),
     fast: bool = typer.Option(False, "--fast", help="Closed-form analytic tier (instant, ~10%) instead of the dry run."),
+    host_ram: Optional[float] = typer.Option(None, "--host-ram", help="Host RAM per node in GiB to check loading and offload against (e.g. 12 for a free Colab)."),
+    dataset_tokens: Optional[int] = typer.Option(None, "--dataset-tokens", help="Training tokens per epoch (sizes the tokenized dataset's page cache)."),
     json_out: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
 ) -> None:
     """Estimate per-GPU training memory of a setup (simulated dry run, or --fast analytic)."""
@@ -213,9 +215,12 @@ def estimate(
         fail("--zero/--fsdp: use DeepSpeed ZeRO or FSDP, not both")
     if zero is not None and zero not in (0, 1, 2, 3):
         fail(f"--zero: {zero} is not a ZeRO stage; use 0, 1, 2 or 3")
-    for name, value in (("--num-gpus", num_gpus), ("--per-device-train-batch-size", batch), ("--max-seq-length", seq), ("--r", r)):
+    for name, value in (("--num-gpus", num_gpus), ("--per-device-train-batch-size", batch), ("--max-seq-length", seq), ("--r", r),
+                        ("--dataset-tokens", dataset_tokens)):
         if value is not None and value < 1:
             fail(f"{name}: must be at least 1, got {value}")
+    if host_ram is not None and host_ram <= 0:
+        fail(f"--host-ram: must be a positive number of GiB, got {host_ram:g}")
     try:
         from tools.models import lookup_model
 
@@ -266,7 +271,7 @@ def estimate(
         setup = TrainingSetup.model_validate(data)
         from tools.estimator import estimate as run_estimate
 
-        est = run_estimate(spec, setup, hardware, fast=fast)
+        est = run_estimate(spec, setup, hardware, fast=fast, host_ram_gib=host_ram, dataset_tokens=dataset_tokens)
     except TunepilotError as e:
         fail(str(e))
     except ValidationError as e:
@@ -296,7 +301,13 @@ def estimate(
                   f"device total (nvidia-smi) {est.device_total_gib:.2f} GiB "
                   f"[{est.uncertainty.low_gib:.1f}-{est.uncertainty.high_gib:.1f}]", highlight=False, soft_wrap=True)
     if est.host_ram_gib:
-        console.print(f"host RAM for offload {est.host_ram_gib:.1f} GiB", highlight=False)
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(est.host_breakdown.items(), key=lambda kv: -kv[1]) if v >= 0.05)
+        line = (f"host RAM per node {est.host_ram_gib:.1f} GiB at {est.host_phase} ({parts}) "
+                f"+ {est.host_page_cache_gib:.1f} GiB reclaimable page cache")
+        if est.host_fits is not None:
+            line += (f"; [bold green]fits[/] the host's {est.host_ram_available_gib:g} GiB" if est.host_fits
+                     else f"; [bold red]does not fit[/] the host's {est.host_ram_available_gib:g} GiB")
+        console.print(line, highlight=False, soft_wrap=True)
     if est.fits is not None:
         verdict = "[bold green]fits[/]" if est.fits else "[bold red]does not fit[/]"
         console.print(f"{est.gpu} ({est.gpu_memory_gib:g} GiB): {verdict}, headroom {est.headroom_gib:+.2f} GiB", highlight=False)
@@ -323,6 +334,7 @@ def plan(
     quality: str = typer.Option("balanced", "--quality", help="speed | balanced | quality: how much time to trade for full > LoRA > QLoRA and larger r."),
     epochs: float = typer.Option(1.0, "--epochs", help="Passes over the dataset."),
     fast: bool = typer.Option(False, "--fast", help="Skip the simulator confirmation (analytic estimates only)."),
+    host_ram: Optional[float] = typer.Option(None, "--host-ram", help="Host RAM per node in GiB (overrides what --local detects); setups that need more are rejected."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the winning setup here (YAML, or JSON for a .json suffix)."),
 ) -> None:
@@ -340,6 +352,8 @@ def plan(
         fail("which GPUs? give --gpu SPEC (e.g. --gpu 4090, --gpu '2x A100 80GB') or --local to detect this machine's")
     if dataset_tokens is not None and dataset_examples is not None:
         fail("give either --dataset-tokens or --dataset-examples, not both")
+    if host_ram is not None and host_ram <= 0:
+        fail(f"--host-ram: must be a positive number of GiB, got {host_ram:g}")
     try:
         goals = PlanGoals(
             seq_len=seq_len, dataset_tokens=dataset_tokens, dataset_examples=dataset_examples,
@@ -350,6 +364,8 @@ def plan(
         fail(format_validation_error(e).replace("invalid setup:", "invalid plan goals:", 1))
     try:
         hardware = detect_hardware() if local else parse_hardware(gpu)
+        if host_ram is not None:
+            hardware = hardware.model_copy(update={"host_ram_gib": host_ram})
         spec = lookup_model(model_ref)
         result = make_plan(spec, hardware, goals)
     except TunepilotError as e:

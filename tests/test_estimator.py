@@ -79,10 +79,13 @@ def test_zero_stages_shard_what_they_should():
 def test_offload_moves_optimizer_bytes_to_host():
     on_gpu = estimate(SPEC, full(num_gpus=2, zero_stage=2), step=step(), advice=False, reshard_moments=False)
     off = estimate(SPEC, full(num_gpus=2, zero_stage=2, offload="optimizer"), step=step(), advice=False, reshard_moments=False)
-    assert on_gpu.host_ram_gib == 0
+    # without offload the host holds only the processes' runtime (the checkpoint is memory-mapped, same dtype)
+    assert set(on_gpu.host_breakdown) <= {"runtime", "checkpoint_copies", "adapters"}
     assert off.breakdown.get("optimizer_state", 0) == 0
     moved = on_gpu.breakdown["optimizer_state"] * 2  # both GPUs' partitions live on the one host
-    assert off.host_ram_gib >= moved
+    offloaded = sum(v for k, v in off.host_breakdown.items() if k in ("master_weights", "optimizer_states", "gradients"))
+    assert offloaded >= moved
+    assert off.host_ram_gib >= on_gpu.host_ram_gib + moved
     assert off.device_total_gib < on_gpu.device_total_gib - on_gpu.breakdown["optimizer_state"] * 0.9
     everything = estimate(SPEC, full(num_gpus=1, zero_stage=3, offload="all"), step=step(), advice=False, reshard_moments=False)
     assert everything.breakdown.get("weights", 0) == 0

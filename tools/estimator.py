@@ -180,13 +180,17 @@ def _uncertainty_pct(tier: str, setup: TrainingSetup, model: ModelSpec) -> float
 
 def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | None = None, *, fast: bool = False,
              safety_margin: float = 0.0, advice: bool = True, step: StepMemory | None = None,
-             reshard_moments: bool = True) -> MemoryEstimate:
+             reshard_moments: bool = True, host_ram_gib: float | None = None, dataset_tokens: int | None = None,
+             dataset_examples: int | None = None, host_offload: dict[str, int] | None = None) -> MemoryEstimate:
     """Per-GPU memory of training `model` with `setup`: peak allocated / reserved / nvidia-smi total, breakdown, fits on `hardware`, and advice.
 
     fast=True uses the closed-form analytic tier (instant, ~10%); otherwise the exact dry run of the
     real training step (a few seconds). safety_margin is the fraction of GPU memory kept free for `fits`.
     `step` injects a precomputed StepMemory of this setup. Under ZeRO/FSDP every analytic moment of the
     step is sharded too and the largest kept (reshard_moments=False shards only the step's own peak).
+    Host RAM per node (tools/memory/host.py) is checked against `host_ram_gib` (or the hardware's);
+    `dataset_tokens`/`dataset_examples` size the dataset's page cache; `host_offload` gives the per-rank
+    bytes by part that the sharded step keeps on the host (computed from `step` when None).
     """
     if not 0.0 <= safety_margin < 1.0:
         raise TunepilotError(f"safety_margin: {safety_margin} must be in [0, 1)")
@@ -255,7 +259,6 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
         peak_allocated_gib=round(allocated / gib, 3),
         peak_reserved_gib=round(reserved / gib, 3),
         device_total_gib=round(total / gib, 3),
-        host_ram_gib=round(host / gib, 3),
         breakdown=breakdown,
         uncertainty=unc,
         dominant=dominant,
@@ -266,12 +269,37 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
         est.gpu, est.gpu_memory_gib = hardware.gpu.name, mem
         est.headroom_gib = round(mem - total / gib, 3)
         est.fits = total / gib + safety_margin * mem <= mem
-        if hardware.host_ram_gib is not None and host / gib > hardware.host_ram_gib:
-            est.provenance.append(f"host RAM: offload needs {host / gib:.1f} GiB but the host has {hardware.host_ram_gib:.1f} GiB")
-            est.fits = False
+    _host_ram(est, model, setup, step, host_ram_gib if host_ram_gib is not None else (hardware.host_ram_gib if hardware else None),
+              dataset_tokens, dataset_examples, host_offload)
     if advice:
         est.advice = _advice(model, setup, bd, dominant, total)
     return est
+
+
+def _host_ram(est: MemoryEstimate, model: ModelSpec, setup: TrainingSetup, step: StepMemory, available: float | None,
+              dataset_tokens: int | None, dataset_examples: int | None, offload: dict[str, int] | None) -> None:
+    """Fill the estimate's host RAM fields (per node) and, when the host's RAM is known, say whether it fits."""
+    from tools.memory.host import host_memory
+
+    gib = float(BYTES_PER_GIB)
+    hm = host_memory(model, setup, step, offload=offload, dataset_tokens=dataset_tokens, dataset_examples=dataset_examples)
+    est.host_ram_gib = round(hm.total_bytes / gib, 3)
+    est.host_breakdown = {k: round(v / gib, 3) for k, v in hm.breakdown.items()}
+    est.host_phase = hm.phase
+    est.host_page_cache_gib = round(hm.page_cache_bytes / gib, 3)
+    other = hm.training_bytes if hm.phase == "loading" else hm.loading_bytes
+    est.provenance.append(f"host RAM per node: {hm.total_bytes / gib:.1f} GiB at {hm.phase} "
+                          f"({'training' if hm.phase == 'loading' else 'loading'}: {other / gib:.1f} GiB), "
+                          f"+ {hm.page_cache_bytes / gib:.1f} GiB reclaimable page cache")
+    est.provenance += [f"host RAM: {n}" for n in hm.notes]
+    if available is not None:
+        est.host_ram_available_gib = round(float(available), 3)
+        est.host_fits = hm.total_bytes / gib <= available
+        if not est.host_fits:
+            est.provenance.append(f"host RAM: the run needs {hm.total_bytes / gib:.1f} GiB per node at {hm.phase} but the host "
+                                  f"has {available:.1f} GiB: it will be killed (OOM) there")
+            if est.fits is not None:
+                est.fits = False
 
 
 def _variants(setup: TrainingSetup, dominant: str) -> list[tuple[str, dict]]:

@@ -26,6 +26,7 @@ from typing import Optional
 
 from tools.peft_config import attention_support, loadable_setup
 from tools.schemas import (
+    BYTES_PER_GIB,
     Candidate,
     HardwareSpec,
     MemoryEstimate,
@@ -641,6 +642,23 @@ def _quant_variants_advice(model, hardware, goals, winner: _Option) -> Optional[
     return "QLoRA quantization: " + "; ".join(notes) + "."
 
 
+def _host_advice(hardware: HardwareSpec, goals: PlanGoals, winner: _Option) -> str:
+    """Host RAM per node of the winner: its peak and parts, the page cache the checkpoint and dataset use."""
+    from tools.memory.host import dataset_page_cache_bytes
+
+    e, s = winner.est, winner.setup
+    parts = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in sorted(e.host_breakdown.items(), key=lambda kv: -kv[1]) if v >= 0.05)
+    notes: list[str] = []
+    data = dataset_page_cache_bytes(s, goals.dataset_tokens, goals.dataset_examples, notes) / BYTES_PER_GIB
+    text = f"Host RAM: {_gib(e.host_ram_gib)} per node at {e.host_phase or 'loading'} ({parts})"
+    cache = e.host_page_cache_gib + data
+    text += f"; the memory-mapped checkpoint{' and tokenized dataset' if data else ''} add {_gib(cache)} of reclaimable page cache"
+    if hardware.host_ram_gib is not None:
+        text += (f"; fits the host's {_gib(hardware.host_ram_gib)}" if e.host_ram_gib <= hardware.host_ram_gib
+                 else f"; more than the host's {_gib(hardware.host_ram_gib)}")
+    return text + "."
+
+
 def _flash_advice(hardware: HardwareSpec, winner: _Option) -> Optional[str]:
     if winner.setup.attn_implementation == "eager":
         return ("Attention: eager; transformers supports neither sdpa nor (here) flash_attention_2 for this model, "
@@ -854,6 +872,7 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
     fa = _flash_advice(hardware, winner)
     if fa:
         advice.append(fa)
+    advice.append(_host_advice(hardware, goals, winner))
     if not hardware.gpu.bf16:
         advice.append(f"Precision: {hardware.gpu.name} has no bf16, so the plan uses fp16 mixed precision"
                       + (" (QLoRA compute dtype fp16)" if any(o.method == "qlora" for o in selected) else "")

@@ -116,7 +116,7 @@ class HardwareSpec(_Strict):
     num_gpus: int = Field(default=1, ge=1, description="GPUs in total across all nodes.")
     num_nodes: int = Field(default=1, ge=1, description="Machines.")
     free_memory_gib: Optional[list[float]] = Field(default=None, description="Free memory per GPU when detected locally.")
-    host_ram_gib: Optional[float] = Field(default=None, description="Host (CPU) RAM in GiB, when known; matters for CPU offload.")
+    host_ram_gib: Optional[float] = Field(default=None, description="Host (CPU) RAM per node in GiB, when known; checked against the run's loading peak and CPU offload.")
     detected: bool = Field(default=False, description="True when read from the local machine rather than typed.")
 
 
@@ -358,7 +358,12 @@ class MemoryEstimate(_Strict):
     peak_allocated_gib: float = Field(description="Peak of torch.cuda.max_memory_allocated per GPU, GiB.")
     peak_reserved_gib: float = Field(description="Peak of torch.cuda.max_memory_reserved per GPU (caching allocator), GiB.")
     device_total_gib: float = Field(description="What nvidia-smi shows per GPU at peak: reserved + CUDA context and library workspaces, GiB.")
-    host_ram_gib: float = Field(default=0.0, description="Host RAM needed for CPU offload (plus pinned buffers), GiB; 0 without offload.")
+    host_ram_gib: float = Field(default=0.0, description="Host RAM per node at its peak (the larger of loading and training), GiB: runtime per process, checkpoint copies while loading, offloaded states and pinned buffers; reclaimable page cache excluded.")
+    host_breakdown: dict[str, float] = Field(default_factory=dict, description="Host RAM per node by part at its peak moment, GiB (runtime, checkpoint_copies, adapters, fsdp_fp32_upcast, offloaded_params, master_weights, optimizer_states, gradients, pinned_buffers, dataloader_workers); sums to host_ram_gib.")
+    host_phase: str = Field(default="", description="When host RAM peaks: 'loading' (from_pretrained and prepare) or 'training'.")
+    host_page_cache_gib: float = Field(default=0.0, description="Reclaimable file-backed pages per node on top of host_ram_gib: the memory-mapped checkpoint and the tokenized dataset's Arrow cache, GiB.")
+    host_ram_available_gib: Optional[float] = Field(default=None, description="Host RAM per node checked against (--host-ram or detected), GiB.")
+    host_fits: Optional[bool] = Field(default=None, description="True when host_ram_gib fits in host_ram_available_gib; None when the host's RAM is unknown.")
     breakdown: dict[str, float] = Field(description="Component -> GiB at the peak moment, per GPU (weights, adapters, gradients, optimizer_state, activations, logits_loss, temporaries, allocator_overhead, cuda_context, ...).")
     gpu: Optional[str] = Field(default=None, description="GPU checked against, if any.")
     gpu_memory_gib: Optional[float] = Field(default=None, description="That GPU's memory, GiB.")
