@@ -437,6 +437,7 @@ def script(
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Column holding the training text."),
     chat: bool = typer.Option(False, "--chat", help="Data is a 'messages' column: format it with the tokenizer's chat template."),
     json_out: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="sft | dpo | kto | reward | grpo: the trl trainer the script uses (default: the setup's)."),
 ) -> None:
     """Render a ready-to-run training script for a setup file."""
     from pydantic import ValidationError
@@ -448,6 +449,8 @@ def script(
         fail("give either --text-field F or --chat, not both")
     try:
         setup = TrainingSetup.load(setup_file)
+        if objective is not None:
+            setup = _with_objective(setup, objective)
         setup, fixes = _supported_setup(setup)
         rendered = write_script(setup, output, dataset=dataset, text_field=text_field, chat=chat)
         rendered.notes[:0] = fixes
@@ -468,6 +471,15 @@ def script(
     console.print(f"trial first:  {rendered.trial_command}", highlight=False)
     for note in rendered.notes:
         console.print(f"[dim]note: {note}[/]", highlight=False)
+
+
+def _with_objective(setup, objective: str):
+    """The setup trained with --objective (issue 15); an unknown objective is one clear error."""
+    from tools.schemas import OBJECTIVES
+
+    if objective not in OBJECTIVES:
+        fail(f"--objective: {objective!r} is not an objective; use one of {', '.join(OBJECTIVES)}")
+    return setup.for_objective(objective)
 
 
 def _supported_setup(setup):

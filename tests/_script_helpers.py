@@ -112,3 +112,40 @@ def run_env(tmp_path: Path) -> dict:
         PYTHONPATH=str(Path(__file__).resolve().parents[1]),
     )
     return env
+
+
+# ---- preference / RL data (issue 15) ---------------------------------------------------
+
+
+def write_preference_dataset(path: Path, rows: int = 16) -> Path:
+    """A jsonl file of {"prompt", "chosen", "rejected"} rows (DPO and reward models)."""
+    path = Path(path)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(rows):
+            row = {
+                "prompt": SENTENCES[i % len(SENTENCES)],
+                "chosen": SENTENCES[(i + 1) % len(SENTENCES)],
+                "rejected": " ".join(SENTENCES[(i + 2) % len(SENTENCES)].split()[:4]),
+            }
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_unpaired_dataset(path: Path, rows: int = 16) -> Path:
+    """A jsonl file of {"prompt", "completion", "label"} rows (KTO)."""
+    path = Path(path)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(rows):
+            row = {"prompt": SENTENCES[i % len(SENTENCES)], "completion": SENTENCES[(i + 3) % len(SENTENCES)], "label": i % 2 == 0}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_prompt_dataset(path: Path, rows: int = 16) -> Path:
+    """A jsonl file of {"prompt", "answer"} rows (GRPO: prompts to complete, answers for the example reward)."""
+    path = Path(path)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(rows):
+            words = SENTENCES[i % len(SENTENCES)].split()
+            f.write(json.dumps({"prompt": " ".join(words[:5]), "answer": words[-1]}) + "\n")
+    return path

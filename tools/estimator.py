@@ -194,6 +194,12 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
     """
     if not 0.0 <= safety_margin < 1.0:
         raise TunepilotError(f"safety_margin: {safety_margin} must be in [0, 1)")
+    if setup.objective != "sft":
+        # issue 15: until the reference model, pairs and generation are simulated, say so rather than estimate SFT
+        raise TunepilotError(
+            f"objective: memory of {setup.objective} steps (reference model, chosen+rejected pairs, generation) is not "
+            "estimated yet; only sft is. The generated script's trial mode measures it: tunepilot trial SETUP.yaml"
+        )
     provenance: list[str] = []
     _check(setup, hardware, provenance)
     if step is None:

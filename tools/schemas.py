@@ -12,6 +12,7 @@ This module must stay light: pydantic and yaml only, never torch.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -42,6 +43,26 @@ AttnImpl = Literal["sdpa", "flash_attention_2", "eager"]
 Task = Literal["causal-lm", "seq2seq", "sequence-classification"]
 Offload = Literal["none", "optimizer", "all"]
 FSDPMode = Literal["none", "full_shard", "shard_grad_op"]
+
+# Training objectives (issue 15): trl 1.16's SFTTrainer, DPOTrainer, KTOTrainer, RewardTrainer, GRPOTrainer.
+Objective = Literal["sft", "dpo", "kto", "reward", "grpo"]
+OBJECTIVES: tuple[str, ...] = Objective.__args__  # type: ignore[attr-defined]
+PREFERENCE_OBJECTIVES = ("dpo", "kto")  # a reference model beside the policy (unless precomputed)
+RefModel = Literal["auto", "copy", "peft_base"]
+VllmMode = Literal["colocate", "server"]
+# trl 1.16's accepted loss_type values per objective (DPOConfig / KTOConfig / GRPOConfig), the default first.
+LOSS_TYPES: dict[str, tuple[str, ...]] = {
+    "dpo": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+            "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"),
+    "kto": ("kto", "apo_zero_unpaired"),
+    "grpo": ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
+}
+# Fields of the objectives (issue 15); GRPO_FIELDS only mean something for objective grpo.
+GRPO_FIELDS = ("num_generations", "max_completion_length", "generation_batch_size", "use_vllm", "vllm_mode",
+               "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "vllm_server_gpus")
+OBJECTIVE_FIELDS = ("ref_model", "precompute_ref_log_probs", "max_prompt_length", "loss_type", "beta") + GRPO_FIELDS
+# trl 1.16's default beta per objective (DPOConfig.beta, KTOConfig.beta, GRPOConfig.beta).
+DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "grpo": 0.0}
 
 BYTES_PER_GIB = 1024**3
 
@@ -206,6 +227,61 @@ class TrainingSetup(_Strict):
     logging_steps: int = Field(default=10, ge=1, description="Log every N steps.")
     merge_adapter: bool = Field(default=False, description="Merge the LoRA adapter into the base weights after training.")
 
+    # objective (issue 15): preference and RL fine-tuning with trl, under trl's names
+    objective: Objective = Field(
+        default="sft",
+        description="What is trained: sft (supervised, trl SFTTrainer), dpo (preference pairs prompt/chosen/rejected, DPOTrainer), "
+        "kto (unpaired prompt/completion/label, KTOTrainer), reward (a reward model: sequence classification on chosen/rejected, "
+        "RewardTrainer), grpo (RL with a reward function on generated completions, GRPOTrainer).",
+    )
+    ref_model: RefModel = Field(
+        default="auto",
+        description="DPO/KTO/GRPO reference model: auto (trl's default: a PEFT policy is its own reference with the adapter "
+        "disabled, a full fine-tune loads a separate frozen copy), copy (always a separate frozen copy), peft_base (the PEFT "
+        "base with the adapter disabled; needs a PEFT method).",
+    )
+    precompute_ref_log_probs: bool = Field(
+        default=False,
+        description="DPO/KTO: compute the reference log-probs of the whole dataset once before training (trl "
+        "precompute_ref_log_probs), so no reference model is kept during training; one extra forward pass over the data.",
+    )
+    max_prompt_length: Optional[int] = Field(
+        default=None, ge=1,
+        description="Longest prompt in tokens (DPO/KTO/GRPO); longer prompts are truncated from the left by the generated "
+        "script (trl 1.16 has no such knob). None: DPO/KTO prompts share max_length with the completion (the estimate "
+        "assumes half each); GRPO prompts get max_length - max_completion_length.",
+    )
+    loss_type: Optional[Union[str, list[str]]] = Field(
+        default=None,
+        description="trl loss_type; None keeps trl's default (DPO 'sigmoid', KTO 'kto', GRPO 'dapo'). DPO accepts a list "
+        "of losses combined (e.g. MPO ['sigmoid', 'bco_pair', 'sft']).",
+    )
+    beta: Optional[float] = Field(
+        default=None, ge=0.0,
+        description="trl beta: DPO/KTO deviation from the reference (default 0.1); GRPO KL coefficient (default 0.0, and a "
+        "reference model is loaded only when beta > 0).",
+    )
+    num_generations: int = Field(default=8, ge=2, description="GRPO: completions sampled per prompt (trl GRPOConfig.num_generations).")
+    max_completion_length: int = Field(default=512, ge=1, description="GRPO: longest generated completion in tokens (trl GRPOConfig.max_completion_length).")
+    generation_batch_size: Optional[int] = Field(
+        default=None, ge=1,
+        description="GRPO: completions generated at once across all GPUs (trl GRPOConfig.generation_batch_size); None: "
+        "per_device_train_batch_size x num_gpus x gradient_accumulation_steps.",
+    )
+    use_vllm: bool = Field(default=False, description="GRPO: generate with vLLM instead of model.generate (trl GRPOConfig.use_vllm).")
+    vllm_mode: VllmMode = Field(
+        default="colocate",
+        description="GRPO with vLLM: colocate (vLLM shares the training GPUs and takes vllm_gpu_memory_utilization of each) "
+        "or server (a `trl vllm-serve` process on other GPUs).",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        default=0.3, gt=0.0, le=1.0,
+        description="GRPO, colocated vLLM: fraction of each GPU's memory vLLM reserves for its weights and KV cache "
+        "(trl's default 0.3, lowered from 0.9 after out-of-memory reports).",
+    )
+    vllm_tensor_parallel_size: int = Field(default=1, ge=1, description="GRPO with vLLM: tensor-parallel size of the vLLM engine (trl GRPOConfig.vllm_tensor_parallel_size; in server mode the server's --tensor-parallel-size).")
+    vllm_server_gpus: int = Field(default=1, ge=1, description="GRPO, vLLM server mode: GPUs the vLLM server runs on, apart from the num_gpus that train.")
+
     @model_validator(mode="after")
     def _consistent(self) -> "TrainingSetup":
         problems = self.problems()
@@ -245,6 +321,74 @@ class TrainingSetup(_Strict):
             p.append("eval_steps: required when eval_strategy='steps'")
         if isinstance(self.target_modules, list) and not self.target_modules:
             p.append("target_modules: give 'all-linear' or at least one module name")
+        p += self._objective_problems()
+        return p
+
+    def _objective_problems(self) -> list[str]:
+        """Problems of the objective and its knobs (issue 15), each naming its field."""
+        p: list[str] = []
+        obj = self.objective
+        given = self.model_fields_set
+        if obj == "reward":
+            # normalised rather than rejected: a reward model is a sequence classifier with one output (trl RewardTrainer)
+            if self.task == "seq2seq":
+                p.append("task: objective 'reward' trains a sequence-classification head, not 'seq2seq'")
+            object.__setattr__(self, "task", "sequence-classification")
+            object.__setattr__(self, "num_labels", 1)
+        elif obj != "sft" and self.task != "causal-lm":
+            p.append(f"task: objective {obj!r} trains a causal-lm policy, not {self.task!r}")
+        if obj in ("sft", "reward"):
+            for name in ("precompute_ref_log_probs", "loss_type", "beta", "max_prompt_length"):
+                if name in given and getattr(self, name) not in (None, False):
+                    p.append(f"{name}: only for objectives dpo, kto and grpo (objective is {obj!r})")
+            if "ref_model" in given and self.ref_model != "auto":
+                p.append(f"ref_model: objective {obj!r} has no reference model")
+        if obj != "grpo":
+            for name in ("use_vllm", "generation_batch_size"):
+                if name in given and getattr(self, name) not in (None, False):
+                    p.append(f"{name}: only for objective grpo (objective is {obj!r})")
+        if self.ref_model == "peft_base" and not self.is_peft:
+            p.append("ref_model: 'peft_base' (adapter disabled) needs a PEFT method (lora, qlora, dora, ...); full fine-tuning needs 'copy' or 'auto'")
+        if obj == "grpo" and self.ref_model == "copy" and self.is_peft and self.effective_beta > 0:
+            p.append("ref_model: trl's GRPOTrainer always uses the PEFT base (adapter disabled) as the reference of a PEFT policy; use 'auto' or 'peft_base'")
+        if self.precompute_ref_log_probs:
+            if obj == "grpo":
+                p.append("precompute_ref_log_probs: GRPO scores freshly generated completions, so reference log-probs cannot be precomputed")
+            elif self.ref_model == "copy":
+                p.append("precompute_ref_log_probs: with precomputed log-probs a separate reference copy is never used; set ref_model 'auto'")
+        if self.loss_type is not None and obj in LOSS_TYPES:
+            allowed = LOSS_TYPES[obj]
+            values = self.loss_type if isinstance(self.loss_type, list) else [self.loss_type]
+            if isinstance(self.loss_type, list) and obj != "dpo":
+                p.append(f"loss_type: only DPO combines several losses; give one of {', '.join(allowed)}")
+            bad = [v for v in values if v not in allowed]
+            if bad or not values:
+                p.append(f"loss_type: {', '.join(map(repr, bad)) or 'empty'} is not a trl {obj.upper()} loss; use one of {', '.join(allowed)}")
+        if obj == "kto" and self.per_device_train_batch_size < 2 and self.effective_loss_type == "kto":
+            p.append("per_device_train_batch_size: KTO's KL estimate pairs each prompt with another row of the micro-batch; use at least 2 (or loss_type 'apo_zero_unpaired')")
+        if obj in PREFERENCE_OBJECTIVES and self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            p.append(f"max_prompt_length: {self.max_prompt_length} leaves no room for the completion in max_length {self.max_length}")
+        if obj == "grpo":
+            if self.max_completion_length >= self.max_length:
+                p.append(f"max_completion_length: {self.max_completion_length} leaves no room for the prompt in max_length {self.max_length} (max_length is prompt + completion)")
+            elif self.max_prompt_length is not None and self.max_prompt_length + self.max_completion_length > self.max_length:
+                p.append(f"max_prompt_length: {self.max_prompt_length} + max_completion_length {self.max_completion_length} exceeds max_length {self.max_length}")
+            global_batch = self.per_device_train_batch_size * self.num_gpus
+            if self.generation_batch_size is None and self.grpo_generation_batch % self.num_generations:
+                # normalised rather than rejected: generate whole groups (the least common multiple of the global batch
+                # and num_generations); trl then trains on them over several steps (steps_per_generation)
+                object.__setattr__(self, "generation_batch_size", math.lcm(global_batch, self.num_generations))
+            gen = self.generation_batch_size
+            if gen is not None and gen % global_batch:
+                p.append(f"generation_batch_size: {gen} must be a multiple of per_device_train_batch_size x num_gpus = {global_batch}")
+            elif self.grpo_generation_batch % self.num_generations:
+                p.append(
+                    f"num_generations: the generation batch ({self.grpo_generation_batch} completions) must hold whole groups of "
+                    f"{self.num_generations}; make per_device_train_batch_size x num_gpus x gradient_accumulation_steps "
+                    "(or generation_batch_size) a multiple of num_generations"
+                )
+            if self.use_vllm and self.vllm_mode == "colocate" and self.vllm_tensor_parallel_size > self.num_gpus:
+                p.append(f"vllm_tensor_parallel_size: {self.vllm_tensor_parallel_size} exceeds the {self.num_gpus} GPU(s) vLLM is colocated on")
         return p
 
     # ---- derived ---------------------------------------------------------------
@@ -260,6 +404,52 @@ class TrainingSetup(_Strict):
     def padding_free(self) -> bool:
         """trl's packing ('bfd', its default) is padding-free: the whole batch is one row of packed examples."""
         return self.packing and self.task == "causal-lm" and self.method not in ("prompt-tuning", "prefix-tuning", "p-tuning")
+
+    @property
+    def reference_mode(self) -> str:
+        """Where the reference log-probs come from: 'none', 'copy' (a separate frozen model), 'peft_base' (the policy
+        with its adapter disabled) or 'precomputed' (once before training), following trl 1.16's trainers."""
+        if self.objective in ("sft", "reward"):
+            return "none"
+        if self.objective == "grpo" and self.effective_beta == 0.0:
+            return "none"  # trl GRPOTrainer loads no reference model when beta == 0
+        if self.objective in PREFERENCE_OBJECTIVES and self.precompute_ref_log_probs:
+            return "precomputed"
+        if self.ref_model == "copy" or (self.ref_model == "auto" and not self.is_peft):
+            return "copy"
+        return "peft_base"
+
+    @property
+    def effective_beta(self) -> float:
+        """beta as trl will use it (the objective's default when not set)."""
+        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.objective, 0.0)
+
+    @property
+    def effective_loss_type(self) -> Optional[Union[str, list[str]]]:
+        """loss_type as trl will use it (the objective's default when not set); None for sft/reward."""
+        if self.loss_type is not None:
+            return self.loss_type
+        return LOSS_TYPES[self.objective][0] if self.objective in LOSS_TYPES else None
+
+    @property
+    def prompt_length(self) -> int:
+        """Planned prompt tokens per sequence: max_prompt_length, or GRPO max_length - max_completion_length, or half of max_length."""
+        if self.objective == "grpo":
+            room = max(1, self.max_length - self.max_completion_length)
+            return min(self.max_prompt_length, room) if self.max_prompt_length else room
+        if self.max_prompt_length:
+            return min(self.max_prompt_length, self.max_length - 1)
+        return max(1, self.max_length // 2)
+
+    @property
+    def grpo_generation_batch(self) -> int:
+        """GRPO completions generated at once across all GPUs (trl's default: the effective batch)."""
+        return self.generation_batch_size or self.per_device_train_batch_size * self.num_gpus * self.gradient_accumulation_steps
+
+    @property
+    def sequences_per_example(self) -> int:
+        """Sequences one micro-batch row becomes in the forward: 2 for pairs (DPO chosen + rejected, reward), else 1."""
+        return 2 if self.objective in ("dpo", "reward") else 1
 
     @property
     def compute_dtype(self) -> DType:
@@ -282,7 +472,7 @@ class TrainingSetup(_Strict):
     def short(self) -> str:
         """One-line human description, e.g. 'QLoRA nf4 r=16 all-linear, b=2x8, seq 2048, ckpt, paged_adamw_8bit'."""
         name = {"qlora": "QLoRA", "lora": "LoRA", "dora": "DoRA", "full": "Full FT", "ia3": "IA3"}.get(self.method, self.method)
-        parts = [name]
+        parts = [name] if self.objective == "sft" else [f"{self.objective.upper()} {name}"]
         if self.method == "qlora":
             parts[0] += f" {self.bnb_4bit_quant_type}{'+dq' if self.bnb_4bit_use_double_quant else ''}"
         if self.method in PEFT_LORA_METHODS:
@@ -293,12 +483,45 @@ class TrainingSetup(_Strict):
         if self.gradient_checkpointing:
             parts.append("ckpt")
         parts.append(self.optim)
+        if self.objective != "sft":
+            parts.append(self._objective_short())
         if self.num_gpus > 1 or self.sharding != "single":
             s = f"{self.num_gpus} GPU {self.sharding}"
             if self.offload != "none":
                 s += f"+offload {self.offload}"
             parts.append(s)
         return ", ".join(parts)
+
+    def _objective_short(self) -> str:
+        """The objective's knobs in a few words, e.g. 'ref peft_base' or '8 gen x 512, vLLM colocate 0.3'."""
+        if self.objective == "grpo":
+            s = f"{self.num_generations} gen x {self.max_completion_length}"
+            if self.use_vllm:
+                s += f", vLLM {self.vllm_mode}" + (f" {self.vllm_gpu_memory_utilization:g}" if self.vllm_mode == "colocate" else "")
+            if self.reference_mode != "none":
+                s += f", beta {self.effective_beta:g} ref {self.reference_mode}"
+            return s
+        if self.objective == "reward":
+            return "reward head"
+        return f"ref {self.reference_mode}"
+
+    def for_objective(self, objective: str) -> "TrainingSetup":
+        """This setup trained with another objective: the knobs the new objective does not have go back to their defaults."""
+        data = self.model_dump()
+        data["objective"] = objective
+        if objective in ("sft", "reward"):
+            for name in OBJECTIVE_FIELDS:
+                data.pop(name, None)
+        elif objective != "grpo":
+            for name in GRPO_FIELDS:
+                data.pop(name, None)
+        if objective != self.objective:
+            for name in ("loss_type", "beta"):  # their meaning and defaults differ per objective
+                data.pop(name, None)
+        if self.objective == "reward" and objective != "reward":
+            data.pop("task", None)
+            data.pop("num_labels", None)
+        return TrainingSetup.model_validate(data)
 
     # ---- files -------------------------------------------------------------------
     def to_yaml(self) -> str:

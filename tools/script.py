@@ -188,6 +188,81 @@ def _ds_config(setup: TrainingSetup) -> str:
     return json.dumps(cfg, indent=2) + "\n"
 
 
+# ---- objectives (issue 15): one readable template per trl trainer --------------------
+
+TEMPLATE_BY_OBJECTIVE = {
+    "sft": "train.py.j2",
+    "dpo": "train_dpo.py.j2",
+    "kto": "train_kto.py.j2",
+    "reward": "train_reward.py.j2",
+    "grpo": "train_grpo.py.j2",
+}
+_REF_NOTE = {
+    "copy": "a separate frozen copy of the starting weights",
+    "peft_base": "the same base model with the adapter disabled (no second copy)",
+    "precomputed": "log-probs computed once before training (precompute_ref_log_probs), no reference kept",
+    "none": "none",
+}
+
+
+def _objective_script_problems(setup: TrainingSetup) -> list[str]:
+    """What the trl trainers of this objective cannot do, each naming the field."""
+    p: list[str] = []
+    if setup.objective in ("dpo", "kto", "grpo") and setup.method in PROMPT_METHODS and setup.reference_mode == "peft_base":
+        p.append(f"method: {setup.method} with a reference model: use lora/qlora/dora, or precompute_ref_log_probs")
+    if setup.objective == "reward" and setup.method in PROMPT_METHODS:
+        p.append(f"method: {setup.method} is not supported for reward models; use lora, qlora or full")
+    if setup.objective == "grpo" and setup.use_vllm and setup.vllm_mode == "colocate" and (setup.zero_stage or setup.fsdp != "none") and setup.offload == "all":
+        p.append("offload: colocated vLLM needs the weights on the GPU; use offload 'optimizer' or vllm_mode 'server'")
+    return p
+
+
+def _vllm_serve_command(setup: TrainingSetup) -> str:
+    """The `trl vllm-serve` command for GRPO's server mode."""
+    return (
+        f"trl vllm-serve --model {setup.model_id} --tensor-parallel-size {setup.vllm_tensor_parallel_size} "
+        f"--max-model-len {setup.prompt_length + setup.max_completion_length}"
+    )
+
+
+def _objective_context(setup: TrainingSetup) -> dict:
+    """Template variables of the objective's knobs (trl names, Python literals)."""
+    loss = setup.effective_loss_type
+    extra: dict = {}
+    if setup.objective == "reward":
+        # a reward model is a sequence classifier with one output; peft then also trains the new score head
+        extra["transformers_import"] = "AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback" + (
+            ", BitsAndBytesConfig" if setup.load_in_4bit or setup.load_in_8bit else "")
+        if setup.is_peft:
+            src, _ = _peft_source(setup)
+            extra["peft_config_src"] = src.replace('task_type="CAUSAL_LM",  # causal language-modelling head',
+                                                   'task_type="SEQ_CLS",  # sequence classification: the score head is trained in full')
+    return dict(
+        **extra,
+        objective=setup.objective,
+        reference=setup.reference_mode,
+        reference_py=_py(setup.reference_mode),
+        ref_note=_REF_NOTE[setup.reference_mode],
+        precompute=_py(setup.precompute_ref_log_probs),
+        beta=_py(setup.effective_beta),
+        loss_type=_py(loss) if loss is not None else "None",
+        max_prompt_length=_py(setup.max_prompt_length) if setup.max_prompt_length else "None",
+        prompt_length=setup.prompt_length,
+        num_generations=setup.num_generations,
+        max_completion_length=setup.max_completion_length,
+        generation_batch_size=_py(setup.generation_batch_size) if setup.generation_batch_size else "None",
+        use_vllm=_py(setup.use_vllm),
+        vllm_mode=_py(setup.vllm_mode),
+        vllm_gpu_memory_utilization=_py(setup.vllm_gpu_memory_utilization),
+        vllm_tensor_parallel_size=setup.vllm_tensor_parallel_size,
+        vllm_serve_command=_vllm_serve_command(setup),
+        vllm_server_gpus=setup.vllm_server_gpus,
+        vllm_gpu_list=",".join(str(setup.num_gpus + i) for i in range(setup.vllm_server_gpus)),
+        train_gpu_list=",".join(str(i) for i in range(setup.num_gpus)),
+        num_gpus=setup.num_gpus,
+    )
+
+
 def render_script(
     setup: TrainingSetup,
     *,
@@ -201,8 +276,9 @@ def render_script(
     import yaml
 
     problems: list[str] = []
-    if setup.task != "causal-lm":
-        problems.append(f"task: the script generator writes causal-lm SFT scripts; {setup.task!r} is not supported yet")
+    if setup.task != "causal-lm" and setup.objective != "reward":
+        problems.append(f"task: the script generator writes causal-lm scripts (and reward models with objective 'reward'); {setup.task!r} is not supported yet")
+    problems += _objective_script_problems(setup)
     if setup.merge_adapter and setup.method in PROMPT_METHODS:
         problems.append(f"merge_adapter: {setup.method} adapters cannot be merged into the weights; set merge_adapter false")
     if problems:
@@ -238,6 +314,11 @@ def render_script(
     launch = f"accelerate launch --config_file accelerate_config.yaml {script_name}" if accelerate else f"python {script_name}"
     trial_cmd = f"{launch} --trial-steps 3 --trial-report trial_report.json"
     title = f"Fine-tune {setup.model_id}: {setup.short()}"
+    if setup.objective == "grpo" and setup.use_vllm and setup.vllm_mode == "server":
+        notes.append(
+            f"vLLM server mode: start `{_vllm_serve_command(setup)}` on {setup.vllm_server_gpus} other GPU(s) first; "
+            f"training uses {setup.num_gpus} GPU(s)"
+        )
 
     setup_yaml = yaml.safe_dump(setup.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
     setup_yaml = "\n".join("    " + line for line in setup_yaml.rstrip().splitlines())
@@ -299,6 +380,7 @@ def render_script(
         ddp=setup.num_gpus > 1 and not setup.zero_stage and not fsdp,
         merge=merge,
     )
+    ctx.update(_objective_context(setup))
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         undefined=jinja2.StrictUndefined,
@@ -307,7 +389,7 @@ def render_script(
         keep_trailing_newline=True,
         autoescape=False,
     )
-    train_py = env.get_template("train.py.j2").render(**ctx)
+    train_py = env.get_template(TEMPLATE_BY_OBJECTIVE[setup.objective]).render(**ctx)
 
     files: dict[str, str] = {}
     if accelerate:
