@@ -48,6 +48,33 @@ def format_step(step: dict) -> str:
 SETUP_TOOLS = ("plan_training", "estimate_memory", "write_training_script", "make_peft_config", "run_trial")
 
 
+def engine_block(result) -> Optional[str]:
+    """The engine's own verdict and numbers for this turn, shown under the model's words (None when no tool made one).
+
+    A weak model may paraphrase badly or not at all; this block is what the person can trust."""
+    summary = getattr(result, "summary", None)
+    if not summary:
+        return None
+    answer = getattr(result, "answer", "") or ""
+    if summary in answer:
+        return None
+    return f"tunepilot engine: {summary}"
+
+
+def make_agent(model, *, checkpointer=None, workdir=None, err: Optional[Console] = None):
+    """The agent for `model`, sized to the server's context (asked from the server where it tells)."""
+    from datetime import date
+
+    from agent.core import build_agent
+    from agent.llm import check_context
+    from agent.prompt_budget import first_prompt_tokens
+    from prompts import render
+    from tools.agent_tools import TOOLS
+
+    ctx = check_context(model, first_prompt_tokens(render("system", today=date.today().isoformat()), TOOLS))
+    return build_agent(model, checkpointer=checkpointer, workdir=workdir, context_tokens=ctx.tokens if ctx else None)
+
+
 def setup_table(setup, memory: Optional[dict] = None):
     """A rich table of a setup's knobs and, when known, its memory per GPU."""
     from rich import box
@@ -132,16 +159,19 @@ def quiet_library_warnings() -> None:
 
 
 def ask_once(question: str, *, llm: Optional[str] = None, base_url: Optional[str] = None, json_out: bool = False,
-             out: Optional[Console] = None, err: Optional[Console] = None, allow_trial: bool = True) -> dict:
-    """Answer one question with a fresh in-memory thread; prints the answer (or JSON) and returns TurnResult.to_json()."""
-    from agent.core import build_agent, run_turn
+             out: Optional[Console] = None, err: Optional[Console] = None, allow_trial: bool = False,
+             timeout: Optional[float] = None, retries: Optional[int] = None, temperature: Optional[float] = None) -> dict:
+    """Answer one question with a fresh in-memory thread; prints the answer (or JSON) and returns TurnResult.to_json().
+
+    A trial (run_trial) runs only with allow_trial (`--allow-trial`): that flag is the person's yes."""
+    from agent.core import run_turn
     from agent.llm import make_chat_model
 
     out = out or Console()
     err = err or Console(stderr=True)
     quiet_library_warnings()
-    model = make_chat_model(llm, base_url=base_url)
-    agent = build_agent(model, workdir=_home() / "work")
+    model = make_chat_model(llm, base_url=base_url, timeout=timeout, max_retries=retries, temperature=temperature)
+    agent = make_agent(model, workdir=_home() / "work", err=err)
     streamed: list[str] = []
 
     def on_token(piece: str) -> None:
@@ -156,12 +186,22 @@ def ask_once(question: str, *, llm: Optional[str] = None, base_url: Optional[str
                 streamed.clear()
             err.print(format_step(step), highlight=False)
 
+    def confirm(request: dict) -> bool:
+        if not json_out:
+            verdict = "yes (--allow-trial)" if allow_trial else "no: pass --allow-trial to allow it"
+            err.print(f"[yellow]confirm:[/] {escape(request.get('description', ''))} → {verdict}", highlight=False)
+        return allow_trial
+
     result = run_turn(agent, f"ask-{uuid.uuid4().hex[:8]}", question, on_step=on_step,
-                      on_token=None if json_out else on_token, allow_trial=allow_trial)
+                      on_token=None if json_out else on_token, confirm=confirm,
+                      decline_reason="" if allow_trial else "tunepilot ask was run without --allow-trial",
+                      decline_hint="`tunepilot ask --allow-trial ...`")
     data = result.to_json()
     if json_out:
         sys.stdout.write(json.dumps({"answer": data["answer"], "setup": data["setup"], "tool_calls": data["tool_calls"],
-                                     "script_path": data["script_path"]}, indent=2, ensure_ascii=False) + "\n")
+                                     "script_path": data["script_path"], "stopped": data["stopped"],
+                                     "memory": data["memory"], "summary": data["summary"]},
+                                    indent=2, ensure_ascii=False) + "\n")
     else:
         text = "".join(streamed)
         if result.answer and result.answer.strip() not in text:
@@ -169,6 +209,9 @@ def ask_once(question: str, *, llm: Optional[str] = None, base_url: Optional[str
             sys.stdout.write(("\n" if text and not text.endswith("\n") else "") + result.answer + "\n")
         elif not text.endswith("\n"):
             sys.stdout.write("\n")
+        block = engine_block(result)
+        if block:
+            sys.stdout.write("\n" + block + "\n")
         sys.stdout.flush()
     return data
 
@@ -182,23 +225,25 @@ class ChatSession:
     """One interactive chat: a model, an agent over a persistent checkpointer, and a thread."""
 
     def __init__(self, *, llm: Optional[str] = None, base_url: Optional[str] = None, resume: bool = False,
-                 console: Optional[Console] = None, allow_trial: bool = True):
+                 console: Optional[Console] = None, allow_trial: bool = True, timeout: Optional[float] = None,
+                 retries: Optional[int] = None, temperature: Optional[float] = None):
         from agent.llm import make_chat_model
 
         self.console = console or Console()
         self.base_url = base_url
         self.llm = llm
         self.allow_trial = allow_trial
-        self.model = make_chat_model(llm, base_url=base_url)  # raises LLMNotConfiguredError before any prompt
+        self.llm_options = {"timeout": timeout, "max_retries": retries, "temperature": temperature}
+        self._read: Optional[Callable[[], str]] = None
+        self._ask_yes: Optional[Callable[[str], str]] = None
+        self.model = make_chat_model(llm, base_url=base_url, **self.llm_options)  # raises LLMNotConfiguredError before any prompt
         self.checkpointer = open_checkpointer(_home() / "chat.sqlite")
         self.thread_id = (last_thread_id() if resume else None) or _new_thread()
         self.resumed = resume and self.thread_id == last_thread_id()
         self.agent = self._build()
 
     def _build(self):
-        from agent.core import build_agent
-
-        return build_agent(self.model, checkpointer=self.checkpointer, workdir=_home() / "work")
+        return make_agent(self.model, checkpointer=self.checkpointer, workdir=_home() / "work")
 
     # -- slash commands ------------------------------------------------------------------
     def command(self, line: str) -> bool:
@@ -279,12 +324,12 @@ class ChatSession:
             self.console.print(f"[dim]model: {escape(self.llm or '$TUNEPILOT_LLM')}[/]; usage: /model provider:model", highlight=False)
             return
         try:
-            self.model = make_chat_model(spec, base_url=self.base_url)
+            self.model = make_chat_model(spec, base_url=self.base_url, **self.llm_options)
+            self.agent = self._build()
         except TunepilotError as e:
             self.console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
             return
         self.llm = spec
-        self.agent = self._build()
         self.console.print(f"[dim]now using {escape(spec)} (same conversation)[/]", highlight=False)
 
     # -- one turn --------------------------------------------------------------------------
@@ -309,8 +354,23 @@ class ChatSession:
                 streamed.clear()
             c.print(format_step(step), highlight=False)
 
+        def confirm(request: dict) -> bool:
+            if streamed:
+                if not "".join(streamed).endswith("\n"):
+                    c.file.write("\n")
+                streamed.clear()
+            c.print(f"[yellow]{escape(request.get('description') or 'Run ' + str(request.get('tool')) + '?')}[/]", highlight=False)
+            try:
+                reply = self.ask_yes_no("run it? [y/N] ")
+            except (EOFError, KeyboardInterrupt):
+                reply = ""
+            yes = reply.strip().lower() in ("y", "yes", "네", "예", "응")
+            c.print("[green]starting the trial[/]" if yes else "[dim]not run[/]", highlight=False)
+            return yes
+
         try:
-            result = run_turn(self.agent, self.thread_id, text, on_step=on_step, on_token=on_token, allow_trial=self.allow_trial)
+            result = run_turn(self.agent, self.thread_id, text, on_step=on_step, on_token=on_token, allow_trial=self.allow_trial,
+                              confirm=confirm, decline_reason="the person answered no")
         except KeyboardInterrupt:
             c.print("\n[yellow]cancelled[/]")
             return
@@ -333,6 +393,9 @@ class ChatSession:
             c.file.flush()
         if result.setup is not None and any(s["tool"] in SETUP_TOOLS and s["status"] == "ok" for s in result.tool_calls):
             c.print(setup_table(result.setup, result.memory))
+        block = engine_block(result)
+        if block:
+            c.print(f"[dim]{escape(block)}[/]", highlight=False)
 
     # -- the loop --------------------------------------------------------------------------
     def _reader(self) -> Callable[[], str]:
@@ -341,6 +404,8 @@ class ChatSession:
             from prompt_toolkit.history import FileHistory
 
             session = PromptSession(history=FileHistory(str(_home() / "chat_history")))
+            yes_session = PromptSession()
+            self._ask_yes = lambda prompt: yes_session.prompt(prompt)
             return lambda: session.prompt("you› ")
 
         def plain() -> str:
@@ -349,6 +414,14 @@ class ChatSession:
             return input()
 
         return plain
+
+    def ask_yes_no(self, prompt: str) -> str:
+        """One answer line for a confirmation (the terminal's line editor, or plain input when piped)."""
+        if self._ask_yes is not None:
+            return self._ask_yes(prompt)
+        self.console.print(prompt, end="")
+        self.console.file.flush()
+        return input()
 
     def loop(self) -> None:
         """Read lines until /quit or end of input."""
@@ -374,7 +447,8 @@ class ChatSession:
             self.turn(line)
 
 
-def chat_main(*, llm: Optional[str] = None, base_url: Optional[str] = None, resume: bool = False) -> None:
+def chat_main(*, llm: Optional[str] = None, base_url: Optional[str] = None, resume: bool = False,
+              timeout: Optional[float] = None, retries: Optional[int] = None, temperature: Optional[float] = None) -> None:
     """Run the interactive chat until the user leaves."""
     quiet_library_warnings()
-    ChatSession(llm=llm, base_url=base_url, resume=resume).loop()
+    ChatSession(llm=llm, base_url=base_url, resume=resume, timeout=timeout, retries=retries, temperature=temperature).loop()

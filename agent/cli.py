@@ -597,12 +597,15 @@ def chat(
     llm: Optional[str] = typer.Option(None, "--llm", help="Chat model as provider:model, e.g. openai:gpt-4o-mini (default: $TUNEPILOT_LLM)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server (vLLM, Ollama, llama.cpp, LM Studio), e.g. http://localhost:11434/v1."),
     resume: bool = typer.Option(False, "--resume", help="Continue the last conversation."),
+    llm_timeout: Optional[float] = typer.Option(None, "--llm-timeout", help="Seconds to wait for the chat model's reply (default $TUNEPILOT_LLM_TIMEOUT; 600 for a local server, 120 otherwise)."),
+    llm_retries: Optional[int] = typer.Option(None, "--llm-retries", help="Resends after a failed model call (default $TUNEPILOT_LLM_RETRIES; 0 for a local server, 2 otherwise)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature sent to the model (default $TUNEPILOT_LLM_TEMPERATURE, else 0.1)."),
 ) -> None:
     """Interactive chat with the tunepilot agent."""
     from agent.chat import chat_main
 
     try:
-        chat_main(llm=llm, base_url=base_url, resume=resume)
+        chat_main(llm=llm, base_url=base_url, resume=resume, timeout=llm_timeout, retries=llm_retries, temperature=temperature)
     except TunepilotError as e:
         fail(str(e))
 
@@ -610,16 +613,27 @@ def chat(
 @app.command()
 def ask(
     question: str = typer.Argument(..., help="Your question, e.g. \"Can I fine-tune Llama-3.1-8B on one RTX 4090?\""),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON: answer, setup, tool_calls."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON: answer, setup, tool_calls, script_path, stopped, memory, summary."),
     llm: Optional[str] = typer.Option(None, "--llm", help="Chat model as provider:model, e.g. openai:gpt-4o-mini (default: $TUNEPILOT_LLM)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server (vLLM, Ollama, llama.cpp, LM Studio), e.g. http://localhost:11434/v1."),
+    allow_trial: bool = typer.Option(False, "--allow-trial", help="Let the agent trial-run the script on this machine (without it, no trial starts)."),
+    llm_timeout: Optional[float] = typer.Option(None, "--llm-timeout", help="Seconds to wait for the chat model's reply (default $TUNEPILOT_LLM_TIMEOUT; 600 for a local server, 120 otherwise)."),
+    llm_retries: Optional[int] = typer.Option(None, "--llm-retries", help="Resends after a failed model call (default $TUNEPILOT_LLM_RETRIES; 0 for a local server, 2 otherwise)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature sent to the model (default $TUNEPILOT_LLM_TEMPERATURE, else 0.1)."),
 ) -> None:
-    """One-shot question to the agent."""
+    """One-shot question to the agent (exit 1 when the turn did not finish: model-call limit, unconfirmed step)."""
     from agent.chat import ask_once
     from agent.core import agent_error_message
 
     try:
-        ask_once(question, llm=llm, base_url=base_url, json_out=json_out, out=console, err=err_console)
+        data = ask_once(question, llm=llm, base_url=base_url, json_out=json_out, out=console, err=err_console,
+                        allow_trial=allow_trial, timeout=llm_timeout, retries=llm_retries, temperature=temperature)
+        if data.get("stopped"):
+            if not json_out:
+                err_console.print(f"[yellow]the answer is incomplete[/] (stopped: {data['stopped']})", highlight=False)
+            raise typer.Exit(1)
+    except typer.Exit:
+        raise
     except TunepilotError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -641,6 +655,9 @@ def slack(
     llm: Optional[str] = typer.Option(None, "--llm", help="Chat model as provider:model, e.g. openai:gpt-4o-mini (default $TUNEPILOT_LLM)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server URL (vLLM, Ollama, llama.cpp, LM Studio)."),
     slack_api_url: Optional[str] = typer.Option(None, "--slack-api-url", help="Slack Web API base URL (default https://slack.com/api/; for Slack-compatible gateways)."),
+    llm_timeout: Optional[float] = typer.Option(None, "--llm-timeout", help="Seconds to wait for the chat model's reply (default $TUNEPILOT_LLM_TIMEOUT; 600 for a local server, 120 otherwise)."),
+    llm_retries: Optional[int] = typer.Option(None, "--llm-retries", help="Resends after a failed model call (default $TUNEPILOT_LLM_RETRIES; 0 for a local server, 2 otherwise)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature sent to the model (default $TUNEPILOT_LLM_TEMPERATURE, else 0.1)."),
 ) -> None:
     """Run the Slack bot: answers mentions, DMs and thread follow-ups; uploads train.py to the thread."""
     from pydantic import ValidationError
@@ -652,7 +669,8 @@ def slack(
     try:
         from agent.slack_bot import run
 
-        run(http=http, port=port, db=db, trial_users=trial_users, llm=llm, base_url=base_url, slack_api_url=slack_api_url)
+        run(http=http, port=port, db=db, trial_users=trial_users, llm=llm, base_url=base_url, slack_api_url=slack_api_url,
+            llm_options={"timeout": llm_timeout, "max_retries": llm_retries, "temperature": temperature})
     except TunepilotError as e:
         fail(str(e))
     except ValidationError as e:

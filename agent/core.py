@@ -20,17 +20,20 @@ set around every tool call by a middleware (`tools.agent_tools.tool_context`).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from prompts import render
 from tools.schemas import TrainingSetup, TunepilotError, format_validation_error
 
 ALLOW_TRIAL_KEY = "tunepilot_allow_trial"
 LIMIT_NODE = "ModelCallLimitMiddleware"
 DEFAULT_MAX_MODEL_CALLS = 12
+DEFAULT_CONTEXT_TOKENS = 32768  # when neither the server nor TUNEPILOT_LLM_CONTEXT says
 
 
 def home_dir() -> Path:
@@ -47,8 +50,14 @@ class TurnResult:
     script: Optional[str] = None  # the last generated train.py text in this thread
     script_path: Optional[str] = None
     tool_calls: list[dict] = field(default_factory=list)  # this turn's steps, as passed to on_step
-    stopped: Optional[str] = None  # None, or why the turn ended early: "limit"
+    stopped: Optional[str] = None  # None, or why the turn ended early: "limit", "confirm" (waiting for a yes)
     memory: Optional[dict] = None  # the memory estimate (per-GPU GiB, fits, headroom) of `setup`, when a tool made one
+    summary: Optional[str] = None  # the engine's ready-to-quote summary of this turn's last setup tool
+    pending: Optional[list[dict]] = None  # tool calls waiting for the person's yes (stopped == "confirm")
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped is None
 
     def to_json(self) -> dict:
         return {
@@ -58,6 +67,8 @@ class TurnResult:
             "tool_calls": self.tool_calls,
             "stopped": self.stopped,
             "memory": self.memory,
+            "summary": self.summary,
+            "pending_confirmation": self.pending,
         }
 
 
@@ -72,74 +83,269 @@ def tool_error_observation(exc: Exception, request: Any) -> str | None:
     return None
 
 
-def _context_middleware(workdir: Path, allow_trial: bool):
+class _Batch:
+    """The tool calls of one model message: they run in order, each seeing what the earlier ones produced."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.done: dict[str, Any] = {}  # tool_call_id -> ToolMessage (or None when it produced none)
+
+
+_BATCHES: dict[str, _Batch] = {}
+_BATCHES_LOCK = threading.Lock()
+
+
+def _batch_for(key: str) -> _Batch:
+    with _BATCHES_LOCK:
+        batch = _BATCHES.get(key)
+        if batch is None:
+            batch = _BATCHES[key] = _Batch()
+            while len(_BATCHES) > 256:  # old messages' batches: nobody waits on them any more
+                _BATCHES.pop(next(iter(_BATCHES)))
+        return batch
+
+
+def _turn_messages(messages: list) -> list:
+    """The messages of the current user turn (after the last HumanMessage)."""
+    for i in range(len(messages) - 1, -1, -1):
+        if getattr(messages[i], "type", "") == "human":
+            return list(messages[i + 1:])
+    return list(messages)
+
+
+def _fingerprint(name: str, args: dict, base: str) -> str:
+    """Same tool, same arguments, same setup to start from: the same result (the engine is deterministic)."""
+    import hashlib
+    import json as _json
+
+    text = _json.dumps({"n": name, "a": args or {}, "s": base}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _setup_key(messages: list) -> str:
+    from tools.agent_tools import session_state, setup_id_of
+
+    setup = session_state(messages)["setup"]
+    return setup_id_of(setup) if setup is not None else "-"
+
+
+def _context_middleware(workdir: Path, allow_trial: bool, tool_limits: dict[str, int]):
     from langchain.agents.middleware import wrap_tool_call
-    from langchain_core.messages import ToolMessage
+    from langchain_core.messages import AIMessage, ToolMessage
 
     from tools.agent_tools import ToolContext, tool_context
 
     @wrap_tool_call
     def tunepilot_tool_context(request, handler):
-        """Give each tool call its thread's messages, work directory and trial permission; time it."""
+        """Order the calls of one message, refuse repeats and over-limit calls, give each call its context; time it."""
         runtime = getattr(request, "runtime", None)
         config = (getattr(runtime, "config", None) or {}) if runtime is not None else {}
         conf = config.get("configurable", {}) if isinstance(config, dict) else {}
         state = request.state
-        messages = state.get("messages", []) if isinstance(state, dict) else getattr(state, "messages", [])
-        ctx = ToolContext(
-            workdir=workdir,
-            thread_id=str(conf.get("thread_id", "default")),
-            allow_trial=bool(allow_trial and conf.get(ALLOW_TRIAL_KEY, True)),
-            messages=messages,
-        )
-        t0 = time.perf_counter()
-        with tool_context(ctx):
-            result = handler(request)
-        if isinstance(result, ToolMessage):
-            result.response_metadata = {**(result.response_metadata or {}), "tunepilot_seconds": round(time.perf_counter() - t0, 3)}
-            if result.status == "error" and isinstance(result.content, str) and not result.content.startswith("error:"):
-                result.content = _argument_error(result.content, request.tool_call.get("name", "tool"))
-        return result
+        messages = list(state.get("messages", []) if isinstance(state, dict) else getattr(state, "messages", []))
+        call = request.tool_call
+        name, call_id = call.get("name", "tool"), call.get("id") or ""
+        # the model message that made this call, and the calls before it that still have to run
+        owner = next((m for m in reversed(messages) if isinstance(m, AIMessage)
+                      and any(tc.get("id") == call_id for tc in m.tool_calls or [])), None)
+        answered = {getattr(m, "tool_call_id", None) for m in messages if getattr(m, "type", "") == "tool"}
+        earlier: list[str] = []
+        if owner is not None:
+            for tc in owner.tool_calls:
+                if tc.get("id") == call_id:
+                    break
+                if tc.get("id") not in answered:
+                    earlier.append(tc.get("id"))
+        batch = _batch_for(f"{conf.get('thread_id', 'default')}:{getattr(owner, 'id', None) or id(owner)}")
+        with batch.cond:
+            batch.cond.wait_for(lambda: all(e in batch.done for e in earlier), timeout=7200)
+            before = [batch.done[e] for e in earlier if batch.done.get(e) is not None]
+        seen = messages + before
+        result = None
+        try:
+            turn = _turn_messages(seen)
+            args = call.get("args") or {}
+            fingerprint = _fingerprint(name, args, _setup_key(seen))
+            # a call repeats an earlier one when it starts from the same setup, or from the setup that one
+            # produced (setting the same fields again gives the same setup: the same result)
+            repeat = next((m for m in turn if isinstance(m, ToolMessage) and fingerprint in (
+                (m.response_metadata or {}).get("tunepilot_fingerprint"), (m.response_metadata or {}).get("tunepilot_fingerprint_after"))), None)
+            used = sum(1 for m in turn if isinstance(m, ToolMessage) and m.name == name)
+            limit = tool_limits.get(name, tool_limits.get("*", 0))
+            if repeat is not None:
+                result = ToolMessage(
+                    content=render("repeated_call", tool=name) + "\n" + _text(repeat.content),
+                    tool_call_id=call_id, name=name, artifact=repeat.artifact, status=repeat.status,
+                    response_metadata={"tunepilot_seconds": 0.0, "tunepilot_repeat": True})
+            elif limit and used >= limit:
+                result = ToolMessage(content=render("tool_limit", tool=name, calls=used), tool_call_id=call_id,
+                                     name=name, status="error", response_metadata={"tunepilot_seconds": 0.0})
+            else:
+                ctx = ToolContext(
+                    workdir=workdir,
+                    thread_id=str(conf.get("thread_id", "default")),
+                    allow_trial=bool(allow_trial and conf.get(ALLOW_TRIAL_KEY, True)),
+                    messages=seen,
+                )
+                t0 = time.perf_counter()
+                with tool_context(ctx):
+                    result = handler(request)
+                if isinstance(result, ToolMessage):
+                    result.response_metadata = {**(result.response_metadata or {}), "tunepilot_fingerprint": fingerprint,
+                                                "tunepilot_fingerprint_after": _fingerprint(name, args, _setup_key(seen + [result])),
+                                                "tunepilot_seconds": round(time.perf_counter() - t0, 3)}
+                    if result.status == "error" and isinstance(result.content, str) and not result.content.startswith("error:"):
+                        result.content = _argument_error(result.content, name)
+                    if isinstance(result.artifact, dict) and result.artifact.get("failed"):
+                        result.status = "error"  # a failed trial / unavailable search is never listed as ok
+            return result
+        finally:
+            with batch.cond:
+                batch.done[call_id] = result if isinstance(result, ToolMessage) else None
+                batch.cond.notify_all()
 
     return tunepilot_tool_context
 
 
 def _argument_error(text: str, tool: str) -> str:
-    """ToolNode's argument-validation message, as one 'error:' line naming each field."""
+    """ToolNode's argument-validation message, as one 'error:' line naming each field with its full reason."""
     if "with error:" not in text:  # e.g. a tool name the model made up
         text = " ".join(text.split())
         return "error: " + (text[len("Error: "):] if text.startswith("Error: ") else text)
     body = text.split("with error:", 1)[-1]
     body = body.replace("Please fix the error and try again.", "")
     problems = [" ".join(line.split()) for line in body.splitlines() if line.strip()]
-    return f"error: {tool} arguments: {'; '.join(problems)}. Fix them and call {tool} again."
+    return f"error: {tool} arguments: {'; '.join(problems) or ' '.join(text.split())}. Fix them and call {tool} again."
+
+
+def _trial_description(tool_call, state, runtime) -> str:
+    """What the person is asked before a trial starts."""
+    from tools.agent_tools import find_setup, session_state
+
+    args = tool_call.get("args") or {}
+    messages = state.get("messages", []) if isinstance(state, dict) else []
+    setup = None
+    if args.get("setup_id"):
+        found = find_setup(messages, str(args["setup_id"]))
+        setup = found[0] if found else None
+    setup = setup or session_state(messages)["setup"]
+    what = setup.short() if setup is not None else ""
+    model = args.get("model") or (setup.model_id if setup is not None else "the model")
+    return render("trial_confirm", model=model, setup=what, steps=args.get("steps", 3))
+
+
+def _trial_gate(request) -> bool:
+    """Interrupt for the person's yes only where trials are permitted at all (elsewhere the tool says no itself)."""
+    runtime = getattr(request, "runtime", None)
+    config = (getattr(runtime, "config", None) or {}) if runtime is not None else {}
+    conf = config.get("configurable", {}) if isinstance(config, dict) else {}
+    return bool(conf.get(ALLOW_TRIAL_KEY, True))
+
+
+def _trim_middleware(budget: Callable[[], int]):
+    from langchain.agents.middleware import wrap_model_call
+
+    @wrap_model_call
+    def tunepilot_trim_history(request, handler):
+        """Drop the oldest whole turns (and shorten old tool results) so the thread fits the model's context."""
+        messages = trim_messages_to(list(request.messages), budget())
+        if len(messages) != len(request.messages) or any(a is not b for a, b in zip(messages, request.messages)):
+            request = request.override(messages=messages)
+        return handler(request)
+
+    return tunepilot_trim_history
+
+
+def message_tokens(messages) -> int:
+    """Approximate tokens of messages: text + tool-call arguments (see agent/prompt_budget.py)."""
+    from agent.prompt_budget import approx_tokens
+
+    total = 0
+    for m in messages:
+        total += approx_tokens(_text(getattr(m, "content", ""))) + 4
+        for tc in getattr(m, "tool_calls", None) or []:
+            total += approx_tokens(str(tc.get("args"))) + 8
+    return total
+
+
+def trim_messages_to(messages: list, budget: int) -> list:
+    """`messages` within `budget` tokens: oldest whole turns dropped first (a note says so), then old tool results cut."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    if budget <= 0 or message_tokens(messages) <= budget:
+        return messages
+    starts = [i for i, m in enumerate(messages) if getattr(m, "type", "") == "human"]
+    kept = messages
+    dropped = 0
+    for start in starts[1:]:
+        if message_tokens(kept) <= budget:
+            break
+        kept = messages[start:]
+        dropped = start
+    if dropped:
+        from tools.agent_tools import session_state
+
+        state = session_state(messages[:dropped])
+        note = render("history_trimmed", setup=state["setup"].short() if state["setup"] is not None else "",
+                      summary=state.get("summary") or "")
+        kept = [HumanMessage(content=note)] + list(kept)
+    if message_tokens(kept) > budget:  # one long turn: shorten the older tool results, keep the latest whole
+        last_tool = max((i for i, m in enumerate(kept) if isinstance(m, ToolMessage)), default=-1)
+        shortened = []
+        for i, m in enumerate(kept):
+            text = _text(m.content) if isinstance(m, ToolMessage) else ""
+            if isinstance(m, ToolMessage) and i != last_tool and len(text) > 400:
+                m = m.model_copy(update={"content": text[:400] + " ... (cut to fit the context)"})
+            shortened.append(m)
+        kept = shortened
+    return kept
+
+
+DEFAULT_TOOL_LIMITS = {"*": 4, "run_trial": 1, "plan_training": 3, "web_search": 2}
 
 
 def build_agent(chat_model, *, checkpointer=None, max_model_calls: int = DEFAULT_MAX_MODEL_CALLS,
-                workdir: str | Path | None = None, allow_trial: bool = True, tools: list | None = None):
-    """The compiled tunepilot agent for a LangChain chat model (threads kept by `checkpointer`, in memory by default)."""
+                workdir: str | Path | None = None, allow_trial: bool = True, tools: list | None = None,
+                context_tokens: int | None = None, tool_limits: dict[str, int] | None = None):
+    """The compiled tunepilot agent for a LangChain chat model (threads kept by `checkpointer`, in memory by default).
+
+    `run_trial` pauses for the person's yes (HumanInTheLoopMiddleware; `run_turn(confirm=...)`);
+    repeated identical calls get their earlier result back; each tool has a per-turn call limit;
+    the history is trimmed to `context_tokens` (the server's context, when known)."""
     from langchain.agents import create_agent
-    from langchain.agents.middleware import ModelCallLimitMiddleware, ToolErrorMiddleware
+    from langchain.agents.middleware import HumanInTheLoopMiddleware, ModelCallLimitMiddleware, ToolErrorMiddleware
     from langgraph.checkpoint.memory import InMemorySaver
 
-    from prompts import render
-    from tools.agent_tools import TOOLS
+    from agent.prompt_budget import ANSWER_RESERVE_TOKENS, first_prompt_tokens
+    from tools.agent_tools import CONSENT_TOOLS, TOOLS
 
     if max_model_calls < 1:
         raise TunepilotError(f"max_model_calls must be at least 1, got {max_model_calls}")
     workdir = Path(workdir) if workdir else home_dir() / "work"
+    tool_list = list(tools if tools is not None else TOOLS)
+    system_prompt = render("system", today=date.today().isoformat())
+    context = int(context_tokens or os.environ.get("TUNEPILOT_LLM_CONTEXT") or DEFAULT_CONTEXT_TOKENS)
+    fixed = first_prompt_tokens(system_prompt, tool_list)
+    history_budget = max(512, context - fixed - ANSWER_RESERVE_TOKENS)
+    consent = {name: {"allowed_decisions": ["approve", "reject"], "description": _trial_description, "when": _trial_gate}
+               for name in CONSENT_TOOLS if any(getattr(t, "name", "") == name for t in tool_list)}
+    middleware = [
+        _context_middleware(workdir, allow_trial, {**DEFAULT_TOOL_LIMITS, **(tool_limits or {})}),
+        ToolErrorMiddleware(on_error=tool_error_observation),
+        ModelCallLimitMiddleware(run_limit=max_model_calls, exit_behavior="end"),
+        _trim_middleware(lambda: history_budget),
+    ]
+    if consent:
+        middleware.insert(0, HumanInTheLoopMiddleware(interrupt_on=consent, description_prefix="Confirm"))
     agent = create_agent(
         chat_model,
-        tools=list(tools if tools is not None else TOOLS),
-        system_prompt=render("system", today=date.today().isoformat()),
-        middleware=[
-            _context_middleware(workdir, allow_trial),
-            ToolErrorMiddleware(on_error=tool_error_observation),
-            ModelCallLimitMiddleware(run_limit=max_model_calls, exit_behavior="end"),
-        ],
+        tools=tool_list,
+        system_prompt=system_prompt,
+        middleware=middleware,
         checkpointer=checkpointer if checkpointer is not None else InMemorySaver(),
     )
-    agent.tunepilot_settings = {"max_model_calls": max_model_calls, "workdir": workdir}
+    agent.tunepilot_settings = {"max_model_calls": max_model_calls, "workdir": workdir, "context_tokens": context,
+                                "prompt_tokens": fixed, "history_budget": history_budget}
     return agent
 
 
@@ -194,17 +400,87 @@ def repair_thread(agent, thread_id: str, reason: str = "cancelled") -> None:
         ]}, as_node="tools")
 
 
+Confirm = Callable[[dict], Optional[bool]]
+
+
+def _pending_requests(agent, config) -> list[dict]:
+    """The tool calls waiting for the person's yes in this thread (HumanInTheLoopMiddleware's interrupt)."""
+    snapshot = agent.get_state(config)
+    out = []
+    for intr in getattr(snapshot, "interrupts", ()) or ():
+        value = getattr(intr, "value", None) or {}
+        for req in value.get("action_requests", []) if isinstance(value, dict) else []:
+            out.append({"tool": req.get("name"), "args": _short_args(req.get("args") or {}),
+                        "description": req.get("description", "")})
+    return out
+
+
+def _decisions(requests: list[dict], answers: list[Optional[bool]], reason: str = "", hint: str = "") -> dict:
+    decisions = []
+    for req, yes in zip(requests, answers):
+        if yes:
+            decisions.append({"type": "approve"})
+        else:
+            decisions.append({"type": "reject", "message": render("trial_rejected", reason=reason, hint=hint)})
+    return {"decisions": decisions}
+
+
 def run_turn(agent, thread_id: str, text: str, *, on_step: Callable[[dict], None] | None = None,
              allow_trial: bool = True, on_token: Callable[[str], None] | None = None,
-             recursion_limit: int | None = None) -> TurnResult:
-    """Send one user message to a thread and run the agent to its answer; streams steps (and tokens with on_token)."""
-    from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
-    from langgraph.errors import GraphRecursionError
+             recursion_limit: int | None = None, confirm: Confirm | None = None,
+             decline_reason: str = "", decline_hint: str = "") -> TurnResult:
+    """Send one user message to a thread and run the agent to its answer; streams steps (and tokens with on_token).
 
-    from prompts import render
+    A tool that needs consent (`run_trial`) pauses the turn: `confirm(request)` is asked
+    ({"tool", "args", "description"}) and True runs it, False refuses it (the model is told
+    the person said no). With no `confirm`, or when it returns None, the turn ends with
+    `stopped="confirm"` and `pending` set; `resume_turn` continues it later (Slack buttons).
+    """
+    from langchain_core.messages import HumanMessage
 
     if not isinstance(text, str) or not text.strip():
-        raise TunepilotError("the message is empty: ask a question such as 'Can I fine-tune Llama-3.1-8B on one RTX 4090?'")
+        raise TunepilotError("the message is empty: ask a question such as 'Can I fine-tune MODEL on my GPU?'")
+    _refuse_waiting(agent, thread_id)
+    return _drive(agent, thread_id, {"messages": [HumanMessage(content=text)]}, on_step=on_step, allow_trial=allow_trial,
+                  on_token=on_token, recursion_limit=recursion_limit, confirm=confirm,
+                  decline_reason=decline_reason, decline_hint=decline_hint)
+
+
+def _refuse_waiting(agent, thread_id: str) -> None:
+    """A new message while a step still waits for a yes (a restart, a new question): that step is refused, not run."""
+    from langgraph.types import Command
+
+    # the gate must answer as it did when it paused (True), or the middleware skips the refusal and runs the tool
+    config = {"configurable": {"thread_id": thread_id, ALLOW_TRIAL_KEY: True}}
+    requests = _pending_requests(agent, config)
+    if not requests:
+        return
+    for _ in agent.stream(Command(resume=_decisions(requests, [False] * len(requests), "the person asked something else")),
+                          config, stream_mode="updates", interrupt_before=["model"]):
+        pass
+
+
+def resume_turn(agent, thread_id: str, approved: bool, *, on_step: Callable[[dict], None] | None = None,
+                allow_trial: bool = True, on_token: Callable[[str], None] | None = None,
+                confirm: Confirm | None = None, decline_reason: str = "", decline_hint: str = "") -> TurnResult:
+    """Answer a turn that stopped for the person's yes (`stopped == "confirm"`): run (True) or refuse (False) the tool."""
+    from langgraph.types import Command
+
+    config = {"configurable": {"thread_id": thread_id, ALLOW_TRIAL_KEY: bool(allow_trial)}}
+    requests = _pending_requests(agent, config)
+    if not requests:
+        raise TunepilotError("nothing is waiting for a confirmation in this conversation")
+    resume = Command(resume=_decisions(requests, [approved] * len(requests), decline_reason, decline_hint))
+    return _drive(agent, thread_id, resume, on_step=on_step, allow_trial=allow_trial, on_token=on_token,
+                  confirm=confirm, decline_reason=decline_reason, decline_hint=decline_hint)
+
+
+def _drive(agent, thread_id: str, first_input: Any, *, on_step, allow_trial, on_token, recursion_limit=None,
+           confirm: Confirm | None = None, decline_reason: str = "", decline_hint: str = "") -> TurnResult:
+    from langchain_core.messages import AIMessage, AIMessageChunk, ToolMessage
+    from langgraph.errors import GraphRecursionError
+    from langgraph.types import Command
+
     settings = getattr(agent, "tunepilot_settings", {}) or {}
     max_calls = int(settings.get("max_model_calls", DEFAULT_MAX_MODEL_CALLS))
     config = {
@@ -215,33 +491,52 @@ def run_turn(agent, thread_id: str, text: str, *, on_step: Callable[[dict], None
     modes = ["updates", "messages"] if on_token else ["updates"]
     pending: dict[str, tuple[str, dict, float]] = {}
     steps: list[dict] = []
+    summaries: list[str] = []
     stopped = None
+    waiting: list[dict] = []
+    stream_input = first_input
     try:
-        for mode, chunk in agent.stream({"messages": [HumanMessage(content=text)]}, config, stream_mode=modes):
-            if mode == "messages":
-                msg, meta = chunk
-                if on_token and isinstance(msg, (AIMessageChunk, AIMessage)) and (meta or {}).get("langgraph_node") == "model":
-                    piece = _text(msg.content)
-                    if piece:
-                        on_token(piece)
-                continue
-            for node, update in (chunk or {}).items():
-                if node.startswith(LIMIT_NODE) and _messages_of(update):
-                    stopped = "limit"
-                for msg in _messages_of(update):
-                    if isinstance(msg, AIMessage):
-                        for tc in msg.tool_calls or []:
-                            pending[tc.get("id") or ""] = (tc["name"], _short_args(tc.get("args")), time.perf_counter())
-                    elif isinstance(msg, ToolMessage):
-                        name, args, t0 = pending.pop(msg.tool_call_id, (msg.name or "?", {}, time.perf_counter()))
-                        seconds = (msg.response_metadata or {}).get("tunepilot_seconds", time.perf_counter() - t0)
-                        step = {"tool": name, "args": args, "seconds": round(float(seconds), 2),
-                                "status": "error" if msg.status == "error" or _text(msg.content).startswith("error:") else "ok"}
-                        if step["status"] == "error":
-                            step["error"] = _text(msg.content)[:300]
-                        steps.append(step)
-                        if on_step:
-                            on_step(step)
+        while True:
+            for mode, chunk in agent.stream(stream_input, config, stream_mode=modes):
+                if mode == "messages":
+                    msg, meta = chunk
+                    if on_token and isinstance(msg, (AIMessageChunk, AIMessage)) and (meta or {}).get("langgraph_node") == "model":
+                        piece = _text(msg.content)
+                        if piece:
+                            on_token(piece)
+                    continue
+                for node, update in (chunk or {}).items():
+                    if node.startswith(LIMIT_NODE) and _messages_of(update):
+                        stopped = "limit"
+                    for msg in _messages_of(update):
+                        if isinstance(msg, AIMessage):
+                            for tc in msg.tool_calls or []:
+                                pending[tc.get("id") or ""] = (tc["name"], _short_args(tc.get("args")), time.perf_counter())
+                        elif isinstance(msg, ToolMessage):
+                            name, args, t0 = pending.pop(msg.tool_call_id, (msg.name or "?", {}, time.perf_counter()))
+                            meta = msg.response_metadata or {}
+                            seconds = meta.get("tunepilot_seconds", time.perf_counter() - t0)
+                            failed = msg.status == "error" or _text(msg.content).startswith("error:")
+                            step = {"tool": name, "args": args, "seconds": round(float(seconds), 2),
+                                    "status": "error" if failed else "ok"}
+                            if meta.get("tunepilot_repeat"):
+                                step["repeat"] = True
+                            if failed:
+                                step["error"] = _text(msg.content)[:300]
+                            art = msg.artifact if isinstance(msg.artifact, dict) else {}
+                            if art.get("summary") and not failed:
+                                summaries.append(art["summary"])
+                            steps.append(step)
+                            if on_step:
+                                on_step(step)
+            requests = _pending_requests(agent, config)
+            if not requests:
+                break
+            answers = [confirm(r) if confirm else None for r in requests]
+            if any(a is None for a in answers):
+                stopped, waiting = "confirm", requests
+                break
+            stream_input = Command(resume=_decisions(requests, answers, decline_reason, decline_hint))
     except GraphRecursionError:
         stopped = "limit"
         repair_thread(agent, thread_id, "stopped: too many steps")
@@ -268,13 +563,18 @@ def run_turn(agent, thread_id: str, text: str, *, on_step: Callable[[dict], None
             if not msg.tool_calls:
                 answer = _text(msg.content).strip()
             break
+    summary = summaries[-1] if summaries else None
     if stopped == "limit":
-        answer = render("limit_reached", calls=max_calls)
-        if not state["messages"] or not isinstance(state["messages"][-1], AIMessage):
+        findings = "\n".join(f"- {s}" for s in dict.fromkeys(summaries))
+        answer = render("limit_reached", calls=max_calls, findings=findings)
+        if not state["messages"] or not isinstance(state["messages"][-1], AIMessage) or state["messages"][-1].tool_calls:
             # keep the thread ending with an assistant message
             agent.update_state({"configurable": {"thread_id": thread_id}}, {"messages": [AIMessage(content=answer)]}, as_node="model")
+    elif stopped == "confirm":
+        answer = answer or "\n".join(r.get("description", "") for r in waiting)
     return TurnResult(answer=answer, setup=state["setup"], script=state["script"], script_path=state["script_path"],
-                      tool_calls=steps, stopped=stopped, memory=state["memory"])
+                      tool_calls=steps, stopped=stopped, memory=state["memory"], summary=summary,
+                      pending=waiting or None)
 
 
 def agent_error_message(exc: BaseException, *, strict: bool = False) -> str:

@@ -41,6 +41,12 @@ TRIAL_REFUSED_NOTE = (
 )
 
 
+CONFIRM_APPROVE = "tunepilot_confirm_yes"
+CONFIRM_REJECT = "tunepilot_confirm_no"
+_YES = {"yes", "y", "ok", "go", "run it", "yes please", "네", "예", "응", "좋아요"}
+_NO = {"no", "n", "nope", "cancel", "don't", "아니요", "아니", "취소"}
+
+
 class SlackConfigError(TunepilotError):
     """The Slack bot cannot start: a missing token, a rejected token, an unreachable API."""
 
@@ -259,15 +265,38 @@ def render_reply(result: Any, *, trial_refused: bool = False, script_uploaded: b
         blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": "_(answer truncated: Slack allows 50 blocks per message)_"}]})
     if trial_refused:
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": TRIAL_REFUSED_NOTE}})
+    summary = getattr(result, "summary", None)
+    if summary and summary not in (getattr(result, "answer", "") or ""):
+        # the engine's own verdict and numbers, whatever the model wrote above
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": _escape(f"tunepilot engine: {summary}")[:2900]}]})
     setup = getattr(result, "setup", None)
     if setup is not None and _tools_used(result):
         blocks.append({"type": "divider"})
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "*Setup*"}, "fields": setup_fields(setup, getattr(result, "memory", None))})
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": next_command(result, script_uploaded=script_uploaded)}]})
     text = answer + (f"\n\n{TRIAL_REFUSED_NOTE}" if trial_refused else "")
+    if summary and summary not in text:
+        text += f"\n\ntunepilot engine: {summary}"
     if len(text) > FALLBACK_TEXT_LIMIT:
         text = text[: FALLBACK_TEXT_LIMIT - 1] + "…"
     return text, blocks
+
+
+def confirm_blocks(pending: list[dict], thread_ts: str) -> tuple[str, list[dict]]:
+    """The question before a trial runs: what would run, and Run / Don't run buttons (allow-listed people only)."""
+    what = "\n".join(f"• {p.get('description') or p.get('tool')}" for p in pending) or "• a trial run"
+    text = f":raised_hand: This needs your yes before it runs on the bot's host:\n{what}"
+    blocks = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": _escape(text)}},
+        {"type": "actions", "block_id": "tunepilot_confirm", "elements": [
+            {"type": "button", "action_id": CONFIRM_APPROVE, "style": "primary", "value": thread_ts,
+             "text": {"type": "plain_text", "text": "Run it"}},
+            {"type": "button", "action_id": CONFIRM_REJECT, "value": thread_ts,
+             "text": {"type": "plain_text", "text": "Don't run"}},
+        ]},
+        {"type": "context", "elements": [{"type": "mrkdwn", "text": "Or reply “yes” / “no” in this thread. Only allow-listed people can start it."}]},
+    ]
+    return text + "\n(reply yes or no)", blocks
 
 
 def error_reply(exc: BaseException) -> str:
@@ -329,6 +358,7 @@ class SlackBot:
         self._active_threads: set[str] = set()
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._pending: set[Future] = set()
+        self._awaiting: dict[str, str] = {}  # thread id -> who asked for the step that waits for a yes
 
     # -- filtering -------------------------------------------------------------------
 
@@ -420,34 +450,83 @@ class SlackBot:
 
     def _turn(self, *, channel: str, thread_ts: str, ts: str, user: str, text: str) -> None:
         thread_id = f"{channel}:{thread_ts}"
+        with self._lock_for(thread_id):
+            word = text.strip().strip(".!").lower()
+            with self._guard:
+                awaiting = thread_id in self._awaiting
+            if awaiting and (word in _YES or word in _NO):
+                self._answer_confirmation(channel=channel, thread_ts=thread_ts, user=user, approved=word in _YES, ts=ts)
+                return
+            self._run(channel=channel, thread_ts=thread_ts, ts=ts, user=user, text=text or "hello")
+
+    def on_confirm(self, *, channel: str, thread_ts: str, user: str, approved: bool) -> Future:
+        """A Run / Don't run button press: answered in the worker pool, serialised with the thread's turns."""
+        def work() -> None:
+            with self._lock_for(f"{channel}:{thread_ts}"):
+                self._answer_confirmation(channel=channel, thread_ts=thread_ts, user=user, approved=approved, ts=None)
+
+        return self.executor.submit(work)
+
+    def _answer_confirmation(self, *, channel: str, thread_ts: str, user: str, approved: bool, ts: str | None) -> None:
+        thread_id = f"{channel}:{thread_ts}"
+        with self._guard:
+            awaiting = thread_id in self._awaiting
+        if not awaiting:
+            self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text="Nothing is waiting for a yes in this thread.")
+            return
+        if approved and user not in self.trial_users:
+            self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=f"<@{user}> {TRIAL_REFUSED_NOTE}")
+            return
+        with self._guard:
+            self._awaiting.pop(thread_id, None)
+        self._run(channel=channel, thread_ts=thread_ts, ts=ts, user=user, text=None, approved=approved)
+
+    def _run(self, *, channel: str, thread_ts: str, ts: str | None, user: str, text: str | None,
+             approved: bool | None = None) -> None:
+        """One turn (text) or the continuation of a paused one (approved), and its reply in the thread."""
+        thread_id = f"{channel}:{thread_ts}"
         allowed = user in self.trial_users
         started = time.monotonic()
-        with self._lock_for(thread_id):
-            try:
-                if not text:
-                    text = "hello"
-                from agent.core import run_turn
+        try:
+            from agent.core import resume_turn, run_turn
 
+            if text is not None:
+                with self._guard:  # a new question instead of yes / no: run_turn refuses the waiting step
+                    self._awaiting.pop(thread_id, None)
                 result = run_turn(self.agent, thread_id, text, allow_trial=allowed)
-                used = _tools_used(result)
-                script = getattr(result, "script", None)
-                if script is None and getattr(result, "script_path", None) and "write_training_script" in used:
-                    script = Path(result.script_path).read_text(encoding="utf-8")
-                upload = bool(script) and "write_training_script" in used
-                trial_refused = "run_trial" in used and not allowed
-                reply_text, blocks = render_reply(result, trial_refused=trial_refused, script_uploaded=upload)
+            else:
+                result = resume_turn(self.agent, thread_id, bool(approved), allow_trial=True,
+                                     decline_reason="the person pressed Don't run" if not approved else "")
+            if result.stopped == "confirm":
+                with self._guard:
+                    self._awaiting[thread_id] = user
+                reply_text, blocks = confirm_blocks(result.pending or [], thread_ts)
                 self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=reply_text, blocks=blocks)
-                if upload:
-                    self._upload_script(channel, thread_ts, script, getattr(result, "script_path", None))
-                log.info("answered %s in %.1fs (tools: %s)", thread_id, time.monotonic() - started, ", ".join(used) or "none")
+                if ts:
+                    self._react(channel, ts, "eyes", remove=True)
+                    self._react(channel, ts, "raised_hand")
+                return
+            used = _tools_used(result)
+            script = getattr(result, "script", None)
+            if script is None and getattr(result, "script_path", None) and "write_training_script" in used:
+                script = Path(result.script_path).read_text(encoding="utf-8")
+            upload = bool(script) and any(t in used for t in ("write_training_script", "plan_training"))
+            trial_refused = "run_trial" in used and not allowed and text is not None
+            reply_text, blocks = render_reply(result, trial_refused=trial_refused, script_uploaded=upload)
+            self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=reply_text, blocks=blocks)
+            if upload:
+                self._upload_script(channel, thread_ts, script, getattr(result, "script_path", None))
+            log.info("answered %s in %.1fs (tools: %s)", thread_id, time.monotonic() - started, ", ".join(used) or "none")
+            if ts:
                 self._react(channel, ts, "eyes", remove=True)
                 self._react(channel, ts, "white_check_mark")
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a reply, never silence
-                log.exception("turn failed in %s", thread_id)
-                try:
-                    self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=error_reply(exc))
-                except Exception:  # noqa: BLE001
-                    log.exception("could not post the error reply in %s", thread_id)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply, never silence
+            log.exception("turn failed in %s", thread_id)
+            try:
+                self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=error_reply(exc))
+            except Exception:  # noqa: BLE001
+                log.exception("could not post the error reply in %s", thread_id)
+            if ts:
                 self._react(channel, ts, "eyes", remove=True)
                 self._react(channel, ts, "x")
 
@@ -561,7 +640,16 @@ def create_app(*, bot_token: str, signing_secret: str | None = None, chat_model,
     except (OSError, sqlite3.Error) as e:
         raise SlackConfigError(f"--db {path}: cannot open the conversation store: {e}") from None
 
-    kw: dict[str, Any] = {"checkpointer": checkpointer, "max_model_calls": max_model_calls}
+    from datetime import date
+
+    from agent.llm import check_context
+    from agent.prompt_budget import first_prompt_tokens
+    from prompts import render
+    from tools.agent_tools import TOOLS
+
+    server = check_context(chat_model, first_prompt_tokens(render("system", today=date.today().isoformat()), TOOLS))
+    kw: dict[str, Any] = {"checkpointer": checkpointer, "max_model_calls": max_model_calls,
+                          "context_tokens": server.tokens if server else None}
     if workdir is not None:
         kw["workdir"] = workdir
     agent = build_agent(chat_model, **kw)
@@ -589,6 +677,21 @@ def create_app(*, bot_token: str, signing_secret: str | None = None, chat_model,
     def _message(event: dict) -> None:
         bot.on_message(event)
 
+    def _confirmation(approved: bool):
+        def handler(ack, body: dict) -> None:
+            ack()
+            action = (body.get("actions") or [{}])[0]
+            channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
+            thread_ts = action.get("value") or (body.get("container") or {}).get("thread_ts")
+            user = (body.get("user") or {}).get("id", "")
+            if channel and thread_ts:
+                bot.on_confirm(channel=channel, thread_ts=thread_ts, user=user, approved=approved)
+
+        return handler
+
+    app.action(CONFIRM_APPROVE)(_confirmation(True))
+    app.action(CONFIRM_REJECT)(_confirmation(False))
+
     app.tunepilot_bot = bot  # type: ignore[attr-defined]
     return app
 
@@ -604,7 +707,8 @@ def close(app) -> None:
 
 
 def run(*, http: bool = False, port: int = 3000, db: str | Path | None = None, trial_users: str | None = None,
-        llm: str | None = None, base_url: str | None = None, slack_api_url: str | None = None) -> None:
+        llm: str | None = None, base_url: str | None = None, slack_api_url: str | None = None,
+        llm_options: dict | None = None) -> None:
     """`tunepilot slack`: connect the bot (Socket Mode, or HTTP on `port`) and serve until interrupted."""
     bot_token = os.environ.get("SLACK_BOT_TOKEN", "").strip()
     if not bot_token:
@@ -619,7 +723,7 @@ def run(*, http: bool = False, port: int = 3000, db: str | Path | None = None, t
 
     from agent.llm import make_chat_model
 
-    chat_model = make_chat_model(llm, base_url=base_url)
+    chat_model = make_chat_model(llm, base_url=base_url, **(llm_options or {}))
     db_path = Path(db) if db else default_db_path()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
