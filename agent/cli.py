@@ -175,6 +175,14 @@ def gpus(json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     console.print(table)
 
 
+def _refuse_beyond_context(spec, seq_len: Optional[int]) -> None:
+    """A sequence longer than the model's context (config max_position_embeddings) is refused, in one line."""
+    limit = getattr(spec, "max_position_embeddings", None)
+    if seq_len and limit and seq_len > limit:
+        fail(f"--seq-len {seq_len} is longer than {spec.model_id}'s context of {limit:,} tokens: "
+             f"use --seq-len {limit} or less (or a model with a longer context)")
+
+
 # ---------------------------------------------------------------------------------------
 # Memory engine (issue 3): estimate
 # ---------------------------------------------------------------------------------------
@@ -269,6 +277,7 @@ def estimate(
         if m == "dora":
             data["use_dora"] = True
         setup = TrainingSetup.model_validate(data)
+        _refuse_beyond_context(spec, setup.max_length)
         from tools.estimator import estimate as run_estimate
 
         est = run_estimate(spec, setup, hardware, fast=fast, host_ram_gib=host_ram, dataset_tokens=dataset_tokens)
@@ -367,6 +376,7 @@ def plan(
         if host_ram is not None:
             hardware = hardware.model_copy(update={"host_ram_gib": host_ram})
         spec = lookup_model(model_ref)
+        _refuse_beyond_context(spec, seq_len)
         result = make_plan(spec, hardware, goals)
     except TunepilotError as e:
         fail(str(e))

@@ -120,14 +120,20 @@ class OpenAIStub:
 
     Each reply is a str (assistant text), a dict {"content": ..., "tool_calls": [{"name", "arguments"}]},
     {"status": 401, "error": "..."} for an HTTP error, or a callable(request_body) -> one of those.
-    After the script runs out, the last reply repeats. `delay` slows every answer (seconds).
+    After the script runs out, the last reply repeats. `delay` slows every answer (seconds; `stop()`
+    ends a wait early). `info` maps other paths to JSON answers (GET or POST), e.g. a llama.cpp
+    `{"/props": {"default_generation_settings": {"n_ctx": 2048}}}` for the context probe;
+    `/v1/models` rows get `info["/v1/models"]` merged in.
     """
 
-    def __init__(self, replies: list[Reply], *, delay: float = 0.0, model: str = "stub-model"):
+    def __init__(self, replies: list[Reply], *, delay: float = 0.0, model: str = "stub-model", info: dict | None = None):
         self.replies = list(replies)
         self.requests: list[dict] = []
         self.delay = delay
         self.model = model
+        self.info = dict(info or {})
+        self.probes: list[str] = []  # paths of GET/POST requests other than chat completions
+        self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._server: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
@@ -149,8 +155,13 @@ class OpenAIStub:
                 pass
 
             def do_GET(self):
-                if self.path.rstrip("/").endswith("/models"):
-                    self._json(200, {"object": "list", "data": [{"id": stub.model, "object": "model"}]})
+                path = self.path.rstrip("/")
+                stub.probes.append(path)
+                if path.endswith("/models"):
+                    row = {"id": stub.model, "object": "model", **stub.info.get("/v1/models", {})}
+                    self._json(200, {"object": "list", "data": [row]})
+                elif path in stub.info:
+                    self._json(200, stub.info[path])
                 else:
                     self._json(404, {"error": {"message": "not found"}})
 
@@ -158,7 +169,12 @@ class OpenAIStub:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
                 if not self.path.rstrip("/").endswith("/chat/completions"):
-                    self._json(404, {"error": {"message": f"no route {self.path}"}})
+                    path = self.path.rstrip("/")
+                    stub.probes.append(path)
+                    if path in stub.info:
+                        self._json(200, stub.info[path])
+                    else:
+                        self._json(404, {"error": {"message": f"no route {self.path}"}})
                     return
                 with stub._lock:
                     stub.requests.append({"body": body, "headers": {k.lower(): v for k, v in self.headers.items()}})
@@ -169,7 +185,7 @@ class OpenAIStub:
                 if isinstance(reply, str):
                     reply = {"content": reply}
                 if stub.delay:
-                    time.sleep(stub.delay)
+                    stub._stopped.wait(stub.delay)
                 if "status" in reply:
                     self._json(reply["status"], {"error": {"message": reply.get("error", "error"), "type": "stub_error", "code": reply.get("code")}})
                     return
@@ -205,7 +221,17 @@ class OpenAIStub:
         self._thread.start()
         return self
 
+    def wait_for_requests(self, n: int, timeout: float = 60.0) -> bool:
+        """Block until the stub has received `n` chat requests (so a test acts while one is in flight)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.requests) >= n:
+                return True
+            time.sleep(0.05)
+        return False
+
     def stop(self) -> None:
+        self._stopped.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -197,6 +197,25 @@ def signed_event(event: dict, *, secret: str = SIGNING_SECRET):
     return BoltRequest(body=raw, headers={k: [v] for k, v in sign(raw, secret).items()})
 
 
+def signed_action(action_id: str, *, value: str, user: str, channel: str = "C0CHAN01", secret: str = SIGNING_SECRET):
+    """A BoltRequest for a button press (block_actions, form-encoded `payload=` as Slack sends it), signed."""
+    from urllib.parse import urlencode
+
+    from slack_bolt import BoltRequest
+
+    payload = {
+        "type": "block_actions", "team": {"id": TEAM_ID}, "user": {"id": user}, "api_app_id": "A0APP001",
+        "token": "legacy-verification-token", "trigger_id": "1.2.3", "channel": {"id": channel},
+        "container": {"type": "message", "channel_id": channel, "thread_ts": value},
+        "actions": [{"type": "button", "action_id": action_id, "block_id": "tunepilot_confirm", "value": value,
+                     "action_ts": str(time.time())}],
+    }
+    raw = urlencode({"payload": json.dumps(payload)})
+    headers = sign(raw, secret)
+    headers["content-type"] = "application/x-www-form-urlencoded"
+    return BoltRequest(body=raw, headers={k: [v] for k, v in headers.items()})
+
+
 _ts = itertools.count(1)
 
 

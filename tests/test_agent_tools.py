@@ -321,3 +321,16 @@ def test_web_search_tool_turns_offline_into_an_observation(monkeypatch):
 def test_web_search_live_results_are_data():
     rows = web_search("Hugging Face transformers", max_results=3, timeout=10)
     assert rows and all(set(r) == {"title", "url", "snippet", "source"} and r["source"] == "web" for r in rows)
+
+
+def test_cli_estimate_and_plan_refuse_a_seq_len_beyond_the_context():
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    for argv in (["estimate", POLYGLOT, "--seq-len", "1048576", "--fast"],
+                 ["plan", POLYGLOT, "--gpu", "T4", "--seq-len", "1048576", "--fast"]):
+        r = CliRunner().invoke(app, argv)
+        assert r.exit_code == 2, r.output
+        assert "--seq-len 1048576 is longer than EleutherAI/polyglot-ko-1.3b's context of 2,048 tokens" in r.output
+        assert "Traceback" not in r.output

@@ -51,9 +51,9 @@ def _tool_result(body: dict) -> dict:
 def test_ask_json_round_trips_a_plan_tool_call(tmp_path):
     def answer(body):
         p = _tool_result(body)
-        return f"It fits: {p['best']['setup']['summary']}, {p['best']['memory']['per_gpu_total_gib']} GiB per GPU."
+        return f"It fits: {p['setup']['method']} r={p['setup']['r']}, {p['memory']['per_gpu_total_gib']} GiB per GPU."
 
-    replies = [stub_tool_call("plan_training", model=POLYGLOT, gpu="T4", seq_len=512, exact=False), answer]
+    replies = [stub_tool_call("plan_training", model=POLYGLOT, hardware="T4", seq_len=512, exact=False), answer]
     with OpenAIStub(replies) as stub:
         r = _cli("ask", "Can I fine-tune polyglot-ko-1.3b on a T4?", "--json", "--llm", "openai:stub-model",
                  "--base-url", stub.base_url, home=tmp_path)
@@ -61,29 +61,57 @@ def test_ask_json_round_trips_a_plan_tool_call(tmp_path):
         out = json.loads(r.stdout)
         assert len(stub.requests) == 2
         first, second = (q["body"] for q in stub.requests)
-        assert first["model"] == "stub-model" and not first.get("stream")
+        assert first["model"] == "stub-model" and not first.get("stream") and first["temperature"] == 0.1
         assert {t["function"]["name"] for t in first["tools"]} >= {"plan_training", "write_training_script", "web_search"}
         assert first["messages"][0]["role"] == "system" and first["messages"][1]["content"].startswith("Can I fine-tune")
         # the second request carries the tool result, and the answer quotes it
         plan = _tool_result(second)
-        assert plan["best"]["setup"]["precision"] == "fp16"
+        assert plan["setup"]["precision"] == "fp16" and plan["summary"].startswith("FITS")
     assert out["answer"] == answer(second)
     assert out["setup"]["model_id"] == POLYGLOT and out["setup"]["fp16"] is True
     assert [c["tool"] for c in out["tool_calls"]] == ["plan_training"] and out["tool_calls"][0]["status"] == "ok"
+    # issue 13: the turn's state is reported, not hidden
+    assert out["stopped"] is None and out["summary"] == plan["summary"]
+    assert out["memory"]["per_gpu_total_gib"] == plan["memory"]["per_gpu_total_gib"] and out["memory"]["fits"] is True
 
 
-def test_ask_streams_sse_answers(tmp_path):
-    def answer(body):
-        hw = _tool_result(body)
-        return f"A {hw['gpu']} has {hw['memory_gib_per_gpu']} GiB and bf16={hw['bf16']}."
-
-    with OpenAIStub([stub_tool_call("parse_hardware", hardware="T4"), answer]) as stub:
-        r = _cli("ask", "how big is a T4?", "--llm", "openai:stub-model", "--base-url", stub.base_url, home=tmp_path)
+def test_ask_streams_sse_answers_and_prints_the_engines_numbers_under_a_poor_answer(tmp_path):
+    with OpenAIStub([stub_tool_call("plan_training", model=POLYGLOT, hardware="T4", seq_len=512, exact=False),
+                     "Sure, that should be fine!"]) as stub:
+        r = _cli("ask", "can polyglot-ko-1.3b train on a T4?", "--llm", "openai:stub-model", "--base-url", stub.base_url, home=tmp_path)
         assert r.returncode == 0, r.stderr
         assert [q["body"].get("stream") for q in stub.requests] == [True, True]
-        expected = answer(stub.requests[1]["body"])
-    assert r.stdout.strip() == expected == "A NVIDIA T4 has 15.0 GiB and bf16=False."
-    assert "parse_hardware" in r.stderr and "ok" in r.stderr  # the step, on stderr
+        plan = _tool_result(stub.requests[1]["body"])
+    answer, block = r.stdout.strip().split("\n\n")
+    assert answer == "Sure, that should be fine!"
+    # the model said nothing useful; the engine's verdict and numbers are printed under its words
+    assert block == f"tunepilot engine: {plan['summary']}" and str(plan["memory"]["per_gpu_total_gib"]) in block
+    assert "plan_training" in r.stderr and "ok" in r.stderr  # the step, on stderr
+
+
+def test_ask_json_reports_a_stopped_turn_and_exits_non_zero(tmp_path):
+    # a model that calls tools forever: the call limit ends the turn
+    loop = [stub_tool_call("lookup_model", model=f"{POLYGLOT}") for _ in range(3)]
+    with OpenAIStub(loop) as stub:
+        r = _cli("ask", "loop", "--json", "--llm", "openai:stub-model", "--base-url", stub.base_url, home=tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    out = json.loads(r.stdout)
+    assert out["stopped"] == "limit" and out["answer"].startswith("I stopped after 12 model calls")
+    assert "memory" in out and out["memory"] is None
+    steps = out["tool_calls"]
+    assert steps[0]["status"] == "ok" and all(s.get("repeat") or s["status"] == "error" for s in steps[1:])
+
+
+def test_ask_never_starts_a_trial_without_allow_trial(tmp_path):
+    replies = [stub_tool_call("run_trial", model="Qwen/Qwen2.5-0.5B", hardware="RTX 4090", seq_len=512, steps=1),
+               lambda body: "trial: " + body["messages"][-1]["content"]]
+    with OpenAIStub(replies) as stub:
+        r = _cli("ask", "trial-run Qwen2.5-0.5B", "--json", "--llm", "openai:stub-model", "--base-url", stub.base_url, home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "did not confirm the trial run (tunepilot ask was run without --allow-trial)" in out["answer"]
+    assert "--allow-trial" in out["answer"] and out["tool_calls"][0]["status"] == "error"
+    assert not (tmp_path / "work").exists() or not list((tmp_path / "work").rglob("trial_report.json"))
 
 
 def test_ask_without_a_model_or_with_an_unreachable_one_says_so_in_one_line(tmp_path):
@@ -174,6 +202,8 @@ def test_chat_in_a_terminal_tool_step_save_errors_cancel_and_resume(tmp_path):
         {"status": 401, "error": "Incorrect API key provided"},
         "slow answer",  # cancelled with Ctrl-C while the stub waits
         "still here",
+        stub_tool_call("run_trial", steps=1),
+        lambda body: "no trial: " + body["messages"][-1]["content"][:40],
     ]
     home = tmp_path / "home"
     with OpenAIStub(replies) as stub:
@@ -196,15 +226,26 @@ def test_chat_in_a_terminal_tool_step_save_errors_cancel_and_resume(tmp_path):
             term.type("a question the server refuses")
             term.expect(r"error: the chat model .*refused the credentials")
             term.expect(r"you›")
-            stub.delay = 3.0
+            stub.delay = 4.0  # counted from the request's arrival at the stub, not from typing
+            sent = len(stub.requests)
             term.type("a slow question")
-            time.sleep(1.0)
+            # Ctrl-C only once the request is in flight (not while the line is still being read): on a
+            # loaded machine the line can take seconds to reach the server, so a fixed sleep races it
+            assert stub.wait_for_requests(sent + 1, timeout=60), term.text[-2000:]
             os.write(term.fd, b"\x03")  # Ctrl-C
             term.expect(r"cancelled")
             term.expect(r"you›")
             stub.delay = 0.0
             term.type("are you still there?")
             term.expect(r"still here")
+            # consent: a trial asks first; "n" (or just Enter) means it does not run
+            term.type("trial-run it please")
+            term.expect(r"Run a 1-step trial of EleutherAI/polyglot-ko-1\.3b .*on this machine\?")
+            term.expect(r"run it\? \[y/N\]")
+            term.type("n")
+            term.expect(r"not run")
+            term.expect(r"→ run_trial\(.*\) [0-9.]+s error")
+            term.expect(r"no trial: User rejected")
             term.type("/quit")
             assert term.wait() == 0
         finally:
@@ -218,7 +259,7 @@ def test_chat_in_a_terminal_tool_step_save_errors_cancel_and_resume(tmp_path):
         # every request after the refused and the cancelled one still carried the whole thread
         last = stub.requests[-1]["body"]["messages"]
         users = [m["content"] for m in last if m["role"] == "user"]
-        assert users[0].startswith("write a training script") and users[-1] == "are you still there?"
+        assert users[0].startswith("write a training script") and users[-1] == "trial-run it please"
     assert (home / "chat.sqlite").is_file() and (home / "chat_history").is_file()
     thread = (home / "chat_thread").read_text().strip()
 

@@ -82,3 +82,111 @@ def test_unrelated_exceptions_are_not_disguised_as_llm_errors():
     assert agent_error_message(ValueError("boom"), strict=True) == ""
     assert agent_error_message(ValueError("boom")).startswith("the agent failed: ValueError: boom (a bug: please report it")
     assert agent_error_message(TunepilotError("model: unknown")) == "model: unknown"
+
+
+# --------------------------------------------------------------------------------------
+# issue 13: timeouts, resends, temperature, the server's context
+# --------------------------------------------------------------------------------------
+
+
+def test_local_servers_get_a_long_read_timeout_and_no_blind_resend(monkeypatch):
+    from agent.llm import is_local_url, llm_settings
+
+    for url in ("http://127.0.0.1:8080/v1", "http://localhost:11434/v1", "http://192.168.1.20:8000/v1",
+                "http://10.0.0.5/v1", "http://gpu-box.local:8000/v1", "http://[::1]:8080/v1"):
+        assert is_local_url(url), url
+    for url in ("https://api.openai.com/v1", "https://example.com/v1", None, ""):
+        assert not is_local_url(url), url
+    local = make_chat_model("openai:m", base_url="http://127.0.0.1:8080/v1")
+    assert (local.request_timeout.read, local.request_timeout.connect, local.max_retries) == (600.0, 10.0, 0)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    remote = make_chat_model("openai:gpt-4o-mini")
+    assert (remote.request_timeout.read, remote.max_retries) == (120.0, 2)
+    # the environment beats the defaults, a flag beats the environment
+    monkeypatch.setenv("TUNEPILOT_LLM_TIMEOUT", "900")
+    monkeypatch.setenv("TUNEPILOT_LLM_RETRIES", "1")
+    assert llm_settings(base_url="http://127.0.0.1/v1").timeout == 900 and llm_settings().max_retries == 1
+    assert llm_settings(base_url="http://127.0.0.1/v1", timeout=30, max_retries=0).timeout == 30
+    monkeypatch.setenv("TUNEPILOT_LLM_TIMEOUT", "soon")
+    with pytest.raises(TunepilotError, match="TUNEPILOT_LLM_TIMEOUT='soon' is not a number"):
+        llm_settings()
+    monkeypatch.delenv("TUNEPILOT_LLM_TIMEOUT")
+    with pytest.raises(TunepilotError, match="--llm-retries"):
+        llm_settings(max_retries=-1)
+
+
+def test_a_low_temperature_is_sent_by_default_and_can_be_changed(monkeypatch):
+    from agent.llm import llm_settings
+
+    with OpenAIStub(["one", "two", "three"]) as stub:
+        run_turn(build_agent(make_chat_model("openai:stub-model", base_url=stub.base_url)), "t", "hi")
+        monkeypatch.setenv("TUNEPILOT_LLM_TEMPERATURE", "0.7")
+        run_turn(build_agent(make_chat_model("openai:stub-model", base_url=stub.base_url)), "t", "hi")
+        run_turn(build_agent(make_chat_model("openai:stub-model", base_url=stub.base_url, temperature=0)), "t", "hi")
+        assert [r["body"].get("temperature") for r in stub.requests] == [0.1, 0.7, 0]
+    monkeypatch.delenv("TUNEPILOT_LLM_TEMPERATURE")
+    assert llm_settings(model_name="o3-mini").temperature is None  # reasoning models take only their default
+    with pytest.raises(TunepilotError, match="from 0 to 2"):
+        llm_settings(temperature=3)
+
+
+def test_a_slow_local_model_times_out_once_with_what_to_raise():
+    with OpenAIStub(["too late"], delay=5) as stub:
+        model = make_chat_model("openai:stub-model", base_url=stub.base_url, timeout=1)
+        with pytest.raises(TunepilotError) as e:
+            run_turn(build_agent(model), "t", "hello")
+        assert len(stub.requests) == 1, "no blind resend of the prompt to a busy local server"
+    assert "did not answer in time" in str(e.value) and "--llm-timeout" in str(e.value)
+
+
+@pytest.mark.parametrize("info,expected", [
+    ({"/props": {"default_generation_settings": {"n_ctx": 2048}}}, (2048, "llama.cpp /props n_ctx")),
+    ({"/slots": [{"id": 0, "n_ctx": 3072}]}, (3072, "llama.cpp /slots n_ctx")),
+    ({"/api/show": {"parameters": "stop \"<|im_end|>\"\nnum_ctx 16384", "model_info": {"qwen2.context_length": 32768}}},
+     (16384, "Ollama /api/show num_ctx")),
+    ({"/api/show": {"parameters": "", "model_info": {"llama.context_length": 131072}}}, (4096, None)),
+    ({"/v1/models": {"max_model_len": 8192}}, (8192, "vLLM /v1/models max_model_len")),
+    ({}, None),
+])
+def test_the_servers_context_is_asked_where_it_tells(info, expected):
+    from agent.llm import probe_context
+
+    with OpenAIStub(["unused"], info=info) as stub:
+        ctx = probe_context(stub.base_url, "stub-model")
+    if expected is None:
+        assert ctx is None
+    else:
+        assert ctx.tokens == expected[0] and (expected[1] is None or ctx.source == expected[1])
+
+
+def test_a_server_context_smaller_than_the_first_prompt_is_one_clear_line(monkeypatch, tmp_path):
+    from agent.chat import make_agent
+
+    with OpenAIStub(["unused"], info={"/props": {"default_generation_settings": {"n_ctx": 2048}}}) as stub:
+        model = make_chat_model("openai:stub-model", base_url=stub.base_url)
+        with pytest.raises(TunepilotError) as e:
+            make_agent(model, workdir=tmp_path)
+        assert stub.requests == []  # refused before a prompt was cut silently
+    msg = str(e.value)
+    assert msg.startswith("the chat model server's context is 2048 tokens (llama.cpp /props n_ctx)")
+    assert "--ctx-size 8192" in msg and "num_ctx 8192" in msg and "--max-model-len 8192" in msg
+    # a big enough context sizes the history budget
+    with OpenAIStub(["unused"], info={"/props": {"default_generation_settings": {"n_ctx": 16384}}}) as stub:
+        agent = make_agent(make_chat_model("openai:stub-model", base_url=stub.base_url), workdir=tmp_path)
+    assert agent.tunepilot_settings["context_tokens"] == 16384
+    monkeypatch.setenv("TUNEPILOT_LLM_CONTEXT", "12000")  # the person says it: no probe
+    with OpenAIStub(["unused"]) as stub:
+        agent = make_agent(make_chat_model("openai:stub-model", base_url=stub.base_url), workdir=tmp_path)
+        assert stub.probes == []
+    assert agent.tunepilot_settings["context_tokens"] == 12000
+
+
+def test_a_context_overflow_says_to_reset():
+    overflow = {"status": 400, "error": "This model's maximum context length is 4096 tokens. However, your messages resulted in 5210 tokens."}
+    with OpenAIStub([overflow]) as stub:
+        model = make_chat_model("openai:stub-model", base_url=stub.base_url)
+        with pytest.raises(TunepilotError) as e:
+            run_turn(build_agent(model), "t", "hello")
+    msg = str(e.value)
+    assert msg.startswith("the conversation no longer fits the chat model's context window") and "/reset" in msg
+    assert "--ctx-size" in msg and "\n" not in msg

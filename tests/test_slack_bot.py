@@ -19,6 +19,7 @@ import pytest
 
 from _agent_helpers import OpenAIStub, ScriptedChatModel, final, tool_call
 from _slack_helpers import (
+    signed_action,
     BOT_ID,
     BOT_USER_ID,
     SIGNING_SECRET,
@@ -31,6 +32,8 @@ from _slack_helpers import (
     signed_event,
 )
 from agent.slack_bot import (
+    CONFIRM_APPROVE,
+    CONFIRM_REJECT,
     TRIAL_REFUSED_NOTE,
     close,
     create_app,
@@ -147,7 +150,7 @@ def test_mention_gets_reaction_and_threaded_reply(stub, make_app):
 
 def test_plan_and_script_upload_to_thread(stub, make_app):
     script = [
-        tool_call("plan_training", model="Qwen/Qwen2.5-0.5B", gpu="RTX 4090", seq_len=512, method="lora", exact=False),
+        tool_call("plan_training", model="Qwen/Qwen2.5-0.5B", hardware="RTX 4090", seq_len=512, method="lora", exact=False),
         tool_call("write_training_script"),
         final("**Plan:** LoRA on one RTX 4090.\n\n| setting | value |\n|---|---|\n| r | 16 |\n\nThe script is attached."),
     ]
@@ -190,7 +193,7 @@ def test_upload_refused_keeps_the_answer_and_says_why(stub, make_app):
     ev = mention("script please")
     run(app, ev, timeout=60)
     texts = [reply_text(c) for c in stub.replies()]
-    assert texts[0] == "Here is your script."
+    assert texts[0].startswith("Here is your script.\n\ntunepilot engine: FITS: Qwen/Qwen2.5-0.5B on 1x NVIDIA RTX 4090")
     assert len(texts) == 2 and "missing_scope" in texts[1] and "files:write" in texts[1] and "train.py" in texts[1]
     assert not stub.of("upload")
 
@@ -271,7 +274,7 @@ def _trial_model():
         last = messages[-1]
         if getattr(last, "type", "") == "tool":
             return final(f"trial tool said: {last.content}")
-        return tool_call("run_trial", model="Qwen/Qwen2.5-0.5B", gpu="RTX 4090", seq_len=512, steps=1)
+        return tool_call("run_trial", model="Qwen/Qwen2.5-0.5B", hardware="RTX 4090", seq_len=512, steps=1)
 
     return model_of(step)
 
@@ -292,6 +295,11 @@ def trial_tripwire(monkeypatch):
     return started
 
 
+def press(app, action_id, *, thread_ts, user, timeout=60):
+    assert app.dispatch(signed_action(action_id, value=thread_ts, user=user)).status == 200
+    assert wait_idle(app, timeout)
+
+
 def test_trial_refused_for_users_not_allow_listed(stub, make_app, trial_tripwire):
     model = _trial_model()
     app = make_app(model, trial_users={"U0BOSS01"})
@@ -300,15 +308,41 @@ def test_trial_refused_for_users_not_allow_listed(stub, make_app, trial_tripwire
     r = stub.replies()[-1]
     assert "not permitted" in reply_text(r)  # the tool's observation, quoted by the model
     assert any(b.get("text", {}).get("text") == TRIAL_REFUSED_NOTE for b in r.params["blocks"])
+    assert "actions" not in blocks_text(r)  # nobody is asked to confirm what they may not start
 
 
-def test_trial_allowed_for_allow_listed_user(stub, make_app, trial_tripwire):
+def test_an_allow_listed_user_is_asked_first_and_the_button_starts_the_trial(stub, make_app, trial_tripwire):
     model = _trial_model()
     app = make_app(model, trial_users={"U0BOSS01"})
-    run(app, mention("please trial-run it", user="U0BOSS01"), timeout=60)
-    assert len(trial_tripwire) == 1  # the gate opened: the trial got as far as starting its subprocess
+    ev = mention("please trial-run it", user="U0BOSS01")
+    run(app, ev, timeout=60)
+    assert trial_tripwire == []  # asked, not started
+    ask = stub.replies()[-1]
+    actions = next(b for b in ask.params["blocks"] if b["type"] == "actions")["elements"]
+    assert [a["action_id"] for a in actions] == [CONFIRM_APPROVE, CONFIRM_REJECT]
+    assert all(a["value"] == ev["ts"] for a in actions)
+    assert "Run a 1-step trial of Qwen/Qwen2.5-0.5B" in reply_text(ask) and "yes" in reply_text(ask)
+    # someone who is not allow-listed presses Run: refused, still waiting
+    press(app, CONFIRM_APPROVE, thread_ts=ev["ts"], user="U0ALICE1")
+    assert trial_tripwire == [] and TRIAL_REFUSED_NOTE in reply_text(stub.replies()[-1])
+    # the allow-listed person presses Run: the trial starts (here: as far as its subprocess)
+    press(app, CONFIRM_APPROVE, thread_ts=ev["ts"], user="U0BOSS01")
+    assert len(trial_tripwire) == 1
     r = stub.replies()[-1]
-    assert "not permitted" not in reply_text(r) and "allow-listed" not in blocks_text(r)
+    assert "tripwire" in reply_text(r) and "not permitted" not in reply_text(r)
+
+
+def test_a_no_in_the_thread_skips_the_trial(stub, make_app, trial_tripwire):
+    model = _trial_model()
+    app = make_app(model, trial_users={"U0BOSS01"})
+    ev = mention("please trial-run it", user="U0BOSS01")
+    run(app, ev, timeout=60)
+    run(app, message("no", user="U0BOSS01", thread_ts=ev["ts"]), timeout=60)
+    assert trial_tripwire == []
+    assert "did not confirm the trial run" in reply_text(stub.replies()[-1])
+    # nothing waits any more: a late button press says so
+    press(app, CONFIRM_APPROVE, thread_ts=ev["ts"], user="U0BOSS01")
+    assert trial_tripwire == [] and "Nothing is waiting" in reply_text(stub.replies()[-1])
 
 
 # --------------------------------------------------------------------------------------

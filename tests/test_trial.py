@@ -127,16 +127,34 @@ def test_ctrl_c_during_a_trial_returns_interrupted(tmp_path, assets, home):
     from tools.script import render_script
 
     render_script(TrainingSetup(model_id="warm-up"))  # imports done before the timer starts
+    import time
+
     model_dir, _, _ = assets
-    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
+    workdir = tmp_path / "w"
+    stop = threading.Event()
+    sent = []
+
+    def ctrl_c_once_the_child_runs():
+        # not a fixed delay: on a loaded machine the child may start late, on an idle one finish early;
+        # the signal goes when the trial's own process is alive (it is still importing torch then)
+        while not stop.is_set():
+            if _trial_child_pid(workdir) is not None:
+                sent.append(time.monotonic())
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=ctrl_c_once_the_child_runs, daemon=True)
+    watcher.start()
     try:
-        report = run_trial(TrainingSetup(model_id="tiny-llama", max_length=32), steps=1, timeout=120,
-                           workdir=tmp_path / "w", model_path=str(model_dir))
+        report = run_trial(TrainingSetup(model_id="tiny-llama", max_length=32), steps=20, timeout=120,
+                           workdir=workdir, model_path=str(model_dir))
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C escaped run_trial")
     finally:
-        timer.cancel()
+        stop.set()
+        watcher.join(5)
+    assert sent, "the trial child never started"
     assert report.error_kind == "interrupted" and not report.ok
     assert _trial_child_pid(tmp_path / "w") is None
     assert not calibration_path().exists()  # an interrupted trial measured nothing
