@@ -320,6 +320,15 @@ def estimate(
     if est.fits is not None:
         verdict = "[bold green]fits[/]" if est.fits else "[bold red]does not fit[/]"
         console.print(f"{est.gpu} ({est.gpu_memory_gib:g} GiB): {verdict}, headroom {est.headroom_gib:+.2f} GiB", highlight=False)
+    if est.tokens_per_second:
+        # issue 14: step time from the op trace (or the flat-factor fallback of the analytic tier)
+        phases = ""
+        if est.time_breakdown:
+            ph = est.time_breakdown.get("by_phase", {})
+            phases = " (" + ", ".join(f"{k} {v:.3g} s" for k, v in ph.items() if v > 0) + ")"
+        cal = ", calibrated by trial runs" if est.time_calibrated else ""
+        console.print(f"time: {est.step_seconds:.3g} s per optimizer step{phases}, {est.tokens_per_second:,.0f} tokens/s "
+                      f"({est.time_model}{cal})", highlight=False, soft_wrap=True, markup=False)
     if est.advice:
         console.print(est.advice, highlight=False, soft_wrap=True)
 

@@ -275,6 +275,7 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
         est.gpu, est.gpu_memory_gib = hardware.gpu.name, mem
         est.headroom_gib = round(mem - total / gib, 3)
         est.fits = total / gib + safety_margin * mem <= mem
+        _add_time(est, model, setup, hardware, step)
     _host_ram(est, model, setup, step, host_ram_gib if host_ram_gib is not None else (hardware.host_ram_gib if hardware else None),
               dataset_tokens, dataset_examples, host_offload)
     if advice:
@@ -306,6 +307,24 @@ def _host_ram(est: MemoryEstimate, model: ModelSpec, setup: TrainingSetup, step:
                                   f"has {available:.1f} GiB: it will be killed (OOM) there")
             if est.fits is not None:
                 est.fits = False
+
+
+def _add_time(est: MemoryEstimate, model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec, step: StepMemory) -> None:
+    """Step time and tokens/s on `hardware`: the op-roofline model of the simulated step's op trace
+    (tools.memory.timing), or the flat-factor fallback for the analytic tier (tools.throughput)."""
+    from tools.throughput import estimate_throughput
+
+    try:
+        thr = estimate_throughput(model, setup, hardware, step=step)
+    except TunepilotError as e:
+        est.time_notes = [f"no time estimate: {e}"]
+        return
+    est.step_seconds = None if thr.step_seconds is None else round(thr.step_seconds, 6)
+    est.tokens_per_second = round(thr.tokens_per_second, 3)
+    est.time_breakdown = thr.time_breakdown
+    est.time_model = thr.time_model
+    est.time_calibrated = thr.calibrated
+    est.time_notes = list(thr.notes)
 
 
 def _variants(setup: TrainingSetup, dominant: str) -> list[tuple[str, dict]]:

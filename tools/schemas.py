@@ -128,6 +128,10 @@ class GPUSpec(_Strict):
     memory_bandwidth_gbs: float = Field(description="Memory bandwidth in GB/s.")
     tdp_w: Optional[int] = Field(default=None, description="Board power in watts.")
     source: str = Field(default="", description="Where these figures come from (vendor datasheet URL or name).")
+    nvlink_gbs: Optional[float] = Field(default=None, description="GPU-to-GPU NVLink (or Infinity Fabric) bandwidth per GPU per direction, GB/s; None when GPUs talk over PCIe.")
+    pcie_gbs: Optional[float] = Field(default=None, description="Host link (PCIe) bandwidth per direction, GB/s (Gen3/4/5 x16 = 15.75/31.5/63).")
+    pcie_p2p: bool = Field(default=True, description="False where the driver has no PCIe peer-to-peer between these GPUs (GeForce): NCCL goes through host memory.")
+    interconnect_source: str = Field(default="", description="Where the interconnect figures come from.")
 
 
 class HardwareSpec(_Strict):
@@ -596,6 +600,12 @@ class MemoryEstimate(_Strict):
     dominant: str = Field(default="", description="The component that dominates the peak.")
     advice: str = Field(default="", description="One line: what dominates and what would cut it most.")
     provenance: list[str] = Field(default_factory=list, description="How each number was obtained (tier, calibration constants and their sources).")
+    step_seconds: Optional[float] = Field(default=None, description="Wall time of one optimizer step on the GPU checked against (None without a GPU), seconds.")
+    tokens_per_second: Optional[float] = Field(default=None, description="Training tokens per second across all GPUs (None without a GPU).")
+    time_breakdown: Optional[dict[str, dict[str, float]]] = Field(default=None, description="Step seconds by phase and by op class (see ThroughputEstimate.time_breakdown).")
+    time_model: Optional[str] = Field(default=None, description="'op-roofline' (simulated op trace) or 'flat-factors' (analytic fallback).")
+    time_calibrated: bool = Field(default=False, description="True when measured trial runs on this GPU with this method scaled the time.")
+    time_notes: list[str] = Field(default_factory=list, description="How the time was obtained: rates, efficiency factors, communication, calibration.")
 
 
 class ThroughputEstimate(_Strict):
@@ -607,6 +617,10 @@ class ThroughputEstimate(_Strict):
     gpu_hours: Optional[float] = Field(default=None, description="GPU-hours for all epochs.")
     cost: Optional[float] = Field(default=None, description="Cost at the given price per GPU-hour.")
     notes: list[str] = Field(default_factory=list, description="Assumptions and their sources.")
+    step_seconds: Optional[float] = Field(default=None, description="Wall time of one optimizer step (all micro-batches of an accumulation window), seconds.")
+    time_breakdown: Optional[dict[str, dict[str, float]]] = Field(default=None, description="Step seconds by phase (forward, recompute, backward, optimizer, communication, offload) and by op class (matmul, attention, elementwise, norm_softmax, optimizer, dequant, host_overhead, communication, offload).")
+    time_model: str = Field(default="flat-factors", description="How the time was obtained: 'op-roofline' (per-op roofline over the simulated step's op trace, tools.memory.timing) or 'flat-factors' (FLOPs per token x stated utilisation factors, the analytic fallback).")
+    calibrated: bool = Field(default=False, description="True when measured trial runs on this GPU with this method scaled the estimate.")
 
 
 class Candidate(_Strict):
@@ -683,6 +697,7 @@ class StepMemory(_Strict):
     layers_simulated: Optional[list[int]] = Field(default=None, description="Depths actually simulated before extrapolation.")
     seconds: float = Field(default=0.0, description="Wall time of the computation.")
     notes: list[str] = Field(default_factory=list, description="Provenance and approximations.")
+    op_trace: Optional[list[list]] = Field(default=None, description="The step's op cost records at full depth (tools.memory.timing: phase, op class, dtype, FLOPs, bytes, tile efficiency, causal, count); None for the analytic tier.")
 
 
 class PlanGoals(_Strict):

@@ -1,4 +1,14 @@
-"""Training throughput, wall-clock time and cost of a setup: FLOPs per token over achievable FLOPs.
+"""Training throughput, wall-clock time and cost of a setup.
+
+Two time models:
+
+- **op-roofline** (`estimate_throughput(..., step=StepMemory)` with a simulated step): the step
+  time from the dry run's op trace, op by op (`tools.memory.timing`: FLOPs and bytes moved of every
+  aten op at the GPU's achievable matmul / flash-attention / memory rates, plus communication,
+  offload, host dispatch), for one optimizer step; tokens/s follow from the tokens in that step.
+- **flat-factors** (`flat_estimate_throughput`, and `estimate_throughput` without a simulated
+  step): the stated fallback of the analytic tier, FLOPs per token over a product of literature
+  MFU factors:
 
     tokens/s = num_gpus x dense peak TFLOPs (compute dtype) x utilisation / FLOPs per token
 
@@ -112,6 +122,10 @@ EAGER_ATTENTION_FACTOR = 0.85   # eager attention materialises s^2 scores (memor
 MAX_UTILISATION = 0.95
 
 CALIBRATION_FILE = "calibration.jsonl"
+# Which time model predicted a calibration record ('predictor' key written by tools.trial); records
+# predicted by another model (older records: the flat factors) are not comparable and are skipped.
+OP_ROOFLINE = "op-roofline"
+FLAT_FACTORS = "flat-factors"
 
 # Linear layers people target, as (in, out) in terms of the model's shape.
 _PROJ_SHAPES = {
@@ -303,13 +317,15 @@ def _canonical_gpu(name: str) -> str:
         return name.strip().lower()
 
 
-def _calibration_ratio(hardware: HardwareSpec, method: str) -> tuple[float, int, Path] | None:
-    """Median measured/predicted tokens/s of trial runs on this GPU model with this method."""
+def _calibration_ratio(hardware: HardwareSpec, method: str, predictor: str = FLAT_FACTORS) -> tuple[float, int, Path] | None:
+    """Median measured/predicted tokens/s of trial runs on this GPU model with this method, predicted by `predictor`."""
     path = _calibration_path()
     want = _canonical_gpu(hardware.gpu.name)
     ratios = []
     for rec in _calibration_records(path):
         if rec.get("ok") is False:  # a failed trial (OOM, crash) measured no steady rate
+            continue
+        if rec.get("predictor", FLAT_FACTORS) != predictor:  # another time model's prediction: not comparable
             continue
         try:
             gpu, m = str(rec["gpu"]), str(rec["method"])
@@ -387,6 +403,30 @@ def _param_offload_factor(model: ModelSpec, setup: TrainingSetup, fpt: float, tf
 # --------------------------------------------------------------------------------------
 
 
+def _check_inputs(dataset_tokens, price_per_gpu_hour) -> None:
+    if dataset_tokens is not None and (isinstance(dataset_tokens, bool) or not isinstance(dataset_tokens, (int, float))
+                                       or not dataset_tokens > 0):
+        raise TunepilotError(f"dataset_tokens: must be a positive number of training tokens per epoch, got {dataset_tokens!r}")
+    if price_per_gpu_hour is not None and price_per_gpu_hour < 0:
+        raise TunepilotError(f"price_per_gpu_hour: must be >= 0, got {price_per_gpu_hour!r}")
+
+
+def _hours(tps: float, setup: TrainingSetup, dataset_tokens, price_per_gpu_hour, notes: list[str]):
+    time_epoch = total_hours = gpu_hours = cost = None
+    if dataset_tokens is not None:
+        time_epoch = dataset_tokens / tps / 3600.0
+        total_hours = time_epoch * setup.num_train_epochs
+        gpu_hours = total_hours * setup.num_gpus
+        if price_per_gpu_hour is not None:
+            cost = price_per_gpu_hour * gpu_hours
+        if not setup.packing:
+            notes.append("time assumes dataset_tokens are the tokens actually computed; without packing, padding to the "
+                         "longest sequence in a batch adds compute")
+    else:
+        notes.append("give dataset_tokens for time and cost")
+    return time_epoch, total_hours, gpu_hours, cost
+
+
 def estimate_throughput(
     model: ModelSpec,
     setup: TrainingSetup,
@@ -395,8 +435,66 @@ def estimate_throughput(
     dataset_tokens: int | None = None,
     price_per_gpu_hour: float | None = None,
     calibrate: bool = True,
+    step=None,
 ) -> ThroughputEstimate:
-    """Training tokens/s across all GPUs, FLOPs/token, assumed utilisation, and (given dataset tokens and a price) hours and cost.
+    """Training tokens/s across all GPUs, step seconds and their breakdown, and (given dataset tokens and a price) hours and cost.
+
+    With `step` (a simulated StepMemory carrying its op trace) the time is the op-roofline model of
+    that step (tools.memory.timing); without one, the flat-factor fallback (`flat_estimate_throughput`).
+    With calibrate=True, measured trial runs for this GPU and method predicted by the same time model
+    ($TUNEPILOT_HOME/calibration.jsonl) scale the result, and the estimate says so.
+    """
+    if step is None or getattr(step, "op_trace", None) is None:
+        return flat_estimate_throughput(model, setup, hardware, dataset_tokens=dataset_tokens,
+                                        price_per_gpu_hour=price_per_gpu_hour, calibrate=calibrate)
+    _check_inputs(dataset_tokens, price_per_gpu_hour)
+    from tools.memory.timing import time_from_step
+
+    st = time_from_step(step, setup, hardware)
+    notes = list(st.notes)
+    tps = st.tokens_per_second
+    step_s = st.step_seconds
+    breakdown = st.breakdown()
+    calibrated = False
+    if calibrate:
+        cal = _calibration_ratio(hardware, setup.method, OP_ROOFLINE)
+        if cal:
+            ratio, count, path = cal
+            tps *= ratio
+            step_s /= ratio
+            breakdown = {k: {kk: round(vv / ratio, 6) for kk, vv in v.items()} for k, v in breakdown.items()}
+            calibrated = True
+            notes.append(f"calibrated x{ratio:.2f}: median measured/predicted tokens/s of {count} trial run(s) on "
+                         f"{hardware.gpu.name} with {setup.method} ({path})")
+    if setup.num_gpus > hardware.num_gpus:
+        notes.append(f"setup uses {setup.num_gpus} GPUs but the hardware has {hardware.num_gpus}; estimated for {setup.num_gpus}")
+    fpt = st.flops_per_step * setup.num_gpus / max(st.tokens_per_step, 1)
+    peak = _peak_tflops(setup, hardware, [])[0] * 1e12
+    mfu = fpt * tps / (setup.num_gpus * peak) if peak else 0.0
+    notes.append(f"op-roofline: {step_s:.3f} s per optimizer step of {st.tokens_per_step:,} tokens "
+                 f"({setup.gradient_accumulation_steps} micro-batch(es) x {setup.per_device_train_batch_size} x "
+                 f"{setup.max_length} x {setup.num_gpus} GPU(s)); {fpt / 1e9:.1f} GFLOP per token as traced (incl. recompute), "
+                 f"{mfu:.0%} of the dense peak")
+    time_epoch, total_hours, gpu_hours, cost = _hours(tps, setup, dataset_tokens, price_per_gpu_hour, notes)
+    return ThroughputEstimate(
+        tokens_per_second=tps, flops_per_token=fpt, mfu=mfu, time_per_epoch_hours=time_epoch, total_hours=total_hours,
+        gpu_hours=gpu_hours, cost=cost, notes=notes, step_seconds=step_s, time_breakdown=breakdown,
+        time_model=OP_ROOFLINE, calibrated=calibrated,
+    )
+
+
+def flat_estimate_throughput(
+    model: ModelSpec,
+    setup: TrainingSetup,
+    hardware: HardwareSpec,
+    *,
+    dataset_tokens: int | None = None,
+    price_per_gpu_hour: float | None = None,
+    calibrate: bool = True,
+) -> ThroughputEstimate:
+    """The flat-factor model (the analytic fallback): FLOPs/token over a product of stated utilisation factors.
+
+    Training tokens/s across all GPUs, FLOPs/token, assumed utilisation, and (given dataset tokens and a price) hours and cost.
 
     Uses setup.num_gpus GPUs of hardware.gpu; time covers dataset_tokens x setup.num_train_epochs.
     With calibrate=True, measured trial runs for this GPU and method in $TUNEPILOT_HOME/calibration.jsonl
@@ -413,9 +511,11 @@ def estimate_throughput(
     u, _scale, factors = _utilisation(model, setup, hardware)
     notes.append(f"peak {peak:g} dense {dtype} TFLOPs per {hardware.gpu.name} ({hardware.gpu.source or 'catalog'})")
 
+    calibrated = False
     if calibrate:
-        cal = _calibration_ratio(hardware, setup.method)
+        cal = _calibration_ratio(hardware, setup.method, FLAT_FACTORS)
         if cal:
+            calibrated = True
             ratio, count, path = cal
             u *= ratio
             factors += f"; calibrated x{ratio:.2f} (median measured/predicted of {count} trial run(s) on this GPU with {setup.method}, {path})"
@@ -455,4 +555,7 @@ def estimate_throughput(
         gpu_hours=gpu_hours,
         cost=cost,
         notes=notes,
+        step_seconds=setup.gradient_accumulation_steps * setup.per_device_train_batch_size * setup.max_length * num_gpus / tps,
+        time_model=FLAT_FACTORS,
+        calibrated=calibrated,
     )

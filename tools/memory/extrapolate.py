@@ -96,6 +96,12 @@ def combine(runs: list[RunResult], depths: list[int], total: int) -> StepMemory:
     if len(runs) == 2:
         per_layer = round((sum(b.segments[best].values()) - sum(a.segments[best].values())) / (depths[1] - depths[0]))
     eval_peak = None if a.eval_peak_bytes is None else ext(a.eval_peak_bytes, b.eval_peak_bytes)
+    op_trace = None
+    if a.op_counts is not None and (len(runs) == 1 or b.op_counts is not None):
+        from tools.memory.timing import extrapolate as extend_trace, trace_to_list
+
+        counts = a.op_counts if len(runs) == 1 else extend_trace(a.op_counts, b.op_counts, depths[0], depths[1], total)
+        op_trace = trace_to_list(counts)
     return StepMemory(
         tier="simulated",
         num_parameters=ext(a.num_parameters, b.num_parameters),
@@ -107,5 +113,5 @@ def combine(runs: list[RunResult], depths: list[int], total: int) -> StepMemory:
         peak_bytes=sum(breakdown.values()), peak_breakdown=breakdown, peak_phase=PHASE_OF_SEGMENT[best],
         eval_peak_bytes=eval_peak,
         largest_layer_param_bytes=max(a.largest_layer_param_bytes, b.largest_layer_param_bytes),
-        per_layer_bytes=per_layer, layers_simulated=list(depths), notes=notes,
+        per_layer_bytes=per_layer, layers_simulated=list(depths), notes=notes, op_trace=op_trace,
     )

@@ -53,6 +53,7 @@ torch and transformers are imported inside the functions (no torch at import).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -77,6 +78,10 @@ _BNB_OPTIMS = {
 }
 
 
+# The op trace of step 2 (its time: tools.memory.timing); TUNEPILOT_SIM_TIMING=0 switches it off.
+_TRACE_OPS = os.environ.get("TUNEPILOT_SIM_TIMING", "1") != "0"
+
+
 @dataclass
 class RunResult:
     """What one dry run at one depth measured (combined over depths by tools.memory.extrapolate)."""
@@ -91,6 +96,7 @@ class RunResult:
     eval_peak_bytes: int | None
     largest_layer_param_bytes: int
     notes: list[str] = field(default_factory=list)
+    op_counts: dict | None = None  # tools.memory.timing cost record of each op of the traced step -> count
 
 
 @dataclass
@@ -138,6 +144,11 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
     compute = getattr(torch, TORCH_DTYPES[setup.compute_dtype])
     autocast = setup.bf16 or setup.fp16
     tracker = make_tracker()  # the FakeTensorMode, counting storages
+    trace = None
+    if _TRACE_OPS:
+        from tools.memory.timing import OpTrace
+
+        trace = tracker.op_observer = OpTrace()  # the cost of every op of step 2 (tools.memory.timing)
     # flash-attention runs packed rows as variable-length sequences (no mask); sdpa/eager get the block mask
     packed_mask = setup.padding_free and setup.attn_implementation != "flash_attention_2"
     with TrainingMaskPolicy(packed_mask), CudaLikeDropout(), tracker, warnings.catch_warnings():
@@ -146,14 +157,19 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
         optimizer = make_step_optimizer(prep, setup, tracker)
         amp = torch.autocast("cpu", dtype=compute) if autocast else nullcontext()
         state_step(prep, optimizer, setup, tracker)
+        if trace is not None:
+            trace.active = True
         # kept referenced until the run ends, as the single-function run kept them (fp16 only; see train_step)
         leftovers = train_step(prep, optimizer, setup, tracker, amp, forward=forward or forward_loss)  # noqa: F841
+        if trace is not None:
+            trace.active = False
         measured = measure(prep, optimizer, tracker)
         eval_peak = eval_step(prep, optimizer, setup, tracker, amp) if setup.eval_strategy != "no" else None
     prep.notes.extend(_kernel_notes(setup))
     return RunResult(
         **measured, num_parameters=prep.num_parameters, trainable_parameters=prep.trainable_parameters,
         eval_peak_bytes=eval_peak, largest_layer_param_bytes=prep.largest_layer_param_bytes, notes=prep.notes,
+        op_counts=None if trace is None else dict(trace.counts),
     )
 
 

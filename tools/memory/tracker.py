@@ -72,6 +72,9 @@ class TrackingMixin:
         self._stale: str | None = None
         self._phase = "setup"
         self.in_block = 0
+        # optional op observer, off by default: callable(func, args, kwargs, out, tag) called for every
+        # top-level op, also one answered from the op cache (tools.memory.timing.OpTrace records its cost)
+        self.op_observer = None
 
     @property
     def phase(self) -> str:
@@ -172,6 +175,8 @@ class MemoryTracker(TrackingMixin, FakeTensorMode):
                 if entry is not None:
                     out = _replay(self, entry, args)
                     self._track(out)
+                    if self.op_observer is not None:
+                        self.op_observer(func, args, kwargs, out, self.tag())
                     return out
         # an op not seen yet: when FakeTensorMode would cache it, run its kernel directly, without
         # building FakeTensorMode's cache key and entry (this cache replaces them)
@@ -201,6 +206,8 @@ class MemoryTracker(TrackingMixin, FakeTensorMode):
                     _OP_CACHE.clear()
                 _OP_CACHE[key] = entry
         self._track(out)
+        if self.op_observer is not None:
+            self.op_observer(func, args, kwargs, out, self.tag())
         return out
 
 class RealMemoryTracker(TrackingMixin, TorchDispatchMode):
@@ -212,6 +219,8 @@ class RealMemoryTracker(TrackingMixin, TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func is not _PRIM_DEVICE:
             self._track(out)
+            if self.op_observer is not None:
+                self.op_observer(func, args, kwargs, out, self.tag())
         return out
 
 

@@ -1,0 +1,275 @@
+"""The op-roofline time model (tools/memory/timing.py): FLOPs and bytes of the traced step, rates, step time."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import warnings
+
+import pytest
+
+from tests._simulator_helpers import setup, tiny_spec
+from tools.gpus import gpu_catalog, parse_hardware
+from tools.memory import timing
+from tools.schemas import HardwareSpec
+
+
+def _real_step_traced(spec, st):
+    """One real CPU training step of a tiny model, tracked by the simulator's storage counter with the
+    op observer on, inside torch's FlopCounterMode. Returns (trace, FlopCounterMode total)."""
+    import torch
+    import transformers
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tools.memory.step import make_optimizer
+    from tools.memory.tracker import make_tracker
+
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(spec.model_type, **{k: v for k, v in spec.config.items() if k != "model_type"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=st.attn_implementation)
+        if st.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(model, st, params)
+    ids = torch.randint(0, spec.vocab_size, (st.per_device_train_batch_size, st.max_length))
+    tracker = make_tracker(fake=False)
+    trace = timing.OpTrace()
+    tracker.op_observer = trace
+    trace.active = True
+    with FlopCounterMode(display=False) as fc, tracker:
+        tracker.phase = "forward"
+        loss = model(input_ids=ids, labels=ids).loss
+        tracker.phase = "backward"
+        loss.backward()
+        tracker.phase = "optimizer"
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+    return trace, fc.get_total_flops()
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_step_flops_equal_flop_counter_mode_on_a_real_cpu_step(ckpt):
+    """The traced FLOPs of a real step equal torch's FlopCounterMode, and the dry run of the same setup
+    (fake tensors, full depth) traces exactly those FLOPs too."""
+    from tools.memory import simulate
+
+    spec = tiny_spec()
+    st = setup(method="full", attn_implementation="eager", dtype="fp32", bf16=False, gradient_checkpointing=ckpt)
+    trace, counted = _real_step_traced(spec, st)
+    assert counted > 0
+    assert trace.total_flops() == counted
+    sim = simulate(spec, st, extrapolate=False)
+    assert sim.op_trace is not None
+    assert sum(r[3] * r[8] for r in sim.op_trace) == counted
+    if ckpt:  # the recomputed forward is traced as its own phase
+        assert any(r[0] == "recompute" and r[3] for r in sim.op_trace)
+
+
+def test_cpu_flash_attention_counted_like_the_gpu_kernels():
+    """The CPU flash-attention ops of the dry run get torch's SDPA formulas (FlopCounterMode has no
+    formula for them), causal masks halve the work in time, not in FLOPs."""
+    import torch
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    q = torch.randn(2, 4, 64, 16, requires_grad=True)
+    k = torch.randn(2, 4, 64, 16, requires_grad=True)
+    v = torch.randn(2, 4, 64, 16, requires_grad=True)
+    f = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    out, lse = f(q, k, v, 0.0, True)
+    (rec,) = timing.op_records(f, (q, k, v, 0.0, True), {}, (out, lse), "forward")
+    assert rec[1] == "attention_fwd" and rec[6] is True
+    assert rec[3] == sdpa_flop_count(q.shape, k.shape, v.shape)
+    b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    g = torch.ones_like(out)
+    grads = b(g, q, k, v, out, lse, 0.0, True)
+    (brec,) = timing.op_records(b, (g, q, k, v, out, lse, 0.0, True), {}, grads, "backward")
+    assert brec[1] == "attention_bwd" and brec[3] == sdpa_backward_flop_count(g.shape, q.shape, k.shape, v.shape)
+    rates = timing.gpu_rates(parse_hardware("A100 80GB").gpu)
+    big = rec[:3] + (10**12, 10**6) + rec[5:]  # the same kernel at a size where compute dominates
+    causal = timing.op_seconds(big, rates)
+    full = timing.op_seconds(big[:6] + (False,) + big[7:], rates)
+    assert causal == pytest.approx(full / 2)
+
+
+def test_elementwise_bytes_equal_their_tensors_sizes():
+    import torch
+
+    aten = torch.ops.aten
+    a = torch.randn(256, 512)
+    b = torch.randn(256, 512)
+    out = aten.add.Tensor(a, b)
+    (r,) = timing.op_records(aten.add.Tensor, (a, b), {}, out, "forward")
+    assert r[1] == "elementwise" and r[4] == a.nbytes + b.nbytes + out.nbytes
+    # in place: both inputs read, the result written into the first
+    c = a.clone()
+    res = aten.add_.Tensor(c, b)
+    (r,) = timing.op_records(aten.add_.Tensor, (c, b), {}, res, "forward")
+    assert r[4] == 3 * a.nbytes
+    # a broadcast operand is read once, not once per row
+    bias = torch.randn(512)
+    out = aten.mul.Tensor(a, bias)
+    (r,) = timing.op_records(aten.mul.Tensor, (a, bias), {}, out, "forward")
+    assert r[4] == a.nbytes + bias.nbytes + out.nbytes
+    # a cast reads one dtype and writes the other
+    h = torch.randn(256, 512, dtype=torch.bfloat16)
+    f32 = aten._to_copy.default(h, dtype=torch.float32)
+    (r,) = timing.op_records(aten._to_copy.default, (h,), {"dtype": torch.float32}, f32, "forward")
+    assert r[4] == h.numel() * (2 + 4) and r[2] == "fp32"
+    # views and allocations move nothing
+    assert timing.op_records(aten.t.default, (a,), {}, a.t(), "forward") == ()
+    assert timing.op_records(aten.view.default, (a, [512, 256]), {}, a.view(512, 256), "forward") == ()
+    # an embedding lookup reads the rows it gathers, not the table
+    table = torch.randn(1000, 64)
+    idx = torch.randint(0, 1000, (4, 8))
+    emb = aten.embedding.default(table, idx)
+    (r,) = timing.op_records(aten.embedding.default, (table, idx), {}, emb, "forward")
+    assert r[4] == 2 * emb.nbytes + idx.nbytes
+    # a foreach update reads and writes every tensor of the list it updates
+    ps, gs = [torch.randn(100), torch.randn(300)], [torch.randn(100), torch.randn(300)]
+    aten._foreach_add_.List(ps, gs)
+    (r,) = timing.op_records(aten._foreach_add_.List, (ps, gs), {}, None, "optimizer")
+    assert r[1] == "optimizer" and r[4] == 3 * 400 * 4
+
+
+def test_memory_bound_op_time_is_its_bytes_over_bandwidth():
+    hw = parse_hardware("H100 SXM")
+    rates = timing.gpu_rates(hw.gpu)
+    rec = ("forward", "elementwise", "bf16", 0, 10**9, 1.0, False, "add")
+    assert timing.op_seconds(rec, rates) == pytest.approx(1e9 / (hw.gpu.memory_bandwidth_gbs * 1e9 * timing.MEMORY_EFF))
+    tiny = ("forward", "elementwise", "bf16", 0, 16, 1.0, False, "add")
+    assert timing.op_seconds(tiny, rates) == timing.LAUNCH_FLOOR_S
+
+
+def _dominates(a, b) -> bool:
+    """a is at least as fast as b in every rate the time model uses, and faster in one."""
+    def rates(g):
+        return (g.bf16_tflops if g.bf16 and g.bf16_tflops else 0.0, g.fp16_tflops, g.fp32_tflops or 0.0,
+                g.memory_bandwidth_gbs, g.nvlink_gbs or 0.0, (g.pcie_gbs or 32.0) * (1.0 if g.pcie_p2p else 0.5))
+    ra, rb = rates(a), rates(b)
+    return all(x >= y for x, y in zip(ra, rb)) and ra != rb
+
+
+def test_a_faster_gpu_in_the_catalog_is_never_slower():
+    """For every pair of catalog GPUs where one is at least as fast in every rate, the same traced
+    step (single GPU, DDP, FSDP) is never slower on it."""
+    from tools.memory import simulate
+
+    spec = tiny_spec(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4)
+    setups = [setup(method="lora", max_length=256), setup(method="full", max_length=256),
+              setup(method="full", max_length=256, num_gpus=2), setup(method="lora", max_length=256, num_gpus=2, fsdp="full_shard")]
+    steps = [(st, simulate(spec, st.model_copy(update={"num_gpus": 1, "fsdp": "none"}))) for st in setups]
+    gpus = [g for g in gpu_catalog() if g.bf16]
+    pairs = [(a, b) for a, b in itertools.permutations(gpus, 2) if _dominates(a, b)]
+    assert len(pairs) > 50
+    for st, step in steps:
+        for a, b in pairs:
+            ta = timing.time_from_step(step, st, HardwareSpec(gpu=a, num_gpus=st.num_gpus)).step_seconds
+            tb = timing.time_from_step(step, st, HardwareSpec(gpu=b, num_gpus=st.num_gpus)).step_seconds
+            assert ta <= tb * (1 + 1e-9), f"{a.name} slower than {b.name} for {st.short()}"
+
+
+def test_trace_extrapolates_linearly_in_depth():
+    """The trace of k and k+1 blocks extended to k+2 equals the trace simulated at k+2 (time and FLOPs),
+    including the optimizer's foreach ops whose size grows with depth."""
+    from tools.memory.step import run
+
+    spec = tiny_spec(num_hidden_layers=4)
+    st = setup(method="full", gradient_checkpointing=True)
+    t1, t2, t3 = (run(spec, st, d).op_counts for d in (1, 2, 3))
+    ext = timing.extrapolate(t1, t2, 1, 2, 3)
+    hw = parse_hardware("A100 80GB")
+    kw = dict(param_bytes=1e6, grad_bytes=1e6, trainable_params=1e5, num_params=1e5)
+    got = timing.step_time(ext, st, hw, **kw)
+    want = timing.step_time(t3, st, hw, **kw)
+    assert got.flops_per_step == pytest.approx(want.flops_per_step, rel=1e-9)
+    assert got.step_seconds == pytest.approx(want.step_seconds, rel=1e-6)
+    for p in ("forward", "recompute", "backward", "optimizer"):
+        assert got.by_phase[p] == pytest.approx(want.by_phase[p], rel=1e-6)
+
+
+def test_interconnect_from_the_catalog():
+    four090 = parse_hardware("2x RTX 4090")
+    h100 = parse_hardware("8x H100 SXM")
+    assert four090.gpu.nvlink_gbs is None and four090.gpu.pcie_p2p is False
+    assert h100.gpu.nvlink_gbs and h100.gpu.nvlink_gbs >= 450
+    assert all(g.pcie_gbs for g in gpu_catalog()) and all(g.interconnect_source for g in gpu_catalog())
+    st2 = setup(method="full", num_gpus=2)
+    bw_4090, how = timing.link_bandwidth(four090, st2)
+    bw_h100, _ = timing.link_bandwidth(h100, st2)
+    assert "no peer-to-peer" in how and bw_h100 > 10 * bw_4090
+
+
+def test_communication_and_offload_cost_time():
+    """DDP gradients over PCIe without peer-to-peer cost more than over NVLink; FSDP's collectives and a
+    CPU optimizer step show up in the breakdown."""
+    counts = {("forward", "matmul", "bf16", 10**12, 10**8, 1.0, False, "mm"): 10.0,
+              ("backward", "matmul", "bf16", 2 * 10**12, 2 * 10**8, 1.0, False, "mm"): 10.0,
+              ("optimizer", "optimizer", "fp32", 0, 10**9, 1.0, False, "_fused_adamw_"): 1.0}
+    kw = dict(param_bytes=14e9, grad_bytes=14e9, trainable_params=7e9, num_params=7e9)
+    ddp = setup(method="full", num_gpus=2)
+    pcie = timing.step_time(counts, ddp, parse_hardware("2x RTX 4090"), **kw)
+    nvl = timing.step_time(counts, ddp, parse_hardware("2x A100 SXM 80GB"), **kw)
+    single = timing.step_time(counts, setup(method="full"), parse_hardware("A100 SXM 80GB"), **kw)
+    assert pcie.by_phase["communication"] > nvl.by_phase["communication"] > 0
+    assert single.by_phase["communication"] == 0
+    fsdp = timing.step_time(counts, setup(method="full", num_gpus=2, fsdp="full_shard"), parse_hardware("2x A100 SXM 80GB"), **kw)
+    assert fsdp.by_op_class["communication"] > 0
+    assert fsdp.by_phase["optimizer"] == pytest.approx(single.by_phase["optimizer"] / 2)
+    off = timing.step_time(counts, setup(method="full", num_gpus=2, zero_stage=2, offload="optimizer"),
+                           parse_hardware("2x A100 SXM 80GB"), **kw)
+    assert off.by_phase["optimizer"] > single.by_phase["optimizer"]
+    for t in (pcie, nvl, fsdp, off):
+        assert t.step_seconds == pytest.approx(sum(t.by_phase.values()), rel=1e-9)
+        assert t.step_seconds == pytest.approx(sum(t.by_op_class.values()), rel=1e-9)
+
+
+def test_estimate_json_has_step_time(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    monkeypatch.setenv("TUNEPILOT_HOME", str(tmp_path))
+    cfg = tmp_path / "config.json"
+    spec = tiny_spec()
+    cfg.write_text(json.dumps({**spec.config, "architectures": ["LlamaForCausalLM"]}))
+    res = CliRunner().invoke(app, ["estimate", str(cfg), "--gpu", "A100 80GB", "--seq-len", "128", "--batch-size", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["time_model"] == "op-roofline" and d["time_calibrated"] is False
+    assert d["step_seconds"] > 0 and d["tokens_per_second"] > 0
+    assert d["tokens_per_second"] * d["step_seconds"] == pytest.approx(2 * 128, rel=1e-3)
+    br = d["time_breakdown"]
+    assert set(br) == {"by_phase", "by_op_class"}
+    assert sum(br["by_phase"].values()) == pytest.approx(d["step_seconds"], rel=1e-3)
+    assert br["by_op_class"]["matmul"] > 0
+
+
+def test_trial_calibration_scales_later_estimates(tmp_path, monkeypatch):
+    """A trial run's measured tokens/s, predicted by the same time model, scales later estimates for the
+    same GPU and method, and the estimate says so; records of the flat model are not mixed in."""
+    from tools.memory import simulate
+    from tools.throughput import OP_ROOFLINE, estimate_throughput
+
+    monkeypatch.setenv("TUNEPILOT_HOME", str(tmp_path))
+    spec = tiny_spec()
+    st = setup(method="lora")
+    hw = parse_hardware("RTX 4090")
+    step = simulate(spec, st)
+    raw = estimate_throughput(spec, st, hw, step=step)
+    assert not raw.calibrated
+    rows = [
+        {"gpu": "NVIDIA GeForce RTX 4090", "method": "lora", "ok": True, "tokens_per_second": 3 * raw.tokens_per_second,
+         "predicted_tokens_per_second": raw.tokens_per_second},  # no predictor: the flat model's record
+        {"gpu": "NVIDIA GeForce RTX 4090", "method": "lora", "ok": True, "tokens_per_second": 2 * raw.tokens_per_second,
+         "predicted_tokens_per_second": raw.tokens_per_second, "predictor": OP_ROOFLINE},
+    ]
+    (tmp_path / "calibration.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cal = estimate_throughput(spec, st, hw, step=step)
+    assert cal.calibrated and cal.tokens_per_second == pytest.approx(2 * raw.tokens_per_second)
+    assert cal.step_seconds == pytest.approx(raw.step_seconds / 2)
+    assert any("calibrated x2.00" in n for n in cal.notes)
+    other = estimate_throughput(spec, st.model_copy(update={"method": "full"}), hw, step=simulate(spec, setup(method="full")))
+    assert not other.calibrated

@@ -1,0 +1,741 @@
+"""Step time from the dry run's op trace: a per-op roofline over FLOPs and bytes moved.
+
+The memory tracker (`MemoryTracker`) sees every top-level aten op of the simulated training
+step with its real shapes and dtypes. With its op observer switched on (`OpTrace`), each op is
+turned into one GPU-independent cost record:
+
+    (phase, op class, dtype, FLOPs, bytes moved, tile efficiency, causal)
+
+and identical records are counted, so a trace is a few hundred entries however deep the model.
+FLOPs come from `torch.utils.flop_counter`'s formula registry (the same numbers
+`FlopCounterMode` reports: mm/addmm/bmm/baddbmm, SDPA flash/efficient forward and backward),
+plus the CPU flash-attention ops the dry run dispatches (counted with the same SDPA formulas).
+Bytes moved are the bytes of every tensor an op reads and every tensor it writes (broadcast
+dimensions counted once, in-place arguments read and written); gathers (embedding,
+index_select, nll_loss) read only the rows they gather. Views and allocations cost nothing.
+
+Time per op on a given GPU (`op_seconds`):
+
+    max(FLOPs / (peak(dtype) x eff(op class, GPU) x tile),  bytes / (bandwidth x MEMORY_EFF),  LAUNCH_FLOOR_S)
+
+summed over forward, recompute (gradient checkpointing), backward and the optimizer step, then
+extrapolated over the blocks like memory (k and k+1 blocks -> linear in depth). Communication
+(DDP all-reduce, ZeRO/FSDP all-gather and reduce-scatter) runs over NVLink or PCIe as the GPU
+catalog says, with the overlap the engines achieve; offloaded parameters and optimizer steps
+cross PCIe. Every factor is stated below with its source; none is fitted to the benchmark
+(bench/bench_throughput.py reports the error honestly, with a held-out split).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+# --------------------------------------------------------------------------------------
+# Efficiency factors (stated, with sources). Fractions of the catalog's dense peak / bandwidth.
+# --------------------------------------------------------------------------------------
+
+# Tensor-core GEMMs: the Maximum Achievable Matmul FLOPS (MAMF) of large BF16 matmuls, measured
+# per accelerator (Stas Bekman, "Machine Learning Engineering", compute/accelerator, MAMF
+# comparison table: mean of 100 iterations at the best shape found by mamf-finder.py).
+MAMF_BY_GPU: dict[str, float] = {
+    "NVIDIA A100 SXM 80GB": 271.2 / 312,   # 86.9%
+    "NVIDIA A100 SXM 40GB": 271.2 / 312,
+    "NVIDIA A100 PCIe 80GB": 252.9 / 312,  # 81.1%
+    "NVIDIA A100 PCIe 40GB": 252.9 / 312,
+    "NVIDIA H100 SXM 80GB": 794.5 / 989,   # 80.3%
+    "NVIDIA H200 SXM 141GB": 794.5 / 989,  # "H200 is the same"
+    "NVIDIA GH200 96GB": 828.6 / 989,      # 83.8%
+    "NVIDIA B200": 1745.0 / 2250,          # 77.6%
+    "AMD Instinct MI300X": 668.4 / 1300,   # 51.4% (PyTorch TunableOp on)
+}
+MAMF_SOURCE = ("MAMF table (Stas Bekman, ml-engineering, compute/accelerator/README.md): BF16 matmul A100 SXM 271.2/312, "
+               "A100 PCIe 252.9/312, H100 SXM 794.5/989 (H200 the same), GH200 828.6/989, B200 1745/2250, MI300X 668.4/1300")
+# GPUs the MAMF table has no row for: the class default (assumed, stated): power-limited boards
+# (PCIe Hopper, workstation/consumer Ampere and Ada) at the A100 PCIe's 81% rounded down; 70-75 W
+# cards (T4, L4) throttle their clocks under sustained tensor load; MI300X as measured.
+MATMUL_EFF_BY_CLASS: dict[str, float] = {
+    "blackwell": 1745.0 / 2250, "hopper": 0.75, "ampere_dc": 252.9 / 312, "ampere": 0.80, "ada": 0.80,
+    "blackwell_consumer": 0.80, "volta": 0.80, "turing": 0.75, "low_power": 0.55, "pascal": 0.60,
+    "cdna3": 668.4 / 1300, "generic": 0.70,
+}
+# Non-tensor-core FP32 (fp32 training without TF32, which PyTorch leaves off for matmuls): SGEMM
+# reaches most of the FP32 rate on datacenter parts; GA10x/AD10x/GB20x count a second FP32 datapath
+# that GEMMs rarely fill (half of it shared with INT32), taken as 60%.
+FP32_MATMUL_EFF: dict[str, float] = {"ampere": 0.60, "ada": 0.60, "blackwell_consumer": 0.60}
+FP32_MATMUL_EFF_DEFAULT = 0.85
+
+# Flash attention (PyTorch SDPA's flash kernels = FlashAttention-2; transformers' flash_attention_2):
+# FlashAttention-2 paper (Dao 2023): forward 50-73% of the A100's peak, backward lower (up to 63%)
+# -> 0.60 / 0.50 on Ampere/Ada; FlashAttention-3 paper (Shah et al. 2024): "FlashAttention-2
+# achieving only 35% utilization on the H100" -> 0.35 / 0.30 on Hopper/Blackwell (FA2 kernels).
+# Pre-Ampere GPUs have no FA2: SDPA runs the memory-efficient kernel, assumed 0.35 / 0.25.
+ATTENTION_EFF_BY_CLASS: dict[str, tuple[float, float]] = {
+    "ampere_dc": (0.60, 0.50), "ampere": (0.60, 0.50), "ada": (0.60, 0.50), "blackwell_consumer": (0.60, 0.50),
+    "hopper": (0.35, 0.30), "blackwell": (0.35, 0.30), "cdna3": (0.35, 0.25),
+    "volta": (0.35, 0.25), "turing": (0.35, 0.25), "low_power": (0.35, 0.25), "pascal": (0.20, 0.15),
+    "generic": (0.40, 0.30),
+}
+# Memory-bound kernels (elementwise, norms, softmax, reductions, casts, optimizer updates, 4-bit
+# dequantisation): a well-written streaming kernel reaches ~80% of the spec bandwidth (assumed;
+# copy kernels in published STREAM-style GPU benchmarks land at 80-90%).
+MEMORY_EFF = 0.80
+# The shortest a kernel takes on the GPU (launch latency and ramp-up), assumed 3 us.
+LAUNCH_FLOOR_S = 3e-6
+# Host time to dispatch one op in eager PyTorch: the GPU waits when the host cannot feed it.
+# Measured in this repo (bench/bench_throughput.py --host-overhead: a tiny Llama on this CPU) at
+# ~20 us per forward op (Python modules + autograd recording) and ~12 us per backward op (the C++
+# autograd engine); taken as 15 / 8 us for the faster host CPUs of GPU servers. A phase takes the
+# longer of its GPU time and its host time (the host runs ahead of the GPU while it can).
+HOST_OVERHEAD_S: dict[str, float] = {"forward": 15e-6, "recompute": 15e-6, "backward": 8e-6, "optimizer": 8e-6}
+# GEMM tiles: cuBLAS computes in output tiles of up to 128x128, narrower (down to 16) for thin
+# dimensions; a partial tile at the edge does a full tile's work.
+TILE = 128
+MIN_TILE = 16
+
+# Communication: achievable NCCL bus bandwidth as a fraction of the link's per-direction rate
+# (nccl-tests all_reduce on NVLink A100/H100 nodes reach ~75-80% of it; PCIe peer copies ~70%).
+NVLINK_EFF = 0.80
+PCIE_EFF = 0.70
+# GeForce cards have no PCIe peer-to-peer: NCCL stages through host memory (two PCIe hops).
+NO_P2P_FACTOR = 0.5
+# Between nodes: one 200 Gb/s InfiniBand HDR NIC per GPU (25 GB/s), when nothing else is known.
+INTERNODE_GBS = 25.0
+# How much of a collective the engines hide under compute: DDP overlaps bucketed all-reduce with
+# the backward (Li et al., VLDB 2020); FSDP/ZeRO-3 prefetch the next block's all-gather during the
+# current block's compute. Taken as 80% hidden at most, and only under compute of that phase.
+COMM_OVERLAP = 0.80
+# Offload: DeepSpeed prefetches offloaded parameters; half of the shorter of transfer and compute hidden.
+OFFLOAD_OVERLAP = 0.50
+# DeepSpeed CPU Adam (ZeRO-Offload paper, Ren et al. 2021): the host optimizer step streams
+# ~16 bytes of fp32 master/moments/gradient per parameter; at an assumed 40 GB/s of host memory
+# bandwidth available to it.
+HOST_OPTIMIZER_BYTES_PER_PARAM = 16.0
+HOST_MEMORY_GBS = 40.0
+
+PHASES = ("forward", "recompute", "backward", "optimizer")
+OP_CLASSES = ("matmul", "attention", "elementwise", "norm_softmax", "optimizer", "dequant")
+_TAG_PHASE = {"forward": "forward", "forward-head": "forward", "backward-loss": "backward", "backward": "backward",
+              "backward-tail": "backward", "recompute": "recompute", "optimizer": "optimizer"}
+
+
+# --------------------------------------------------------------------------------------
+# GPU classes and rates
+# --------------------------------------------------------------------------------------
+
+
+def gpu_class(gpu) -> str:
+    """Architecture class of a GPUSpec (picks the efficiency factors)."""
+    if (gpu.vendor or "").upper() == "AMD":
+        return "cdna3"
+    try:
+        cc = float(gpu.compute_capability) if gpu.compute_capability else None
+    except ValueError:
+        cc = None
+    if gpu.tdp_w is not None and gpu.tdp_w < 100 and (cc is None or cc >= 7.5):
+        return "low_power"
+    if cc is None:
+        return "generic"
+    if cc >= 12.0:
+        return "blackwell_consumer"
+    if cc >= 10.0:
+        return "blackwell"
+    if cc >= 9.0:
+        return "hopper"
+    if cc >= 8.9:
+        return "ada"
+    if cc >= 8.6:
+        return "ampere"
+    if cc >= 8.0:
+        return "ampere_dc"
+    if cc >= 7.5:
+        return "turing"
+    if cc >= 7.0:
+        return "volta"
+    return "pascal"
+
+
+@dataclass(frozen=True)
+class GpuRates:
+    """What one GPU achieves per op class (FLOP/s and byte/s), derived from the catalog and the factors above."""
+
+    name: str
+    cls: str
+    peak: dict  # dtype -> dense FLOP/s
+    matmul_eff: float
+    fp32_matmul_eff: float
+    attn_fwd_eff: float
+    attn_bwd_eff: float
+    bandwidth: float  # achievable bytes/s
+    floor: float
+    source: str
+
+    def describe(self) -> str:
+        pk = ", ".join(f"{k} {v / 1e12:g}" for k, v in self.peak.items())
+        return (f"{self.name} ({self.cls}): peak TFLOPs {pk}; matmul {self.matmul_eff:.0%} of peak ({self.source}); "
+                f"flash attention fwd {self.attn_fwd_eff:.0%} / bwd {self.attn_bwd_eff:.0%}; memory-bound ops at "
+                f"{self.bandwidth / 1e9:,.0f} GB/s ({MEMORY_EFF:.0%} of spec); {self.floor * 1e6:g} us floor per op")
+
+
+def gpu_rates(gpu) -> GpuRates:
+    cls = gpu_class(gpu)
+    fp16 = float(gpu.fp16_tflops) * 1e12
+    bf16 = float(gpu.bf16_tflops) * 1e12 if (gpu.bf16 and gpu.bf16_tflops) else fp16  # no bf16: the fp16 path
+    fp32 = float(gpu.fp32_tflops or gpu.fp16_tflops / 8) * 1e12
+    if cls == "pascal":  # no tensor cores: fp16 at the vector rate
+        bf16 = fp16
+    if gpu.name in MAMF_BY_GPU:
+        eff, src = MAMF_BY_GPU[gpu.name], "measured MAMF"
+    else:
+        eff, src = MATMUL_EFF_BY_CLASS.get(cls, MATMUL_EFF_BY_CLASS["generic"]), f"class {cls} default"
+    fwd, bwd = ATTENTION_EFF_BY_CLASS.get(cls, ATTENTION_EFF_BY_CLASS["generic"])
+    return GpuRates(
+        name=gpu.name, cls=cls, peak={"bf16": bf16, "fp16": fp16, "fp32": fp32, "int8": 2 * fp16},
+        matmul_eff=eff, fp32_matmul_eff=FP32_MATMUL_EFF.get(cls, FP32_MATMUL_EFF_DEFAULT),
+        attn_fwd_eff=fwd, attn_bwd_eff=bwd, bandwidth=float(gpu.memory_bandwidth_gbs) * 1e9 * MEMORY_EFF,
+        floor=LAUNCH_FLOOR_S, source=src,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# One op's cost
+# --------------------------------------------------------------------------------------
+
+# A cost record: GPU-independent, hashable; a trace maps records to how often they occur.
+# (phase, op class, dtype, flops, bytes, tile efficiency, causal, op name)
+Record = tuple
+RECORD_FIELDS = ("phase", "kind", "dtype", "flops", "bytes", "tile", "causal", "op")
+
+
+def op_seconds(rec: Record, rates: GpuRates) -> float:
+    """Roofline time of one op on a GPU: the larger of its compute time and its memory time, at least the floor."""
+    _phase, kind, dtype, flops, nbytes, tile, causal = rec[:7]
+    mem = nbytes / rates.bandwidth
+    compute = 0.0
+    if flops:
+        peak = rates.peak.get(dtype, rates.peak["fp32"])
+        if kind == "matmul":
+            eff = rates.fp32_matmul_eff if dtype == "fp32" else rates.matmul_eff
+            compute = flops / (peak * eff * max(tile, 1e-3))
+        elif kind == "attention_fwd" or kind == "attention_bwd":
+            eff = rates.attn_fwd_eff if kind == "attention_fwd" else rates.attn_bwd_eff
+            if dtype == "fp32":
+                eff = rates.fp32_matmul_eff * 0.5  # no fp32 flash kernel: SDPA's math/efficient path
+            # causal masks: flash kernels skip the fully masked tiles, half of the score matrix
+            compute = flops * (0.5 if causal else 1.0) / (peak * eff)
+    return max(compute, mem, rates.floor)
+
+
+def op_class(kind: str) -> str:
+    return "attention" if kind.startswith("attention") else kind
+
+
+# --------------------------------------------------------------------------------------
+# The observer: the tracker calls it for every top-level op
+# --------------------------------------------------------------------------------------
+
+_DTYPE_KEYS: dict = {}
+_FUNC_INFO: dict = {}
+
+
+def _dtype_key(dt) -> str:
+    k = _DTYPE_KEYS.get(dt)
+    if k is None:
+        import torch
+
+        k = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp32",
+             torch.int8: "int8"}.get(dt, "other")
+        _DTYPE_KEYS[dt] = k
+    return k
+
+
+def _tensors(x, out: list) -> list:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        out.append(x)
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            _tensors(y, out)
+    elif isinstance(x, dict):
+        for y in x.values():
+            _tensors(y, out)
+    return out
+
+
+def tensor_bytes(t) -> int:
+    """Bytes a kernel touches to read or write all of `t`: its elements, broadcast (stride-0) dimensions once."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= int(size)
+    return n * t.element_size()
+
+
+_GATHER = {"embedding", "index_select", "gather", "index", "take", "embedding_bag", "_embedding_bag"}
+_NLL = {"nll_loss_forward", "nll_loss2d_forward", "nll_loss_nd"}
+_NLL_BWD = {"nll_loss_backward", "nll_loss2d_backward"}
+_FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense", "lift_fresh",
+         "_unsafe_view", "view", "_reshape_alias", "alias", "as_strided", "detach", "t", "transpose", "permute",
+         "expand", "unsqueeze", "squeeze", "slice", "select", "split", "split_with_sizes", "unbind", "chunk",
+         "set_", "resize_", "_has_compatible_shallow_copy_type", "is_same_size", "sym_size", "sym_stride", "sym_numel",
+         "sym_storage_offset", "_to_copy_meta", "record_stream", "_version", "is_nonzero", "equal"}
+_NORM_WORDS = ("norm", "softmax", "nll_loss", "cross_entropy", "rsqrt", "var_mean", "logsumexp")
+_MATMUL = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_int_mm", "addbmm", "mv", "dot", "addmv", "_addmm_activation"}
+_ATTN_FWD = {"_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_flash_attention_forward", "_efficient_attention_forward"}
+_ATTN_BWD = {n + "_backward" for n in _ATTN_FWD} | {"_flash_attention_backward", "_efficient_attention_backward"}
+
+
+def _func_info(func) -> tuple:
+    """(name, kind or None for free ops, indices of written arguments, is a view op) per OpOverload, cached."""
+    info = _FUNC_INFO.get(func)
+    if info is not None:
+        return info
+    name = getattr(getattr(func, "_overloadpacket", None), "__name__", None) or str(func)
+    ns = getattr(func, "namespace", "aten")
+    schema = getattr(func, "_schema", None)
+    writes: list[int] = []
+    view = False
+    if schema is not None:
+        for i, a in enumerate(schema.arguments):
+            ai = a.alias_info
+            if ai is not None and ai.is_write and not a.kwarg_only:
+                writes.append(i)
+        for r in schema.returns:
+            ai = r.alias_info
+            if ai is not None and not ai.is_write:
+                view = True
+    if ns == "bitsandbytes":
+        kind = "dequant"
+    elif name in _MATMUL:
+        kind = "matmul"
+    elif name in _ATTN_FWD:
+        kind = "attention_fwd"
+    elif name in _ATTN_BWD:
+        kind = "attention_bwd"
+    elif name in _FREE or name.startswith("sym_"):
+        kind = None
+    elif any(w in name for w in _NORM_WORDS):
+        kind = "norm_softmax"
+    else:
+        kind = "elementwise"
+    if view and not writes:
+        kind = None
+    info = (name, kind, tuple(writes), view)
+    _FUNC_INFO[func] = info
+    return info
+
+
+def _flops(func, name: str, args, kwargs, out) -> int:
+    from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+    packet = func._overloadpacket
+    f = flop_registry.get(packet)
+    if f is not None and not getattr(f, "_get_raw", False):
+        try:
+            return int(f(*args, **(kwargs or {}), out_val=out))
+        except Exception:  # noqa: BLE001 - a formula that does not take these arguments: count by shapes below
+            pass
+    if name == "_scaled_dot_product_flash_attention_for_cpu":
+        q, k, v = args[0], args[1], args[2]
+        return int(sdpa_flop_count(q.shape, k.shape, v.shape))
+    if name == "_scaled_dot_product_flash_attention_for_cpu_backward":
+        g, q, k, v = args[0], args[1], args[2], args[3]
+        return int(sdpa_backward_flop_count(g.shape, q.shape, k.shape, v.shape))
+    if f is not None:
+        try:
+            return int(f(*args, **(kwargs or {}), out_val=out))
+        except Exception:  # noqa: BLE001
+            return 0
+    return 0
+
+
+def _causal(name: str, args, kwargs) -> bool:
+    if kwargs and kwargs.get("is_causal") is not None:
+        return bool(kwargs["is_causal"])
+    idx = {"_scaled_dot_product_flash_attention_for_cpu": 4, "_scaled_dot_product_flash_attention": 4,
+           "_scaled_dot_product_efficient_attention": 6, "_scaled_dot_product_flash_attention_for_cpu_backward": 7,
+           "_scaled_dot_product_flash_attention_backward": 9}.get(name)
+    if idx is not None and len(args) > idx and isinstance(args[idx], bool):
+        return args[idx]
+    return False
+
+
+def tile_efficiency(m: int, n: int) -> float:
+    """Fraction of useful work in the output tiles of an [M, N] matmul result (tile per dimension:
+    128, or the next power of two >= the dimension, at least 16, when the dimension is thinner)."""
+    eff = 1.0
+    for d in (m, n):
+        if d <= 0:
+            return 1.0
+        t = TILE if d >= TILE else max(MIN_TILE, 1 << (int(d) - 1).bit_length())
+        eff *= d / (math.ceil(d / t) * t)
+    return round(eff, 4)
+
+
+def _tile(args, out) -> float:
+    import torch
+
+    o = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(o, torch.Tensor) or o.dim() < 1:
+        return 1.0
+    n = int(o.shape[-1])
+    m = int(o.shape[-2]) if o.dim() >= 2 else 1
+    return tile_efficiency(m, n)
+
+
+def _gemm_4bit(name: str, args, kwargs, out, phase: str) -> tuple:
+    """bitsandbytes' gemm_4bit: on CUDA for training-sized inputs (M above ~1.5k rows) the weight is
+    dequantised to the input dtype and multiplied by cuBLAS (bitsandbytes backends/cuda/ops.py
+    _gemm_4bit_use_custom_cuda); below that a fused kernel streams the packed weight. The CPU dry run
+    dispatches the op itself: split it into the GPU's dequantisation and matmul."""
+    a, b = args[0], args[1]
+    n, k = int(args[2][0]), int(args[2][1])
+    es = a.element_size()
+    m = a.numel() // max(k, 1)
+    packed = tensor_bytes(b) + sum(tensor_bytes(t) for t in _tensors(list(args[3:]) + list((kwargs or {}).values()), []))
+    dt = _dtype_key(a.dtype)
+    o = tensor_bytes(out)
+    flops = 2 * m * k * n
+    if m <= 1536:  # the fused kernel: one pass over the packed weight
+        return ((phase, "matmul", dt, flops, packed + tensor_bytes(a) + o, tile_efficiency(m, n), False, name),)
+    return ((phase, "dequant", dt, 0, packed + n * k * es, 1.0, False, "dequantize_4bit"),
+            (phase, "matmul", dt, flops, tensor_bytes(a) + n * k * es + o, tile_efficiency(m, n), False, "mm"))
+
+
+def op_record(func, args, kwargs, out, phase: str) -> Record | None:
+    """The cost record of one op (None for views, allocations and metadata queries)."""
+    recs = op_records(func, args, kwargs, out, phase)
+    return recs[0] if recs else None
+
+
+def op_records(func, args, kwargs, out, phase: str) -> tuple:
+    """The cost records of one op (empty for views, allocations and metadata queries)."""
+    name, kind, writes, _view = _func_info(func)
+    if kind is None:
+        return ()
+    if name == "gemm_4bit":
+        return _gemm_4bit(name, args, kwargs, out, phase)
+    ins = _tensors(args, [])
+    if kwargs:
+        _tensors(kwargs, ins)
+    outs = _tensors(out, []) if out is not None else []
+    in_ids = {id(t) for t in ins}
+    if name in _GATHER:
+        # reads the gathered rows (as many as it writes) and the indices, not the whole table
+        nbytes = 2 * sum(tensor_bytes(t) for t in outs) + sum(tensor_bytes(t) for t in ins if not t.is_floating_point())
+    elif name in _NLL:
+        nbytes = sum(tensor_bytes(t) for t in outs) + sum(tensor_bytes(t) for t in ins if not t.is_floating_point()) * 3
+    elif name in _NLL_BWD:
+        nbytes = sum(tensor_bytes(t) for t in outs) + sum(tensor_bytes(t) for t in ins if not t.is_floating_point())
+    else:
+        nbytes = sum(tensor_bytes(t) for t in ins)
+        # results that are not the (already counted) in-place arguments are written once
+        nbytes += sum(tensor_bytes(t) for t in outs if id(t) not in in_ids)
+        # in-place / out= arguments are written as well as read
+        for i in writes:
+            if i < len(args):
+                nbytes += sum(tensor_bytes(t) for t in _tensors(args[i], []))
+    dts = [t.dtype for t in (outs or ins) if t.is_floating_point()]
+    dtype = _dtype_key(dts[0]) if dts else "other"
+    flops = 0
+    tile = 1.0
+    causal = False
+    if kind == "matmul":
+        flops = _flops(func, name, args, kwargs, out)
+        tile = _tile(args, out)
+    elif kind in ("attention_fwd", "attention_bwd"):
+        flops = _flops(func, name, args, kwargs, out)
+        causal = _causal(name, args, kwargs)
+        q = args[0] if kind == "attention_fwd" else args[1]
+        dtype = _dtype_key(q.dtype)
+    if phase == "optimizer" and kind != "matmul":
+        kind = "optimizer"
+    return ((phase, kind, dtype, int(flops), int(nbytes), tile, causal, name),)
+
+
+class OpTrace:
+    """The tracker's op observer: counts the cost record of every op of the traced step.
+
+    Call it as observer(func, args, kwargs, out, tag) where tag is the tracker's tag of the moment
+    (forward, forward-head, backward-loss, backward, backward-tail, recompute, optimizer); other
+    tags (setup, eval) are not part of the training step and are ignored. `active` switches
+    recording on and off (the first, state-creating optimizer step is not traced).
+    """
+
+    __slots__ = ("counts", "active", "ops", "errors")
+
+    def __init__(self):
+        self.counts: dict[Record, int] = {}
+        self.active = False
+        self.ops = 0
+        self.errors = 0
+
+    def __call__(self, func, args, kwargs, out, tag: str) -> None:
+        if not self.active:
+            return
+        phase = _TAG_PHASE.get(tag)
+        if phase is None:
+            return
+        try:
+            recs = op_records(func, args, kwargs, out, phase)
+        except Exception:  # noqa: BLE001 - a cost model must never break the memory simulation
+            self.errors += 1
+            return
+        counts = self.counts
+        for rec in recs:
+            self.ops += 1
+            counts[rec] = counts.get(rec, 0) + 1
+
+    def total_flops(self, phases: Iterable[str] = PHASES) -> int:
+        ph = set(phases)
+        return sum(r[3] * c for r, c in self.counts.items() if r[0] in ph)
+
+
+# --------------------------------------------------------------------------------------
+# Traces: serialise, extrapolate over depth
+# --------------------------------------------------------------------------------------
+
+
+def trace_to_list(counts: dict[Record, float]) -> list[list]:
+    return [list(r) + [c] for r, c in counts.items()]
+
+
+def trace_from_list(rows: Iterable[list]) -> dict[Record, float]:
+    out: dict[Record, float] = {}
+    n = len(RECORD_FIELDS)
+    for row in rows:
+        rec = tuple(row[:n])
+        out[rec] = out.get(rec, 0.0) + float(row[n])
+    return out
+
+
+def extrapolate(a: dict[Record, float], b: dict[Record, float], k1: int, k2: int, total: int) -> dict[Record, float]:
+    """The trace at `total` blocks from the traces at k1 and k2 blocks, linear in depth.
+
+    A record present at both depths (a block's op: same shapes at every depth) grows in count.
+    Ops whose size grows with depth instead (the optimizer's foreach ops over all parameters, a
+    gradient-norm over all gradients) appear once at each depth with different sizes: those are
+    paired by (phase, class, dtype, op) in order of size, and their FLOPs and bytes extrapolated.
+    """
+    steps = (total - k1) / (k2 - k1)
+    out: dict[Record, float] = {}
+
+    def put(rec, c):
+        if c > 1e-9:
+            out[rec] = out.get(rec, 0.0) + c
+
+    only_a: dict[tuple, list] = {}
+    only_b: dict[tuple, list] = {}
+    for rec in set(a) | set(b):
+        x, y = a.get(rec, 0.0), b.get(rec, 0.0)
+        if x and y:
+            if y >= x:
+                put(rec, x + (y - x) * steps)
+                continue
+            put(rec, y)  # fewer at the deeper run: the surplus of the shallow one is paired below
+            x, y = x - y, 0.0
+        group = (rec[0], rec[1], rec[2], rec[7])
+        if x:
+            only_a.setdefault(group, []).extend([rec] * int(round(x)))
+        if y:
+            only_b.setdefault(group, []).extend([rec] * int(round(y)))
+    for group in set(only_a) | set(only_b):
+        la = sorted(only_a.get(group, []), key=lambda r: (r[4], r[3]))
+        lb = sorted(only_b.get(group, []), key=lambda r: (r[4], r[3]))
+        for ra, rb in zip(la, lb):
+            fl = max(0.0, ra[3] + (rb[3] - ra[3]) * steps)
+            by = max(0.0, ra[4] + (rb[4] - ra[4]) * steps)
+            put((ra[0], ra[1], ra[2], int(round(fl)), int(round(by)), rb[5], rb[6], rb[7]), 1.0)
+        for rb in lb[len(la):]:  # new at the deeper run: grows with depth
+            put(rb, steps)
+        for ra in la[len(lb):]:  # gone at the deeper run: shrinks (kept if the extrapolation says so)
+            put(ra, 1.0 - steps)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The step: phases, communication, offload, accumulation
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepTime:
+    """Wall time of one optimizer step (all micro-batches of an accumulation window)."""
+
+    step_seconds: float
+    tokens_per_step: int
+    tokens_per_second: float
+    by_phase: dict[str, float]
+    by_op_class: dict[str, float]
+    flops_per_step: float  # per GPU, all micro-batches
+    notes: list[str] = field(default_factory=list)
+
+    def breakdown(self) -> dict[str, dict[str, float]]:
+        r = lambda d: {k: round(v, 6) for k, v in d.items() if v > 0}  # noqa: E731
+        return {"by_phase": r(self.by_phase), "by_op_class": r(self.by_op_class)}
+
+
+def link_bandwidth(hardware, setup) -> tuple[float, str]:
+    """Achievable collective bus bandwidth per GPU (bytes/s) and what it is."""
+    gpu = hardware.gpu
+    nv = getattr(gpu, "nvlink_gbs", None)
+    pcie = getattr(gpu, "pcie_gbs", None) or 32.0
+    p2p = getattr(gpu, "pcie_p2p", True)
+    if setup.num_nodes > 1:
+        intra = nv * NVLINK_EFF if nv else pcie * PCIE_EFF * (1.0 if p2p is not False else NO_P2P_FACTOR)
+        inter = INTERNODE_GBS * 0.9
+        return min(intra, inter) * 1e9, f"{setup.num_nodes} nodes: {INTERNODE_GBS:g} GB/s per GPU between nodes (assumed 200 Gb/s IB per GPU)"
+    if nv:
+        return nv * NVLINK_EFF * 1e9, f"NVLink {nv:g} GB/s per direction x {NVLINK_EFF:.0%}"
+    f = PCIE_EFF * (1.0 if p2p is not False else NO_P2P_FACTOR)
+    return pcie * f * 1e9, (f"PCIe {pcie:g} GB/s per direction x {PCIE_EFF:.0%}"
+                            + ("" if p2p is not False else f", no peer-to-peer (through host memory, x{NO_P2P_FACTOR})"))
+
+
+def pcie_seconds(nbytes: float, gpu) -> float:
+    """Seconds to move nbytes between host and GPU over its PCIe link (pinned memory, one direction)."""
+    pcie = getattr(gpu, "pcie_gbs", None) or 32.0
+    return nbytes / (pcie * PCIE_EFF * 1e9)
+
+
+def _exposed(comm: float, compute: float, overlap: float = COMM_OVERLAP) -> float:
+    """Communication left after hiding what can run under `compute`: at most `overlap` of it hides."""
+    if comm <= 0:
+        return 0.0
+    return max((1 - overlap) * comm, comm - overlap * compute)
+
+
+def step_time(counts: dict[Record, float], setup, hardware, *, param_bytes: float, grad_bytes: float,
+              trainable_params: float, num_params: float) -> StepTime:
+    """Time of one optimizer step of `setup` on `hardware` from a (full-depth) trace of one micro-batch step.
+
+    param_bytes: bytes of the (unsharded) model weights as the collectives move them; grad_bytes:
+    bytes of all gradients of one replica as they are reduced. The trace is of one replica's step;
+    ZeRO/FSDP shard the optimizer work by the world size.
+    """
+    rates = gpu_rates(hardware.gpu)
+    # per phase: GPU time by op class, host dispatch time, FLOPs
+    cls = {p: dict.fromkeys(OP_CLASSES, 0.0) for p in PHASES}
+    host = dict.fromkeys(PHASES, 0.0)
+    flops = dict.fromkeys(PHASES, 0.0)
+    for rec, c in counts.items():
+        p = rec[0]
+        cls[p][op_class(rec[1])] += op_seconds(rec, rates) * c
+        host[p] += HOST_OVERHEAD_S[p] * c
+        flops[p] += rec[3] * c
+    phase_t = {}
+    for p in PHASES:  # a phase takes the longer of its GPU time and its host dispatch time
+        gpu_t = sum(cls[p].values())
+        cls[p]["host_overhead"] = max(0.0, host[p] - gpu_t)
+        phase_t[p] = gpu_t + cls[p]["host_overhead"]
+    n = max(1, setup.num_gpus)
+    ga = max(1, setup.gradient_accumulation_steps)
+    stage = setup.zero_stage
+    if setup.fsdp == "full_shard":
+        stage = 3
+    elif setup.fsdp == "shard_grad_op":
+        stage = 2
+    notes = [f"per-op roofline on {rates.describe()}"]
+    micro = phase_t["forward"] + phase_t["recompute"] + phase_t["backward"]
+    opt_scale = 1.0
+    if stage >= 1 and n > 1:
+        opt_scale = 1.0 / n
+        notes.append(f"optimizer step sharded over {n} GPUs (ZeRO-{stage} / FSDP)")
+    offload_step = offload_micro = 0.0
+    if setup.offload != "none":
+        # the optimizer step runs on the host (DeepSpeed CPU Adam / FSDP CPU offload); gradients
+        # go down and updated parameters come back over PCIe
+        opt_scale = 0.0
+        shard = 1.0 / n
+        host_opt = trainable_params * shard * HOST_OPTIMIZER_BYTES_PER_PARAM / (HOST_MEMORY_GBS * 1e9)
+        xfer = pcie_seconds(grad_bytes * shard, hardware.gpu) + pcie_seconds(trainable_params * shard * 2.0, hardware.gpu)
+        offload_step = host_opt + xfer
+        notes.append(f"optimizer offloaded: host step {host_opt:.3f} s ({HOST_OPTIMIZER_BYTES_PER_PARAM:g} B/param at "
+                     f"{HOST_MEMORY_GBS:g} GB/s of host memory) + gradients and parameters over PCIe {xfer:.3f} s")
+        if setup.offload == "all":
+            passes = 3 if setup.gradient_checkpointing else 2  # forward, (recompute,) backward
+            traffic = param_bytes * shard * passes
+            t = pcie_seconds(traffic, hardware.gpu)
+            offload_micro = max(t, micro) - micro + (1 - OFFLOAD_OVERLAP) * min(t, micro)
+            notes.append(f"parameters offloaded: {traffic / 1e9:.1f} GB over PCIe per micro-batch ({t:.3f} s; "
+                         f"{OFFLOAD_OVERLAP:.0%} of the shorter of transfer and compute hidden)")
+    opt = phase_t["optimizer"] * opt_scale
+    comm_micro = comm_step = 0.0
+    if n > 1:
+        bw, link = link_bandwidth(hardware, setup)
+        ring = (n - 1) / n
+        if stage == 0:  # DDP: gradients all-reduced once per optimizer step (no_sync while accumulating)
+            t = 2 * ring * grad_bytes / bw
+            comm_step = _exposed(t, phase_t["backward"])
+            what = f"DDP all-reduce of {grad_bytes / 1e9:.2f} GB of gradients: {t:.3f} s, {comm_step:.3f} s exposed"
+        elif stage in (1, 2):
+            rs = ring * grad_bytes / bw
+            ag = ring * param_bytes / bw
+            if stage == 2:  # gradients reduce-scattered every micro-batch
+                comm_micro = _exposed(rs, phase_t["backward"])
+                comm_step = ag * (1 - COMM_OVERLAP)
+            else:
+                comm_step = _exposed(rs, phase_t["backward"]) + ag * (1 - COMM_OVERLAP)
+            what = (f"ZeRO-{stage}: reduce-scatter of {grad_bytes / 1e9:.2f} GB of gradients ({rs:.3f} s) + all-gather of "
+                    f"the updated {param_bytes / 1e9:.2f} GB of parameters ({ag:.3f} s)")
+        else:  # ZeRO-3 / FSDP full_shard: parameters all-gathered in forward and backward, gradients reduce-scattered
+            t_ag = 2 * ring * param_bytes / bw
+            t_rs = ring * grad_bytes / bw
+            comm_micro = _exposed(t_ag + t_rs, micro)
+            what = (f"{'FSDP' if setup.fsdp != 'none' else 'ZeRO-3'}: all-gather of {param_bytes / 1e9:.2f} GB of parameters x2 "
+                    f"({t_ag:.3f} s) + reduce-scatter of {grad_bytes / 1e9:.2f} GB of gradients ({t_rs:.3f} s) per micro-batch, "
+                    f"{comm_micro:.3f} s exposed")
+        notes.append(f"communication over {link}: {what} (at most {COMM_OVERLAP:.0%} hidden under compute)")
+    step = ga * (micro + comm_micro + offload_micro) + opt + comm_step + offload_step
+    by_phase = {
+        "forward": ga * phase_t["forward"], "recompute": ga * phase_t["recompute"], "backward": ga * phase_t["backward"],
+        "optimizer": opt + offload_step, "communication": ga * comm_micro + comm_step, "offload": ga * offload_micro,
+    }
+    by_class = dict.fromkeys(OP_CLASSES + ("host_overhead",), 0.0)
+    for p in PHASES:
+        f = opt_scale if p == "optimizer" else ga
+        for k, v in cls[p].items():
+            by_class[k] += v * f
+    by_class["optimizer"] += offload_step
+    by_class["communication"] = by_phase["communication"]
+    by_class["offload"] = by_phase["offload"]
+    tokens = ga * setup.per_device_train_batch_size * setup.max_length * n
+    fl = ga * (flops["forward"] + flops["recompute"] + flops["backward"]) + flops["optimizer"] * opt_scale
+    return StepTime(step_seconds=step, tokens_per_step=tokens, tokens_per_second=tokens / step if step > 0 else 0.0,
+                    by_phase=by_phase, by_op_class=by_class, flops_per_step=fl, notes=notes)
+
+
+# --------------------------------------------------------------------------------------
+# From a StepMemory (simulated op trace) to the step time of a setup on a hardware
+# --------------------------------------------------------------------------------------
+
+
+def _collective_bytes(step, setup) -> tuple[float, float]:
+    """(parameter bytes, gradient bytes) one replica's collectives move.
+
+    ZeRO-3/FSDP all-gather the parameters in the compute dtype under mixed precision (FSDP
+    MixedPrecision param_dtype, DeepSpeed's bf16/fp16 partitions), else as stored (4-bit packed
+    weights for QLoRA); gradients are reduced in the compute dtype under mixed precision.
+    """
+    mixed = setup.bf16 or setup.fp16
+    quant = setup.load_in_4bit or setup.load_in_8bit
+    if mixed and not quant:
+        params = 2.0 * step.num_parameters
+    else:
+        params = float(step.weights_bytes + step.adapter_bytes)
+    grads = 2.0 * step.trainable_parameters if mixed else float(step.gradient_bytes)
+    return params, grads
+
+
+def time_from_step(step, setup, hardware) -> StepTime:
+    """StepTime of `setup` on `hardware` from the StepMemory's op trace (simulated tier)."""
+    if step.op_trace is None:
+        raise ValueError("this StepMemory carries no op trace (analytic tier)")
+    counts = trace_from_list(step.op_trace)
+    params, grads = _collective_bytes(step, setup)
+    return step_time(counts, setup, hardware, param_bytes=params, grad_bytes=grads,
+                     trainable_params=float(step.trainable_parameters), num_params=float(step.num_parameters))
