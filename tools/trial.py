@@ -60,6 +60,7 @@ class TrialReport(BaseModel):
     error_message: Optional[str] = Field(default=None, description="The error's message (one line where possible).")
     estimated: Optional[dict[str, Any]] = Field(default=None, description="The MemoryEstimate of this setup (as a dict), or None when no estimate could be made.")
     predicted_tokens_per_second: Optional[float] = Field(default=None, description="tools.throughput's uncalibrated prediction for this setup.")
+    predictor: Optional[str] = Field(default=None, description="The time model that made the prediction: 'op-roofline' (simulated op trace) or 'flat-factors'.")
     comparison: dict[str, Any] = Field(default_factory=dict, description="Per quantity: measured, estimated and error_pct ((estimated - measured) / measured); or a 'note' when not comparable.")
     verdict: str = Field(default="", description="One line: did it fit, and how close was the estimate.")
     advice: list[str] = Field(default_factory=list, description="What to change when it failed (smallest changes first).")
@@ -218,9 +219,12 @@ def _estimates(setup: TrainingSetup, model_ref: str, device: str | None, notes: 
     predicted = None
     if hardware is not None:
         try:
+            from tools.estimator import step_memory
             from tools.throughput import estimate_throughput
 
-            predicted = estimate_throughput(spec, setup, hardware, calibrate=False).tokens_per_second
+            step = step_memory(spec, setup)[0]  # the dry run's step (cached by the estimate above): its op trace
+            thr = estimate_throughput(spec, setup, hardware, calibrate=False, step=step)
+            predicted = (thr.tokens_per_second, thr.time_model)
         except Exception as e:  # noqa: BLE001
             notes.append(f"no throughput prediction: {e}")
     return estimated, predicted
@@ -320,6 +324,7 @@ def _record(r: TrialReport, setup: TrainingSetup) -> None:
         "estimate_tier": est.get("tier"),
         "tokens_per_second": r.tokens_per_second,
         "predicted_tokens_per_second": r.predicted_tokens_per_second,
+        "predictor": r.predictor,  # which time model predicted it (tools.throughput compares like with like)
     }
     try:
         path = calibration_path()
@@ -417,7 +422,9 @@ def run_trial(
         report.wall_seconds = round(time.perf_counter() - started, 3)
 
     if estimate and stopped != "interrupted" and report.device == "cuda":
-        report.estimated, report.predicted_tokens_per_second = _estimates(setup, model_path or setup.model_id, report.device, report.notes)
+        report.estimated, predicted = _estimates(setup, model_path or setup.model_id, report.device, report.notes)
+        if predicted is not None:
+            report.predicted_tokens_per_second, report.predictor = predicted
     elif estimate and report.device != "cuda":
         report.notes.append("no GPU estimate computed: this trial did not run on a GPU")
     report.comparison = compare(report)
