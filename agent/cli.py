@@ -35,6 +35,55 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
     raise typer.Exit(code)
 
 
+def progress_line(json_out: bool = False):
+    """A context that shows the engine's progress (tools.progress) as one status line on stderr.
+
+    Only on a terminal, never with --json (TUNEPILOT_PROGRESS=0 turns it off). The line is redrawn
+    when the engine reports, without a refresh thread: the simulator forks its second dry run only
+    in a single-threaded process."""
+    from contextlib import nullcontext
+
+    from tools import progress
+
+    if json_out or not err_console.is_terminal or os.environ.get("TUNEPILOT_PROGRESS", "1") == "0":
+        return nullcontext()
+    from contextlib import contextmanager
+
+    @contextmanager
+    def _live():
+        import time
+
+        from rich.live import Live
+        from rich.text import Text
+
+        start = time.monotonic()
+        with Live(Text(""), console=err_console, auto_refresh=False, transient=True, redirect_stdout=False,
+                  redirect_stderr=False) as live:
+            def show(line):
+                if line is None:
+                    live.update(Text(""), refresh=True)
+                else:
+                    live.update(Text.assemble(("⏳ ", "cyan"), line, (f"  {time.monotonic() - start:.0f}s", "dim")),
+                                refresh=True)
+
+            with progress.use(show):
+                yield
+
+    return _live()
+
+
+def write_plot(kind: str, obj, path: Path, *, json_out: bool = False, **kw) -> None:
+    """Draw `obj` (estimate | plan | fit map) to `path`; one line saying where (on stderr with --json)."""
+    from tools import plots
+
+    draw = {"estimate": plots.estimate_chart, "plan": plots.plan_chart, "sweep": plots.fit_map_chart}[kind]
+    try:
+        written = draw(obj, path, **kw)
+    except TunepilotError as e:
+        fail(str(e))
+    (err_console if json_out else console).print(f"[green]wrote[/] {written}", highlight=False, soft_wrap=True)
+
+
 def print_json(obj) -> None:
     """Machine output: plain JSON on stdout, nothing else."""
     if hasattr(obj, "model_dump"):
@@ -211,6 +260,7 @@ def estimate(
     host_ram: Optional[float] = typer.Option(None, "--host-ram", help="Host RAM per node in GiB to check loading and offload against (e.g. 12 for a free Colab)."),
     dataset_tokens: Optional[int] = typer.Option(None, "--dataset-tokens", help="Training tokens per epoch (sizes the tokenized dataset's page cache)."),
     json_out: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Also draw the per-GPU breakdown as a stacked bar (FILE.png or FILE.svg; needs matplotlib)."),
 ) -> None:
     """Estimate per-GPU training memory of a setup (simulated dry run, or --fast analytic)."""
     from pydantic import ValidationError
@@ -280,7 +330,12 @@ def estimate(
         _refuse_beyond_context(spec, setup.max_length)
         from tools.estimator import estimate as run_estimate
 
-        est = run_estimate(spec, setup, hardware, fast=fast, host_ram_gib=host_ram, dataset_tokens=dataset_tokens)
+        if plot is not None:
+            from tools.plots import _check_path
+
+            _check_path(plot)  # a bad --plot fails before the dry run, not after
+        with progress_line(json_out):
+            est = run_estimate(spec, setup, hardware, fast=fast, host_ram_gib=host_ram, dataset_tokens=dataset_tokens)
     except TunepilotError as e:
         fail(str(e))
     except ValidationError as e:
@@ -289,6 +344,8 @@ def estimate(
 
     if json_out:
         print_json(est)
+        if plot is not None:
+            write_plot("estimate", est, plot, json_out=True)
         return
 
     from rich import box
@@ -296,7 +353,8 @@ def estimate(
 
     for n in notes:
         err_console.print(f"note: {n}", highlight=False, soft_wrap=True)
-    console.print(f"[bold]{est.model_id}[/]: {est.setup_summary}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]{est.model_id}[/]", highlight=False)
+    console.print(est.setup_summary, highlight=False)
     table = Table(box=box.SIMPLE_HEAD, caption=f"per GPU, {est.tier} tier (±{est.uncertainty.pct:g}%)")
     table.add_column("component")
     table.add_column("GiB", justify="right")
@@ -306,9 +364,10 @@ def estimate(
         table.add_row(k, f"{v:.2f}", f"{100 * v / total:.0f}")
     console.print(table)
     console.print(f"parameters {est.num_parameters:,} (trainable {est.trainable_parameters:,})", highlight=False)
-    console.print(f"peak allocated {est.peak_allocated_gib:.2f} GiB | peak reserved {est.peak_reserved_gib:.2f} GiB | "
-                  f"device total (nvidia-smi) {est.device_total_gib:.2f} GiB "
-                  f"[{est.uncertainty.low_gib:.1f}-{est.uncertainty.high_gib:.1f}]", highlight=False, soft_wrap=True)
+    console.print(f"peak allocated {est.peak_allocated_gib:.2f} GiB | peak reserved {est.peak_reserved_gib:.2f} GiB",
+                  highlight=False)
+    console.print(f"device total (nvidia-smi) {est.device_total_gib:.2f} GiB "
+                  f"[{est.uncertainty.low_gib:.1f}-{est.uncertainty.high_gib:.1f}]", highlight=False)
     if est.host_ram_gib:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(est.host_breakdown.items(), key=lambda kv: -kv[1]) if v >= 0.05)
         line = (f"host RAM per node {est.host_ram_gib:.1f} GiB at {est.host_phase} ({parts}) "
@@ -330,7 +389,9 @@ def estimate(
         console.print(f"time: {est.step_seconds:.3g} s per optimizer step{phases}, {est.tokens_per_second:,.0f} tokens/s "
                       f"({est.time_model}{cal})", highlight=False, soft_wrap=True, markup=False)
     if est.advice:
-        console.print(est.advice, highlight=False, soft_wrap=True)
+        console.print(est.advice, highlight=False)
+    if plot is not None:
+        write_plot("estimate", est, plot)
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,6 +416,7 @@ def plan(
     host_ram: Optional[float] = typer.Option(None, "--host-ram", help="Host RAM per node in GiB (overrides what --local detects); setups that need more are rejected."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the winning setup here (YAML, or JSON for a .json suffix)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Also draw the candidates as memory per GPU against time to train (FILE.png or FILE.svg; needs matplotlib)."),
 ) -> None:
     """Search the best setup that fits the hardware, ranked by time to train."""
     from pydantic import ValidationError
@@ -386,7 +448,12 @@ def plan(
             hardware = hardware.model_copy(update={"host_ram_gib": host_ram})
         spec = lookup_model(model_ref)
         _refuse_beyond_context(spec, seq_len)
-        result = make_plan(spec, hardware, goals)
+        if plot is not None:
+            from tools.plots import _check_path
+
+            _check_path(plot)
+        with progress_line(json_out):
+            result = make_plan(spec, hardware, goals)
     except TunepilotError as e:
         fail(str(e))
     except ValidationError as e:
@@ -400,10 +467,14 @@ def plan(
             fail(f"-o {output}: cannot write the setup ({e.strerror or e})")
     if json_out:
         print_json(result)
+        if plot is not None and result.candidates:
+            write_plot("plan", result, plot, json_out=True, safety_margin=goals.safety_margin)
         return
 
     from rich import box
     from rich.table import Table
+
+    from tools.labels import label
 
     def hours(h: Optional[float]) -> str:
         if h is None:
@@ -411,37 +482,159 @@ def plan(
         return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days"
 
     title = f"{result.model_id} on {result.hardware}"
+    # Short labels keep one setup per line at 80 columns; the full descriptions follow the table.
+    seqs = {c.setup.max_length for c in result.candidates}
     if result.fits:
-        table = Table(title=f"Plan: {title}", box=box.SIMPLE_HEAD,
-                      caption="peak = device total per GPU (what nvidia-smi shows); * = confirmed by the simulator")
-        for col, justify in (("#", "right"), ("setup", "left"), ("peak/GPU", "right"), ("headroom", "right"),
-                             ("tokens/s", "right"), ("time", "right"), ("cost", "right")):
-            table.add_column(col, justify=justify)
+        with_cost = any(c.throughput.cost is not None for c in result.candidates)
+        table = Table(title=f"Plan: {title}", box=box.SIMPLE_HEAD, title_justify="left",
+                      caption="GiB/GPU: device total (nvidia-smi); * = simulated", caption_justify="left")
+        cols = [("#", "right"), ("setup", "left"), ("GiB/GPU", "right"), ("spare", "right"), ("tok/s", "right"), ("time", "right")]
+        for col, justify in cols + ([("cost", "right")] if with_cost else []):
+            table.add_column(col, justify=justify, no_wrap=col != "setup")
         for i, c in enumerate(result.candidates, 1):
             est, thr = c.estimate, c.throughput
             mark = "*" if est.tier == "simulated" else ""
             headroom = est.headroom_gib if est.headroom_gib is not None else (est.gpu_memory_gib or 0) - est.device_total_gib
-            table.add_row(str(i), c.setup.short(), f"{est.device_total_gib:.1f} GiB{mark}", f"{headroom:.1f} GiB",
-                          f"{thr.tokens_per_second:,.0f}", hours(thr.total_hours),
-                          "-" if thr.cost is None else f"${thr.cost:,.2f}" if thr.cost < 100 else f"${thr.cost:,.0f}")
+            row = [str(i), label(c.setup, seq=len(seqs) > 1), f"{est.device_total_gib:.1f}{mark}", f"{headroom:.1f}",
+                   f"{thr.tokens_per_second:,.0f}", hours(thr.total_hours)]
+            if with_cost:
+                row.append("-" if thr.cost is None else f"${thr.cost:,.2f}" if thr.cost < 100 else f"${thr.cost:,.0f}")
+            table.add_row(*row)
         console.print(table)
     else:
-        console.print(f"[bold red]Nothing fits[/]: {title}.", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]Nothing fits[/]: {title}.", highlight=False)
         if result.candidates:
-            table = Table(title="Closest setups (do not fit)", box=box.SIMPLE_HEAD)
-            for col in ("setup", "peak/GPU", "GPU memory"):
-                table.add_column(col)
-            for c in result.candidates:
-                table.add_row(c.setup.short(), f"{c.estimate.device_total_gib:.1f} GiB", f"{c.estimate.gpu_memory_gib or 0:g} GiB")
+            table = Table(title="Closest setups (do not fit)", box=box.SIMPLE_HEAD, title_justify="left")
+            for col in ("#", "setup", "GiB/GPU", "GPU GiB"):
+                table.add_column(col, no_wrap=col != "setup", justify="left" if col == "setup" else "right")
+            for i, c in enumerate(result.candidates, 1):
+                table.add_row(str(i), label(c.setup, seq=len(seqs) > 1), f"{c.estimate.device_total_gib:.1f}",
+                              f"{c.estimate.gpu_memory_gib or 0:g}")
             console.print(table)
+    for i, c in enumerate(result.candidates, 1):
+        console.print(f"[dim]#{i}[/] {c.setup.short()}", highlight=False)
+    if result.candidates:
+        console.print()
     for line in result.advice:
-        console.print(line if line.startswith("- ") else f"• {line}", highlight=False, soft_wrap=True)
+        console.print(line if line.startswith("- ") else f"• {line}", highlight=False)
     if output is not None:
         if written is not None:
             console.print(f"Wrote the winning setup to {written}. Next: tunepilot script {written} -o train.py",
                           highlight=False, soft_wrap=True)
         else:
             console.print(f"Nothing fits, so {output} was not written.", highlight=False, soft_wrap=True)
+    if plot is not None and result.candidates:
+        write_plot("plan", result, plot, safety_margin=goals.safety_margin,
+                   labels=[f"#{i} {label(c.setup)}" for i, c in enumerate(result.candidates, 1)])
+    elif plot is not None:
+        err_console.print(f"note: no candidate to draw, so {plot} was not written", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Fit map (issue 16): sweep
+# ---------------------------------------------------------------------------------------
+
+def _int_list(flag: str, text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        fail(f"{flag}: give whole numbers separated by commas, e.g. {flag} 1,2,4,8 (got {text!r})")
+    if not values or min(values) < 1:
+        fail(f"{flag}: give positive whole numbers, e.g. {flag} 1,2,4,8 (got {text!r})")
+    return values
+
+
+@app.command()
+def sweep(
+    model_ref: str = typer.Argument(..., metavar="MODEL", help="Hub id, catalog name or local path (config.json or model dir)."),
+    gpu: str = typer.Option(..., "--gpu", help="GPU to fit, e.g. '4090', 'A100 80GB', '2x H100'."),
+    method: Optional[str] = typer.Option(None, "--method", help="full | lora | qlora | dora | ia3 | ... (default lora, or the --setup file's)."),
+    setup_file: Optional[Path] = typer.Option(None, "--setup", help="Setup file (YAML/JSON) to sweep; its micro-batch and sequence length are varied."),
+    r: Optional[int] = typer.Option(None, "--r", help="LoRA rank."),
+    optim: Optional[str] = typer.Option(None, "--optim", help="Optimizer, e.g. adamw_torch_fused, paged_adamw_8bit."),
+    ckpt: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (default on)."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Micro-batches to sweep, e.g. 1,2,4,8,16,32 (the default)."),
+    seq_lens: Optional[str] = typer.Option(None, "--seq-lens", help="Sequence lengths to sweep (default 512 ... 16384, up to the model's context)."),
+    safety_margin: float = typer.Option(0.10, "--safety-margin", help="Fraction of GPU memory kept free (the planner's default 0.10)."),
+    fast: bool = typer.Option(False, "--fast", help="Analytic tier only: do not confirm the boundary with the simulator."),
+    json_out: bool = typer.Option(False, "--json", help="Print the fit map as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Also draw the fit map (FILE.png or FILE.svg; needs matplotlib)."),
+) -> None:
+    """Fit map: which micro-batch x sequence-length combinations fit the GPU (analytic, simulated at the boundary)."""
+    from pydantic import ValidationError
+
+    from tools.gpus import parse_hardware
+    from tools.models import lookup_model
+    from tools.schemas import TrainingSetup, format_validation_error
+    from tools.sweep import sweep as make_sweep
+
+    batches, seqs = _int_list("--batch-sizes", batch_sizes), _int_list("--seq-lens", seq_lens)
+    if r is not None and r < 1:
+        fail(f"--r: must be at least 1, got {r}")
+    if not 0.0 <= safety_margin < 0.9:
+        fail(f"--safety-margin: {safety_margin} must be between 0 and 0.9")
+    try:
+        hardware = parse_hardware(gpu)
+        spec = lookup_model(model_ref)
+        data: dict = TrainingSetup.load(setup_file).model_dump() if setup_file is not None else {}
+        data["model_id"] = spec.model_id
+        data.update({k: v for k, v in {"method": method, "r": r, "optim": optim, "gradient_checkpointing": ckpt}.items()
+                     if v is not None})
+        if setup_file is None:
+            data["num_gpus"] = hardware.num_gpus
+            if not hardware.gpu.bf16:
+                data.update(bf16=False, fp16=True, dtype="fp16")
+        m = data.get("method", "lora")
+        if method is not None:
+            data["load_in_4bit"] = m == "qlora"
+            if m == "qlora":
+                data["bnb_4bit_compute_dtype"] = "fp16" if data.get("fp16") else "bf16"
+            data["use_dora"] = m == "dora"
+        setup = TrainingSetup.model_validate(data)
+        if plot is not None:
+            from tools.plots import _check_path
+
+            _check_path(plot)
+        with progress_line(json_out):
+            result = make_sweep(spec, hardware, setup, batch_sizes=batches, seq_lens=seqs, confirm=not fast,
+                                safety_margin=safety_margin)
+    except ValidationError as e:
+        fail(format_validation_error(e))
+    except TunepilotError as e:
+        fail(str(e))
+    if json_out:
+        print_json(result)
+        if plot is not None:
+            write_plot("sweep", result, plot, json_out=True)
+        return
+
+    from rich import box
+    from rich.table import Table
+
+    console.print(f"[bold]Fit map[/]: {result.model_id} on {result.hardware}", highlight=False)
+    table = Table(box=box.SIMPLE_HEAD,
+                  caption=f"GiB per GPU (device total); fits within {result.usable_gib:.1f} GiB usable; "
+                          "* = simulated; max = largest fitting micro-batch", caption_justify="left")
+    table.add_column("seq \\ b", justify="right", no_wrap=True)
+    for b in result.batch_sizes:
+        table.add_column(str(b), justify="right", no_wrap=True)
+    table.add_column("max", justify="right", no_wrap=True)
+    for row in result.rows:
+        cells = []
+        for c in row.cells:
+            text = f"{c.device_total_gib:.1f}{'*' if c.tier == 'simulated' else ''}"
+            style = "green" if c.fits else "red"
+            if c.per_device_train_batch_size == row.largest_fitting_batch:
+                style = "bold green"
+            cells.append(f"[{style}]{text}[/]")
+        table.add_row(f"{row.max_length:,}", *cells, "-" if row.largest_fitting_batch is None else str(row.largest_fitting_batch))
+    console.print(table)
+    console.print(f"setup: {result.setup_summary}", highlight=False)
+    console.print(f"[dim]{'; '.join(result.notes)}[/]", highlight=False)
+    if plot is not None:
+        write_plot("sweep", result, plot)
 
 
 # ---------------------------------------------------------------------------------------
@@ -700,11 +893,14 @@ def slack(
 
 # Commands that only compute and print: once their output is flushed, nothing is left to save, and
 # the interpreter's teardown of torch/transformers (~1 s of freeing modules) is skipped.
-_QUICK_EXIT = {"estimate", "plan", "script", "model", "models", "gpus"}
+_QUICK_EXIT = {"estimate", "plan", "sweep", "script", "model", "models", "gpus"}
 
 
 def main() -> None:
     """Console-script entry point: people see one line per error, never a traceback."""
+    from tools.quiet import silence_library_chatter
+
+    silence_library_chatter()
     code: int | str | None = 0
     try:
         app()

@@ -12,7 +12,7 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 stamp=.venv/.tunepilot-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/pip install -q -e ".[train,agent,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/pip install -q -e ".[train,agent,plot,dev]" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import agent, tools, prompts, torch, transformers, peft, langchain" 
   touch "$stamp"
 fi

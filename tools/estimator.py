@@ -26,6 +26,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from tools import progress
 from tools.schemas import (
     BYTES_PER_GIB,
     HardwareSpec,
@@ -76,7 +77,8 @@ def step_memory(model: ModelSpec, setup: TrainingSetup, *, fast: bool = False) -
     notes += fixes
     if not fast:
         try:
-            from tools.memory import SimulationError, simulate
+            with progress.status("loading torch, transformers and peft"):
+                from tools.memory import SimulationError, simulate  # imports torch on first use
         except ImportError as e:  # no torch / transformers in this environment
             notes.append(f"simulator unavailable ({e.__class__.__name__}: {e}); analytic tier used")
         else:

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from tools import progress
 from tools.peft_config import attention_support, loadable_setup
 from tools.schemas import (
     BYTES_PER_GIB,
@@ -481,6 +482,9 @@ def _confirm(model, hardware, goals, selected: list[_Option], ranked: list[_Opti
     while sims < MAX_SIM_CALLS and len(confirmed) < min(MAX_CONFIRM, len(selected)) and (pending or backlog):
         opt = pending.pop(0) if pending else backlog.pop(0)
         sims += 1
+        progress.note(f"confirming the top {min(MAX_CONFIRM, len(selected))} with the simulator: "
+                      f"{len(confirmed) + 1}/{min(MAX_CONFIRM, len(selected))}, {opt.setup.method} "
+                      f"b={opt.setup.per_device_train_batch_size}")
         try:
             est = _estimate(model, opt.setup, hardware, fast=False)
         except TunepilotError as e:
@@ -819,7 +823,8 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
     if attention and set(attention) == {"all-linear"}:
         attention = None
 
-    search = _search(model, hardware, goals, methods, strategies, attention=attention)
+    with progress.status(f"searching setups of {model.model_id} with the analytic tier"):
+        search = _search(model, hardware, goals, methods, strategies, attention=attention)
     advice: list[str] = []
     if hardware.num_gpus > 1:
         # CPU offload only for the methods that fit no other way
@@ -848,7 +853,8 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
     selected = _select(ranked, goals.top)
     sim_notes: list[str] = []
     if goals.confirm:
-        selected = _confirm(model, hardware, goals, selected, ranked, sim_notes)
+        with progress.status(f"confirming the top {min(MAX_CONFIRM, len(selected))} with the simulator"):
+            selected = _confirm(model, hardware, goals, selected, ranked, sim_notes)
         if not selected:  # the simulator rejects every analytic candidate it had time to run
             advice = [f"Nothing confirmed on {hw_label}: the analytic tier found setups that fit, but the simulator "
                       "measured each of the best over the limit."] + sim_notes

@@ -714,3 +714,42 @@ class PlanGoals(_Strict):
     safety_margin: float = Field(default=0.10, ge=0, lt=0.9, description="Fraction of GPU memory kept free.")
     top: int = Field(default=5, ge=1, description="Candidates to return.")
     confirm: bool = Field(default=True, description="Confirm the best candidates with the simulator (slower, exact).")
+
+
+# --------------------------------------------------------------------------------------
+# Fit map (tunepilot sweep)
+# --------------------------------------------------------------------------------------
+
+
+class FitCell(_Strict):
+    """One micro-batch x sequence-length point of a fit map."""
+
+    per_device_train_batch_size: int = Field(description="Micro-batch per GPU.")
+    max_length: int = Field(description="Tokens per sequence.")
+    device_total_gib: float = Field(description="Device total per GPU (what nvidia-smi shows), GiB.")
+    fits: bool = Field(description="True when device_total_gib is within the usable memory (GPU memory minus the safety margin).")
+    tier: Literal["simulated", "analytic"] = Field(description="simulated at the fit boundary, analytic elsewhere.")
+
+
+class FitRow(_Strict):
+    """One sequence length of a fit map."""
+
+    max_length: int = Field(description="Tokens per sequence of this row.")
+    largest_fitting_batch: Optional[int] = Field(default=None, description="Largest micro-batch of this row that fits, or None when none does.")
+    cells: list[FitCell] = Field(description="One cell per micro-batch, smallest first.")
+
+
+class FitMap(_Strict):
+    """Which micro-batch x sequence-length combinations of one setup fit one GPU (tunepilot sweep)."""
+
+    model_id: str
+    hardware: str = Field(description="Hardware swept for, e.g. '1x NVIDIA RTX 4090 (23.99 GiB)'.")
+    setup_summary: str = Field(description="The setup swept (its micro-batch and sequence length vary).")
+    gpu_memory_gib: float = Field(description="Memory of one GPU, GiB.")
+    usable_gib: float = Field(description="GPU memory minus the safety margin, GiB: a cell fits when its device total is within it.")
+    safety_margin: float = Field(description="Fraction of GPU memory kept free.")
+    batch_sizes: list[int] = Field(description="Micro-batches swept (columns).")
+    seq_lens: list[int] = Field(description="Sequence lengths swept (rows).")
+    rows: list[FitRow] = Field(description="One row per sequence length, shortest first.")
+    simulated_cells: int = Field(default=0, description="Cells confirmed by the simulator (the fit boundary).")
+    notes: list[str] = Field(default_factory=list, description="How the map was made, and what the simulator could not run.")

@@ -34,6 +34,9 @@ def import_bitsandbytes():
     mod = sys.modules.get("bitsandbytes")
     if mod is not None:
         return mod
+    from tools.quiet import silence_library_chatter
+
+    silence_library_chatter()  # bnb's note about its optional CPU kernel (see tools.quiet)
     sys.modules.pop("bitsandbytes", None)
     orig = torch.compile
 

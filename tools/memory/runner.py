@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+from tools import progress
 from tools.memory import SimulationError, step
 from tools.memory.build import QuietTransformers
 from tools.memory.extrapolate import combine, depths_to_simulate
@@ -60,7 +61,9 @@ def simulate(model: ModelSpec, setup: TrainingSetup, *, extrapolate: bool = True
         # the dry run patches a few library functions process-wide while it runs
         with _LOCK, QuietTransformers():
             total, depths = depths_to_simulate(model, extrapolate)
-            runs = _run_depths(model, setup, depths)
+            with progress.status(f"simulating {'+'.join(str(d) for d in depths)} of {total} blocks of {model.model_id} "
+                                 f"({setup.method}, b={setup.per_device_train_batch_size}, seq {setup.max_length:,})"):
+                runs = _run_depths(model, setup, depths)
     except TunepilotError:
         raise
     except Exception as e:  # noqa: BLE001 - a model/library combination we cannot run: say so, the caller falls back
