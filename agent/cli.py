@@ -375,7 +375,7 @@ def estimate(
         if est.host_fits is not None:
             line += (f"; [bold green]fits[/] the host's {est.host_ram_available_gib:g} GiB" if est.host_fits
                      else f"; [bold red]does not fit[/] the host's {est.host_ram_available_gib:g} GiB")
-        console.print(line, highlight=False, soft_wrap=True)
+        console.print(line, highlight=False)
     if est.fits is not None:
         verdict = "[bold green]fits[/]" if est.fits else "[bold red]does not fit[/]"
         console.print(f"{est.gpu} ({est.gpu_memory_gib:g} GiB): {verdict}, headroom {est.headroom_gib:+.2f} GiB", highlight=False)

@@ -137,6 +137,14 @@ def segments(breakdown: dict[str, float], *, small: float = SMALL_FRACTION) -> l
     return out
 
 
+_SHARDED = ("zero1", "zero2", "zero3", "fsdp", "offload")
+
+
+def sharded(est: Any) -> bool:
+    """True for ZeRO / FSDP / CPU-offload setups (their host RAM is drawn beside the GPU)."""
+    return any(s in est.setup_summary for s in _SHARDED)
+
+
 def _host_breakdown(est: Any) -> dict[str, float]:
     """Host RAM by component when the estimate has one (host_breakdown), else one 'host RAM' segment."""
     hb = getattr(est, "host_breakdown", None)
@@ -156,12 +164,13 @@ def _usable(capacity: Optional[float], margin: float) -> Optional[float]:
 
 
 def estimate_chart(est: MemoryEstimate, path: str | Path, *, safety_margin: float = SAFETY_MARGIN,
-                   title: Optional[str] = None) -> Path:
-    """Write the stacked per-GPU breakdown of `est` (plus host RAM when it offloads) to `path` (.png / .svg)."""
+                   title: Optional[str] = None, host: Optional[bool] = None) -> Path:
+    """Write the stacked per-GPU breakdown of `est` to `path` (.png / .svg); host RAM beside it for
+    sharded / offloaded setups (host=None), always (True) or never (False)."""
     path = _check_path(path)
     plt = _pyplot()
     _svg_hashsalt()
-    host = _host_breakdown(est)
+    host = _host_breakdown(est) if (sharded(est) if host is None else host) else {}
     segs = segments(est.breakdown)
     capacity = est.gpu_memory_gib
     usable = _usable(capacity, safety_margin)
@@ -240,7 +249,7 @@ def estimate_chart(est: MemoryEstimate, path: str | Path, *, safety_margin: floa
         hax.set_ylim(0, max(hbottom, 1e-3) * 1.08)
         hax.set_xticks([0])
         hax.set_xticklabels(["host RAM"])
-        hax.set_title(f"host RAM per node\n(CPU offload): {hbottom:.1f} GiB", fontsize=8)
+        hax.set_title(f"host RAM per node\n{hbottom:.1f} GiB", fontsize=8)
         hax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return _save(fig, path)
