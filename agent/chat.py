@@ -61,6 +61,44 @@ def engine_block(result) -> Optional[str]:
     return f"tunepilot engine: {summary}"
 
 
+class SilenceNotice:
+    """Says, once per silence, that a slow model is still working (a local model can read a prompt for minutes).
+
+    `poke()` on every token or step; `with SilenceNotice(print_line):` around a turn."""
+
+    def __init__(self, emit: Callable[[str], None], after: float = 12.0):
+        import threading
+        import time
+
+        self._emit, self._after, self._time = emit, after, time.monotonic
+        self._last = self._time()
+        self._told = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="tunepilot-silence", daemon=True)
+
+    def poke(self) -> None:
+        self._last, self._told = self._time(), False
+
+    def hold(self) -> None:
+        """Nothing to say until the next poke (the person is answering a question, not the model)."""
+        self._told = True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            quiet = self._time() - self._last
+            if quiet >= self._after and not self._told:
+                self._told = True
+                self._emit(f"(still waiting for the model after {quiet:.0f} s: a local model on a CPU can take minutes "
+                           "to read the prompt; --llm-timeout / TUNEPILOT_LLM_TIMEOUT sets how long to wait)")
+
+    def __enter__(self) -> "SilenceNotice":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+
 def make_agent(model, *, checkpointer=None, workdir=None, err: Optional[Console] = None):
     """The agent for `model`, sized to the server's context (asked from the server where it tells)."""
     from datetime import date
@@ -174,12 +212,16 @@ def ask_once(question: str, *, llm: Optional[str] = None, base_url: Optional[str
     agent = make_agent(model, workdir=_home() / "work", err=err)
     streamed: list[str] = []
 
+    notice = SilenceNotice(lambda line: err.print(f"[dim]{escape(line)}[/]", highlight=False))
+
     def on_token(piece: str) -> None:
+        notice.poke()
         streamed.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     def on_step(step: dict) -> None:
+        notice.poke()
         if not json_out:
             if streamed and not "".join(streamed).endswith("\n"):
                 sys.stdout.write("\n")
@@ -192,10 +234,11 @@ def ask_once(question: str, *, llm: Optional[str] = None, base_url: Optional[str
             err.print(f"[yellow]confirm:[/] {escape(request.get('description', ''))} → {verdict}", highlight=False)
         return allow_trial
 
-    result = run_turn(agent, f"ask-{uuid.uuid4().hex[:8]}", question, on_step=on_step,
-                      on_token=None if json_out else on_token, confirm=confirm,
-                      decline_reason="" if allow_trial else "tunepilot ask was run without --allow-trial",
-                      decline_hint="`tunepilot ask --allow-trial ...`")
+    with notice:
+        result = run_turn(agent, f"ask-{uuid.uuid4().hex[:8]}", question, on_step=on_step,
+                          on_token=None if json_out else on_token, confirm=confirm,
+                          decline_reason="" if allow_trial else "tunepilot ask was run without --allow-trial",
+                          decline_hint="`tunepilot ask --allow-trial ...`")
     data = result.to_json()
     if json_out:
         sys.stdout.write(json.dumps({"answer": data["answer"], "setup": data["setup"], "tool_calls": data["tool_calls"],
@@ -340,7 +383,10 @@ class ChatSession:
         c = self.console
         streamed: list[str] = []
 
+        notice = SilenceNotice(lambda line: c.print(f"[dim]{escape(line)}[/]", highlight=False) if not streamed else None)
+
         def on_token(piece: str) -> None:
+            notice.poke()
             if not streamed:
                 c.print("[bold magenta]tunepilot[/] ", end="")
             streamed.append(piece)
@@ -348,6 +394,7 @@ class ChatSession:
             c.file.flush()
 
         def on_step(step: dict) -> None:
+            notice.poke()
             if streamed:
                 if not "".join(streamed).endswith("\n"):
                     c.file.write("\n")
@@ -355,6 +402,7 @@ class ChatSession:
             c.print(format_step(step), highlight=False)
 
         def confirm(request: dict) -> bool:
+            notice.hold()
             if streamed:
                 if not "".join(streamed).endswith("\n"):
                     c.file.write("\n")
@@ -366,11 +414,13 @@ class ChatSession:
                 reply = ""
             yes = reply.strip().lower() in ("y", "yes", "네", "예", "응")
             c.print("[green]starting the trial[/]" if yes else "[dim]not run[/]", highlight=False)
+            notice.poke()
             return yes
 
         try:
-            result = run_turn(self.agent, self.thread_id, text, on_step=on_step, on_token=on_token, allow_trial=self.allow_trial,
-                              confirm=confirm, decline_reason="the person answered no")
+            with notice:
+                result = run_turn(self.agent, self.thread_id, text, on_step=on_step, on_token=on_token, allow_trial=self.allow_trial,
+                                  confirm=confirm, decline_reason="the person answered no")
         except KeyboardInterrupt:
             c.print("\n[yellow]cancelled[/]")
             return

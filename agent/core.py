@@ -2,19 +2,26 @@
 
 Contract used by the chat CLI, `tunepilot ask` and the Slack bot:
 
-- `build_agent(chat_model, *, checkpointer=None, max_model_calls=12, workdir=None)` -> the
+- `build_agent(chat_model, *, checkpointer=None, max_model_calls=12, workdir=None, context_tokens=None)` -> the
   compiled agent. Conversations are threads of its checkpointer (in memory by default;
   pass a `SqliteSaver` to persist them).
-- `run_turn(agent, thread_id, text, *, on_step=None, allow_trial=True) -> TurnResult`: one
-  user message, streamed; `on_step({"tool", "args", "seconds", "status"})` per tool call.
+- `run_turn(agent, thread_id, text, *, on_step=None, allow_trial=True, confirm=None) -> TurnResult`: one
+  user message, streamed; `on_step({"tool", "args", "seconds", "status"})` per tool call;
+  `confirm(request) -> bool | None` is asked before a tool that needs consent (`run_trial`);
+  None (or no `confirm`) pauses the turn (`stopped="confirm"`) until `resume_turn`.
 - `agent_error_message(exc) -> str`: one line for a chat-model or tool fault.
+
+Middleware (issue 13): HumanInTheLoopMiddleware pauses before `run_trial`; the tool-context
+middleware runs the tool calls of one model message in order (each sees the setup the
+previous produced), answers a repeated identical call with its earlier result, enforces a
+per-tool call limit per turn and marks failed results as errors; ToolErrorMiddleware turns
+fixable faults into "error:" observations; ModelCallLimitMiddleware bounds a turn (the answer
+then lists what the tools found); a model-call wrapper trims the history to the context.
 
 Session state lives in the conversation itself: each tool returns its setup / script as
 the ToolMessage *artifact* (the model never sees it, the checkpointer keeps it), and
 `tools.agent_tools.session_state(messages)` reads the latest ones back. So a thread's
 setup survives restarts with a persistent checkpointer, and two threads never mix.
-Per-call context (the work directory, the thread id, whether trial runs are allowed) is
-set around every tool call by a middleware (`tools.agent_tools.tool_context`).
 """
 
 from __future__ import annotations

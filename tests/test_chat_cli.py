@@ -304,3 +304,22 @@ def test_chat_save_renders_from_the_setup_when_no_script_was_written(tmp_path):
     assert session.command("/reset") and session.command("/setup")
     assert "no setup yet" in out.getvalue()
     assert session.command("/quit") is False
+
+
+def test_a_slow_model_gets_one_still_waiting_line_per_silence():
+    import threading
+
+    from agent.chat import SilenceNotice
+
+    lines: list[str] = []
+    got = threading.Event()
+    with SilenceNotice(lambda line: (lines.append(line), got.set()), after=0.3) as notice:
+        assert got.wait(10)
+        time.sleep(1.0)  # still silent: no second line for the same silence
+        assert len(lines) == 1 and lines[0].startswith("(still waiting for the model after") and "--llm-timeout" in lines[0]
+        got.clear()
+        notice.poke()  # a token arrived; a new silence is told again
+        assert got.wait(10) and len(lines) == 2
+        notice.hold()  # the person is answering a y/N question: nothing to say
+        time.sleep(1.0)
+        assert len(lines) == 2
