@@ -61,6 +61,30 @@ def engine_block(result) -> Optional[str]:
     return f"tunepilot engine: {summary}"
 
 
+def _close_http(model) -> None:
+    """Shut down this process's connections to the chat model's server, so a read blocked in a worker
+    thread ends at once (closing a pooled socket from another thread does not wake the reader)."""
+    import gc
+    import socket
+    import urllib.parse
+
+    base = getattr(model, "tunepilot_base_url", None) or str(getattr(model, "openai_api_base", "") or "")
+    parts = urllib.parse.urlsplit(base) if base else None
+    port = (parts.port or (443 if parts.scheme == "https" else 80)) if parts else 443
+    for obj in gc.get_objects():
+        if not isinstance(obj, socket.socket) or obj.fileno() < 0:
+            continue
+        try:
+            peer = obj.getpeername()
+        except OSError:
+            continue
+        if isinstance(peer, tuple) and (port is None or peer[1] == port):
+            try:
+                obj.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 class SilenceNotice:
     """Says, once per silence, that a slow model is still working (a local model can read a prompt for minutes).
 
@@ -375,6 +399,45 @@ class ChatSession:
         self.llm = spec
         self.console.print(f"[dim]now using {escape(spec)} (same conversation)[/]", highlight=False)
 
+    # -- cancelling a model call ---------------------------------------------------------------
+    def _cancel_closes_the_connection(self):
+        """Ctrl-C during a turn also closes the chat model's HTTP connection, so a slow local model's
+        reply is not awaited (the graph would otherwise wait for the in-flight call to finish)."""
+        import contextlib
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return contextlib.nullcontext()
+        session = self
+
+        @contextlib.contextmanager
+        def guard():
+            def on_sigint(signum, frame):
+                session._cancelled = True
+                _close_http(session.model)
+                raise KeyboardInterrupt
+
+            previous = signal.signal(signal.SIGINT, on_sigint)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGINT, previous)
+
+        return guard()
+
+    def _fresh_model_after_cancel(self) -> None:
+        if not getattr(self, "_cancelled", False):
+            return
+        self._cancelled = False
+        from agent.llm import make_chat_model
+
+        try:  # the closed client cannot be reused: the same model, a new connection
+            self.model = make_chat_model(self.llm, base_url=self.base_url, **self.llm_options)
+            self.agent = self._build()
+        except TunepilotError as e:
+            self.console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+
     # -- one turn --------------------------------------------------------------------------
     def turn(self, text: str) -> None:
         """Send one message; stream the answer; every failure ends in one line and the session goes on."""
@@ -418,11 +481,12 @@ class ChatSession:
             return yes
 
         try:
-            with notice:
+            with notice, self._cancel_closes_the_connection():
                 result = run_turn(self.agent, self.thread_id, text, on_step=on_step, on_token=on_token, allow_trial=self.allow_trial,
                                   confirm=confirm, decline_reason="the person answered no")
         except KeyboardInterrupt:
             c.print("\n[yellow]cancelled[/]")
+            self._fresh_model_after_cancel()
             return
         except Exception as e:  # noqa: BLE001 - the edge: one line, the session survives
             import os

@@ -226,14 +226,16 @@ def test_chat_in_a_terminal_tool_step_save_errors_cancel_and_resume(tmp_path):
             term.type("a question the server refuses")
             term.expect(r"error: the chat model .*refused the credentials")
             term.expect(r"you›")
-            stub.delay = 4.0  # counted from the request's arrival at the stub, not from typing
+            stub.delay = 300.0  # a very slow model; released by stub.stop()
             sent = len(stub.requests)
             term.type("a slow question")
             # Ctrl-C only once the request is in flight (not while the line is still being read): on a
             # loaded machine the line can take seconds to reach the server, so a fixed sleep races it
             assert stub.wait_for_requests(sent + 1, timeout=60), term.text[-2000:]
+            t_cancel = time.monotonic()
             os.write(term.fd, b"\x03")  # Ctrl-C
-            term.expect(r"cancelled")
+            term.expect(r"cancelled", timeout=60)
+            assert time.monotonic() - t_cancel < 60, "Ctrl-C did not wait for the slow model's reply"
             term.expect(r"you›")
             stub.delay = 0.0
             term.type("are you still there?")
