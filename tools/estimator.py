@@ -232,9 +232,8 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
     bd["cublas_workspace"] = float(cw["value"] * cw["count"] * MIB)
     allocated = sum(bd.values())
     # reserved: + allocator rounding and fragmentation
-    frag = _const("allocator_fragmentation")
-    seg = _const("allocator_segments_mib")
-    bd["allocator_overhead"] = allocated * float(frag["value"]) + float(seg["value"]) * MIB
+    bd["allocator_overhead"], alloc_note = _allocator_overhead(step, setup, allocated)
+    provenance.append(alloc_note)
     reserved = allocated + bd["allocator_overhead"]
     # device total: + CUDA context (+ NCCL)
     ctx = _const("cuda_context_gib")
@@ -242,7 +241,7 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
     if setup.num_gpus > 1:
         bd["nccl_buffers"] = float(_const("nccl_buffers_gib")["value"]) * gib
     total = reserved + bd["cuda_context"] + bd.get("nccl_buffers", 0.0)
-    for name in ("cublas_workspace_mib", "allocator_fragmentation", "allocator_segments_mib", "cuda_context_gib"):
+    for name in ("cublas_workspace_mib", "cuda_context_gib"):
         c = _const(name)
         provenance.append(f"{name} = {c['value']} ({c['unit']}); source: {c['source']}")
     if setup.num_gpus > 1:
@@ -283,6 +282,36 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
     if advice:
         est.advice = _advice(model, setup, bd, dominant, total)
     return est
+
+
+def _allocator_overhead(step: StepMemory, setup: TrainingSetup, allocated: float) -> tuple[float, str]:
+    """Reserved minus allocated, with the provenance line saying how: PyTorch's caching allocator replayed over
+    the simulated allocation order where the flat factor is weakest (a sharded step: FSDP's all-gather and
+    reduce-scatter streams keep freed blocks from being reused), else the calibrated flat factor.
+
+    TUNEPILOT_ALLOCATOR=replay uses the replay wherever a simulated step has one, =flat never."""
+    import os
+
+    frag = _const("allocator_fragmentation")
+    seg = _const("allocator_segments_mib")
+    flat = allocated * float(frag["value"]) + float(seg["value"]) * MIB
+    sharded = bool(setup.zero_stage or setup.fsdp != "none")
+    mode = os.environ.get("TUNEPILOT_ALLOCATOR", "auto")
+    replayed = step.allocator_overhead_bytes
+    if replayed is None:
+        why = "no allocation order: analytic tier"
+    elif mode == "flat":
+        why = "TUNEPILOT_ALLOCATOR=flat"
+    elif sharded and getattr(step, "world_size", 1) != setup.num_gpus:
+        why = "the step was not simulated sharded"
+    elif mode == "auto" and not sharded:
+        why = "one GPU, one stream: the calibrated factor"
+    else:
+        return float(replayed), ("allocator_overhead: PyTorch's caching allocator replayed over the simulated allocation "
+                                 "order (tools/memory/allocator.py: 512 B rounding, 2/20 MiB segments, best-fit splitting, "
+                                 f"per-stream pools): {replayed / MIB:.0f} MiB reserved beyond the live bytes")
+    return flat, (f"allocator_overhead: flat {frag['value']} x allocated + {seg['value']} MiB ({why}); "
+                  f"source: {frag['source']}")
 
 
 def _host_ram(est: MemoryEstimate, model: ModelSpec, setup: TrainingSetup, step: StepMemory, available: float | None,

@@ -698,6 +698,8 @@ class StepMemory(_Strict):
     seconds: float = Field(default=0.0, description="Wall time of the computation.")
     notes: list[str] = Field(default_factory=list, description="Provenance and approximations.")
     op_trace: Optional[list[list]] = Field(default=None, description="The step's op cost records at full depth (tools.memory.timing: phase, op class, dtype, FLOPs, bytes, tile efficiency, causal, count); None for the analytic tier.")
+    allocator_overhead_bytes: Optional[int] = Field(default=None, description="Peak reserved minus peak live bytes of PyTorch's caching allocator replayed over this step's allocation order (tools/memory/allocator.py); None when not replayed (analytic tier).")
+    allocator_overhead_expandable_bytes: Optional[int] = Field(default=None, description="The same with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.")
 
 
 class PlanGoals(_Strict):

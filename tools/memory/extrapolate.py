@@ -102,6 +102,19 @@ def combine(runs: list[RunResult], depths: list[int], total: int) -> StepMemory:
 
         counts = a.op_counts if len(runs) == 1 else extend_trace(a.op_counts, b.op_counts, depths[0], depths[1], total)
         op_trace = trace_to_list(counts)
+    over = over_exp = None
+    if a.allocator and b.allocator:
+        # what the caching allocator holds beyond the live bytes: the rounding of live blocks grows with
+        # every block's tensors (extended linearly); the cached free blocks are set by the step's largest
+        # transients (logits, a block's activations), the same at every depth (the deeper run's kept)
+        def parts(r: dict, key: str) -> tuple[int, int]:
+            return r["allocated"] - r["requested"], r[key] - r["allocated"]
+
+        def overhead(key: str) -> int:
+            (wa, ca), (wb, cb) = parts(a.allocator, key), parts(b.allocator, key)
+            return ext(wa, wb) + max(0, cb if len(runs) > 1 else ca)
+
+        over, over_exp = overhead("reserved"), overhead("reserved_expandable")
     return StepMemory(
         tier="simulated",
         num_parameters=ext(a.num_parameters, b.num_parameters),
@@ -114,4 +127,5 @@ def combine(runs: list[RunResult], depths: list[int], total: int) -> StepMemory:
         eval_peak_bytes=eval_peak,
         largest_layer_param_bytes=max(a.largest_layer_param_bytes, b.largest_layer_param_bytes),
         per_layer_bytes=per_layer, layers_simulated=list(depths), notes=notes, op_trace=op_trace,
+        allocator_overhead_bytes=over, allocator_overhead_expandable_bytes=over_exp,
     )

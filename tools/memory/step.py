@@ -97,6 +97,7 @@ class RunResult:
     largest_layer_param_bytes: int
     notes: list[str] = field(default_factory=list)
     op_counts: dict | None = None  # tools.memory.timing cost record of each op of the traced step -> count
+    allocator: dict | None = None  # the caching-allocator replay of this run's allocation order (allocator.summary)
 
 
 @dataclass
@@ -149,6 +150,7 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
         from tools.memory.timing import OpTrace
 
         trace = tracker.op_observer = OpTrace()  # the cost of every op of step 2 (tools.memory.timing)
+    events = tracker.log_events()  # the allocation order, replayed through the caching-allocator model
     # flash-attention runs packed rows as variable-length sequences (no mask); sdpa/eager get the block mask
     packed_mask = setup.padding_free and setup.attn_implementation != "flash_attention_2"
     with TrainingMaskPolicy(packed_mask), CudaLikeDropout(), tracker, warnings.catch_warnings():
@@ -166,10 +168,13 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
         measured = measure(prep, optimizer, tracker)
         eval_peak = eval_step(prep, optimizer, setup, tracker, amp) if setup.eval_strategy != "no" else None
     prep.notes.extend(_kernel_notes(setup))
+    from tools.memory.allocator import summary
+
     return RunResult(
         **measured, num_parameters=prep.num_parameters, trainable_parameters=prep.trainable_parameters,
         eval_peak_bytes=eval_peak, largest_layer_param_bytes=prep.largest_layer_param_bytes, notes=prep.notes,
         op_counts=None if trace is None else dict(trace.counts),
+        allocator=summary(events),
     )
 
 

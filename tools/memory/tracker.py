@@ -9,7 +9,12 @@ with depth, and each segment's peak must be the same kind of moment at depth k a
 linear extrapolation to hold (`tools.memory.extrapolate`; the segments: `tools.memory.segments`).
 `make_tracker(fake=False)` returns `RealMemoryTracker`, a plain dispatch mode that counts the
 storages of a REAL step the same way (the tests compare the two). Both share `TrackingMixin`, whose `add` / `_free` are the one place a
-storage's birth and death are seen (where a later observer, e.g. an allocator model, would hook in).
+storage's birth and death are seen. `log_events()` turns on an event log there, off by default and
+free when off (`live` is then a plain dict): the allocation order as (1, key, nbytes, tag) per birth
+and (0, key, 0, "") per death; a record replaced in `live` (FSDP's in-place storage resizes, a
+storage moved to host RAM) logs the death of the old size and the birth of the new one.
+`tools.memory.allocator.replay` serves that order the way PyTorch's caching allocator would, on the
+CUDA stream each tag allocates on.
 
 The tracker's own op cache (`_op_key`, `_record`, `_replay`) answers repeated ops in front of
 FakeTensorMode's cache; `TUNEPILOT_SIM_FASTPATH=0` switches it off.
@@ -38,6 +43,29 @@ class _Rec:
     def __init__(self, nbytes: int, tag: str):
         self.nbytes = nbytes
         self.tag = tag
+
+
+class _EventLog(dict):
+    """The tracker's `live` map once `log_events()` is on: every change is appended to `events`."""
+
+    def __init__(self, live: dict):
+        super().__init__(live)
+        self.events: list[tuple] = []
+
+    def __setitem__(self, key, rec) -> None:
+        old = self.get(key)
+        if old is not rec:
+            if old is not None and old.nbytes:
+                self.events.append((0, key, 0, ""))
+            if rec.nbytes:
+                self.events.append((1, key, rec.nbytes, rec.tag))
+        super().__setitem__(key, rec)
+
+    def __delitem__(self, key) -> None:
+        old = self[key]
+        if old.nbytes:
+            self.events.append((0, key, 0, ""))
+        super().__delitem__(key)
 
 
 # --------------------------------------------------------------------------------------
@@ -75,6 +103,12 @@ class TrackingMixin:
         # optional op observer, off by default: callable(func, args, kwargs, out, tag) called for every
         # top-level op, also one answered from the op cache (tools.memory.timing.OpTrace records its cost)
         self.op_observer = None
+
+    def log_events(self) -> list[tuple]:
+        """Record every storage birth and death from now on (the order the caching-allocator model replays)."""
+        if not isinstance(self.live, _EventLog):
+            self.live = _EventLog(self.live)
+        return self.live.events
 
     @property
     def phase(self) -> str:
