@@ -232,3 +232,19 @@ def test_cli_host_ram_flag_and_json_keys():
     assert d["host_fits"] is True and d["host_ram_available_gib"] == 12
     bad = subprocess.run(base + ["--host-ram", "0"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "--host-ram" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_offload_parts_from_the_simulated_sharded_step():
+    """The distributed dry run's ledger reports per-rank host bytes by kind; host_memory takes them as parts."""
+    from types import SimpleNamespace
+
+    from tools.memory.host import offload_from_sharded_step
+
+    step = SimpleNamespace(world_size=4, offloaded_bytes={"parameters": 10, "gradients": 20, "optimizer_state": 30,
+                                                          "optimizer_step": 5, "other": 1})
+    assert offload_from_sharded_step(step) == {"offloaded_params": 11, "gradients": 20, "optimizer_states": 30,
+                                               "optimizer_step_temporaries": 5}
+    assert offload_from_sharded_step(SimpleNamespace(world_size=1, offloaded_bytes={"gradients": 1})) is None
+    spec, setup, one = _spec_and_step(method="lora", num_gpus=4, fsdp="full_shard", offload="all")
+    hm = host_memory(spec, setup, one, offload=offload_from_sharded_step(step))
+    assert hm.breakdown["gradients"] == 4 * 20 and hm.breakdown["optimizer_states"] == 4 * 30  # x local ranks

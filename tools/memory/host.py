@@ -46,9 +46,10 @@ safetensors 0.8; the tests in tests/test_host_memory.py measure the first three 
    while the model is built; rank 0 alone reads the state dict (`map_location="cpu"`, the others
    "meta"), as mmap views in the file's dtype: no anonymous copy.
 
-Offload (training): the per-rank sizes come from the sharded step (`offload=` bytes by part,
-what the distributed simulation's ledger moved to the host); until a caller has them,
-`offload_from_step` computes them from the one-replica StepMemory and the setup.
+Offload (training): the per-rank sizes come from the sharded step — `offload=` bytes by part, or
+the simulated sharded step's own `StepMemory.offloaded_bytes` (what tools.memory.distributed's
+ledger moved to the host, `offload_from_sharded_step`); otherwise `offload_from_step` computes them
+from the one-replica StepMemory and the setup (formula).
 """
 
 from __future__ import annotations
@@ -135,6 +136,24 @@ def offload_from_step(step: StepMemory, setup: TrainingSetup) -> dict[str, int]:
     return out
 
 
+# what the sharded dry run's ledger (tools.memory.distributed) calls the kinds of bytes it moved to the host
+_LEDGER_KINDS = {"parameters": "offloaded_params", "params": "offloaded_params", "gradients": "gradients",
+                 "optimizer_state": "optimizer_states", "optimizer_states": "optimizer_states",
+                 "optimizer_step": "optimizer_step_temporaries", "master_weights": "master_weights"}
+
+
+def offload_from_sharded_step(step: StepMemory) -> dict[str, int] | None:
+    """Per-rank host bytes by part as the simulated sharded step measured them (StepMemory.offloaded_bytes), or None."""
+    measured = getattr(step, "offloaded_bytes", None)
+    if not measured or getattr(step, "world_size", 1) <= 1:
+        return None
+    out: dict[str, int] = {}
+    for kind, n in measured.items():
+        part = _LEDGER_KINDS.get(kind, "offloaded_params")
+        out[part] = out.get(part, 0) + max(0, int(n))
+    return out
+
+
 def _loading_parts(model: ModelSpec, setup: TrainingSetup, step: StepMemory, ranks: int,
                    notes: list[str]) -> dict[str, int]:
     parts: dict[str, int] = {}
@@ -214,6 +233,10 @@ def host_memory(model: ModelSpec, setup: TrainingSetup, step: StepMemory, *, off
     notes: list[str] = []
     ranks = local_ranks(setup)
     runtime = int((_const("host_runtime_gib") + _const("host_cuda_runtime_gib")) * BYTES_PER_GIB) * ranks
+    if offload is None:
+        offload = offload_from_sharded_step(step)
+        if offload is not None:
+            notes.append("offload: the host bytes the simulated sharded step moved off the GPU, per rank")
     if offload is None:
         offload = offload_from_step(step, setup)
     loading = {"runtime": runtime, **_loading_parts(model, setup, step, ranks, notes)}
