@@ -24,6 +24,7 @@ HELP = """\
 Ask in plain words (English or Korean), e.g. "Can I fine-tune Llama-3.1-8B on one RTX 4090?"
   /setup        show the current training setup as YAML
   /save PATH    write the generated train.py (renders one from the current setup if needed)
+  /plot [FILE]  draw the current setup's memory chart (default memory.png; .png or .svg)
   /model SPEC   switch the chat model, e.g. /model openai:gpt-4o-mini
   /reset        start a new conversation
   /help         this help
@@ -330,6 +331,8 @@ class ChatSession:
             self._show_setup()
         elif name == "/save":
             self._save(arg)
+        elif name == "/plot":
+            self._plot(arg)
         elif name == "/model":
             self._switch_model(arg)
         else:
@@ -350,6 +353,22 @@ class ChatSession:
             return
         self.console.print(f"[bold]{escape(setup.short())}[/]", highlight=False)
         self.console.print(Syntax(setup.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
+
+    def _plot(self, arg: str) -> None:
+        """/plot [FILE]: the current setup's memory chart, written to FILE (default memory.png)."""
+        from tools.plots import setup_chart
+
+        state = self._state()
+        if state["setup"] is None:
+            self.console.print("[yellow]nothing to plot yet[/]: ask for a plan or an estimate first")
+            return
+        path = Path(arg or "memory.png").expanduser()
+        try:
+            written = setup_chart(state["setup"], path, memory=state.get("memory"))
+        except TunepilotError as e:
+            self.console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+            return
+        self.console.print(f"chart of {escape(state['setup'].short())}: {escape(str(written.resolve()))}", highlight=False)
 
     def _save(self, arg: str) -> None:
         if not arg:

@@ -47,6 +47,10 @@ _YES = {"yes", "y", "ok", "go", "run it", "yes please", "네", "예", "응", "�
 _NO = {"no", "n", "nope", "cancel", "don't", "아니요", "아니", "취소"}
 
 
+# answers whose setup gets its memory chart uploaded with them (tools.plots.setup_chart)
+CHART_TOOLS = ("plan_training", "estimate_memory")
+
+
 class SlackConfigError(TunepilotError):
     """The Slack bot cannot start: a missing token, a rejected token, an unreachable API."""
 
@@ -516,6 +520,8 @@ class SlackBot:
             self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=reply_text, blocks=blocks)
             if upload:
                 self._upload_script(channel, thread_ts, script, getattr(result, "script_path", None))
+            if getattr(result, "setup", None) is not None and any(t in used for t in CHART_TOOLS):
+                self._upload_chart(channel, thread_ts, result)
             log.info("answered %s in %.1fs (tools: %s)", thread_id, time.monotonic() - started, ", ".join(used) or "none")
             if ts:
                 self._react(channel, ts, "eyes", remove=True)
@@ -529,6 +535,22 @@ class SlackBot:
             if ts:
                 self._react(channel, ts, "eyes", remove=True)
                 self._react(channel, ts, "x")
+
+    def _upload_chart(self, channel: str, thread_ts: str, result: Any) -> None:
+        """The memory chart of the answer's setup (tools.plots), as a PNG in the thread; a failure is only logged."""
+        import tempfile
+
+        from tools.plots import setup_chart
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="tunepilot-chart-") as tmp:
+                png = setup_chart(result.setup, Path(tmp) / "memory.png", memory=getattr(result, "memory", None))
+                self.client.files_upload_v2(
+                    channel=channel, thread_ts=thread_ts, file=png.read_bytes(), filename="memory.png",
+                    title=f"Memory per GPU: {result.setup.short()}", initial_comment="What fills the GPU for this setup:",
+                )
+        except Exception as e:  # noqa: BLE001 - no matplotlib, no files:write scope...: the answer stands without it
+            log.warning("memory chart for %s not uploaded: %s", thread_ts, e)
 
     def _upload_script(self, channel: str, thread_ts: str, script: str, script_path: str | None) -> None:
         from slack_sdk.errors import SlackApiError

@@ -20,8 +20,12 @@ Every drawn element that a test or a reader may want to find carries a gid (SVG 
 `seg-<key>` for bar segments, `host-<key>` for host segments, `line-capacity`, `line-usable`,
 `mark-allocated`/`mark-reserved`/`mark-total`, `cand-<n>`, `cell-<seq>-<batch>`.
 
-matplotlib (the `plot` extra) is imported on first use with the Agg backend; without it every
-function raises PlotError with one line saying how to install it.
+`setup_chart(setup, path, memory=...)` re-estimates a conversation's current setup and draws its
+estimate chart (`/plot` in chat, the Slack bot's chart upload).
+
+matplotlib (the `plot` extra) is imported on first use; figures are drawn without pyplot (no global
+state, safe in the Slack bot's worker threads) by the Agg renderer for PNG and the SVG one for SVG.
+Without matplotlib every function raises PlotError with one line saying how to install it.
 """
 
 from __future__ import annotations
@@ -63,16 +67,17 @@ class PlotError(TunepilotError):
     """A picture cannot be made as asked (matplotlib missing, unknown file type, unwritable path)."""
 
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed), or PlotError naming the fix."""
+def _figure():
+    """matplotlib's Figure class (no pyplot: no global state, safe in the Slack bot's worker threads),
+    or PlotError naming the fix when matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
         raise PlotError("--plot needs matplotlib: pip install 'tunepilot[plot]' (or pip install matplotlib)") from None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    return plt
+    matplotlib.rcParams["svg.hashsalt"] = "tunepilot"  # stable SVG ids between runs
+    return Figure
 
 
 def _check_path(path: str | Path) -> Path:
@@ -87,21 +92,10 @@ def _check_path(path: str | Path) -> Path:
 def _save(fig, path: Path) -> Path:
     meta = {"Creator": "tunepilot"} if path.suffix.lower() == ".png" else {"Creator": "tunepilot", "Date": None}
     try:
-        fig.savefig(path, dpi=DPI, metadata=meta)
+        fig.savefig(path, dpi=DPI, metadata=meta)  # the Agg / SVG backend by the suffix
     except OSError as e:
         raise PlotError(f"--plot {path}: cannot write the picture ({e.strerror or e})") from None
-    finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
     return path
-
-
-def _svg_hashsalt() -> None:
-    """Stable SVG ids between runs (matplotlib derives clip-path ids from a salt)."""
-    import matplotlib
-
-    matplotlib.rcParams["svg.hashsalt"] = "tunepilot"
 
 
 # --------------------------------------------------------------------------------------
@@ -168,8 +162,7 @@ def estimate_chart(est: MemoryEstimate, path: str | Path, *, safety_margin: floa
     """Write the stacked per-GPU breakdown of `est` to `path` (.png / .svg); host RAM beside it for
     sharded / offloaded setups (host=None), always (True) or never (False)."""
     path = _check_path(path)
-    plt = _pyplot()
-    _svg_hashsalt()
+    Figure = _figure()
     host = _host_breakdown(est) if (sharded(est) if host is None else host) else {}
     segs = segments(est.breakdown)
     capacity = est.gpu_memory_gib
@@ -177,9 +170,11 @@ def estimate_chart(est: MemoryEstimate, path: str | Path, *, safety_margin: floa
 
     # panels: the bar, the legend, and (sharded / offloaded setups) the host RAM
     if host:
-        fig, (ax, lax, hax) = plt.subplots(1, 3, figsize=FIGSIZE, gridspec_kw={"width_ratios": [2.3, 1.25, 0.8]})
+        fig = Figure(figsize=FIGSIZE)
+        ax, lax, hax = fig.subplots(1, 3, gridspec_kw={"width_ratios": [2.3, 1.25, 0.8]})
     else:
-        fig, (ax, lax) = plt.subplots(1, 2, figsize=FIGSIZE, gridspec_kw={"width_ratios": [2.3, 1.25]})
+        fig = Figure(figsize=FIGSIZE)
+        ax, lax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.3, 1.25]})
         hax = None
     lax.axis("off")
     bottom = 0.0
@@ -287,8 +282,7 @@ def plan_chart(plan: Plan, path: str | Path, *, safety_margin: float = SAFETY_MA
     `labels` (one per candidate, e.g. the CLI's short setup labels) annotate the points; by default
     they are numbered as in the plan table."""
     path = _check_path(path)
-    plt = _pyplot()
-    _svg_hashsalt()
+    Figure = _figure()
     if not plan.candidates:
         raise PlotError("plan: no candidate to draw (the search found no setup at all)")
     hours_all = all(c.throughput.total_hours is not None for c in plan.candidates)
@@ -302,7 +296,8 @@ def plan_chart(plan: Plan, path: str | Path, *, safety_margin: float = SAFETY_MA
         ys.append(c.estimate.device_total_gib)
     xlabel = "hours to train (all epochs)" if hours_all else "minutes per million training tokens"
     capacity = next((c.estimate.gpu_memory_gib for c in plan.candidates if c.estimate.gpu_memory_gib), None)
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
     best_setup = plan.best.setup if plan.best is not None else None
     lo = min(ys + ([capacity] if capacity else []))
     hi = max(ys + ([capacity] if capacity else []))
@@ -371,12 +366,12 @@ def plan_chart(plan: Plan, path: str | Path, *, safety_margin: float = SAFETY_MA
 def fit_map_chart(fit_map, path: str | Path) -> Path:
     """Write the sweep's micro-batch x sequence-length fit map to `path` (.png / .svg)."""
     path = _check_path(path)
-    plt = _pyplot()
+    Figure = _figure()
     from matplotlib.patches import Rectangle
 
-    _svg_hashsalt()
     batches = list(fit_map.batch_sizes)
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
     for r, row in enumerate(fit_map.rows):
         for c, cell in enumerate(row.cells):
             colour = FIT if cell.fits else NO_FIT
@@ -409,3 +404,28 @@ def fit_map_chart(fit_map, path: str | Path) -> Path:
               fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------
+# a conversation's current setup
+# --------------------------------------------------------------------------------------
+
+
+def setup_chart(setup, path: str | Path, *, memory: Optional[dict] = None) -> Path:
+    """Estimate `setup` again and draw its chart to `path`: the same tier as the conversation's estimate
+    (`memory['tier']`; the simulator's in-process cache makes a repeat cheap), on the setup's GPU."""
+    from tools.estimator import estimate
+    from tools.models import lookup_model
+
+    path = _check_path(path)
+    _figure()  # matplotlib missing: say so before estimating
+    hardware = None
+    if setup.gpu:
+        from tools.gpus import parse_hardware
+
+        hardware = parse_hardware(setup.gpu)
+        if hardware.num_gpus != setup.num_gpus:
+            hardware = hardware.model_copy(update={"num_gpus": setup.num_gpus})
+    fast = (memory or {}).get("tier") != "simulated"
+    est = estimate(lookup_model(setup.model_id), setup, hardware, fast=fast, advice=False)
+    return estimate_chart(est, path)
