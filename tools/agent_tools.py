@@ -647,12 +647,15 @@ def plan_training_tool(**kw) -> tuple[str, dict]:
     if result.best is not None and best_setup is not None:
         memory = _memory_view(result.best.estimate)
         time = _throughput_view(result.best.throughput)
+        shown_memory = {k: v for k, v in memory.items() if k not in ("band_gib", "advice", "host_ram_gib", "gpu")}
+        shown_time = {k: v for k, v in time.items() if k != "assumed_mfu"
+                      and not (k in ("total_hours", "gpu_hours") and v == time.get("hours_per_epoch"))}
         script: dict = {}
         if result.fits:
             best_setup, script = _write_script(best_setup, spec, notes)
         sid = setup_id_of(best_setup)
         summary = summary_text(best_setup, memory, time=time, script=script.get("script_path"), launch=script.get("launch_command"))
-        out |= {"setup_id": sid, "summary": summary, "setup": _setup_view(best_setup), "memory": memory, "time": time}
+        out |= {"setup_id": sid, "summary": summary, "setup": _setup_view(best_setup), "memory": shown_memory, "time": shown_time}
         if script:
             out |= {"script": script["script_path"], "launch_command": script["launch_command"]}
         if result.best.why and result.best.why != "recommended":
@@ -675,7 +678,10 @@ def plan_training_tool(**kw) -> tuple[str, dict]:
             for c in alternatives
         ]
     if result.advice:
-        out["advice"] = result.advice[:3]
+        # the "Recommended: ..." line repeats the summary; the others say why not the rest (kept short when it fits)
+        lines = [a for a in result.advice if not a.startswith("Recommended")]
+        cut = 240 if result.fits else 500
+        out["advice"] = [a if len(a) <= cut else a[: cut - 3] + "..." for a in lines[: 2 if result.fits else 3]]
     if not hw.gpu.bf16:
         notes.append(f"{hw.gpu.name} has no bf16: setups use fp16 mixed precision")
     if not (args.dataset_tokens or args.dataset_examples):
