@@ -258,6 +258,7 @@ def estimate(
     gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU to check against, e.g. '4090', 'A100 80GB', '2x H100'."),
     fast: bool = typer.Option(False, "--fast", help="Closed-form analytic tier (instant, ~10%) instead of the dry run."),
     host_ram: Optional[float] = typer.Option(None, "--host-ram", help="Host RAM per node in GiB to check loading and offload against (e.g. 12 for a free Colab)."),
+    local: bool = typer.Option(False, "--local", help="Check against this machine: its GPUs and its host RAM (/proc/meminfo)."),
     dataset_tokens: Optional[int] = typer.Option(None, "--dataset-tokens", help="Training tokens per epoch (sizes the tokenized dataset's page cache)."),
     json_out: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Also draw the per-GPU breakdown as a stacked bar (FILE.png or FILE.svg; needs matplotlib)."),
@@ -279,6 +280,8 @@ def estimate(
             fail(f"{name}: must be at least 1, got {value}")
     if host_ram is not None and host_ram <= 0:
         fail(f"--host-ram: must be a positive number of GiB, got {host_ram:g}")
+    if gpu and local:
+        fail("give either --gpu SPEC or --local, not both")
     try:
         from tools.models import lookup_model
 
@@ -288,6 +291,18 @@ def estimate(
             from tools.gpus import parse_hardware
 
             hardware = parse_hardware(gpu)
+        elif local:
+            from tools.gpus import NoGPUError, detect_hardware, host_ram_gib
+
+            try:
+                hardware = detect_hardware()
+            except NoGPUError:
+                ram = host_ram_gib()
+                if host_ram is None and ram:
+                    host_ram = ram
+                notes.append(f"--local: no GPU on this machine; host RAM checked against its {ram:.1f} GiB")
+        if hardware is not None and host_ram is not None:
+            hardware = hardware.model_copy(update={"host_ram_gib": host_ram})
         data: dict = {}
         if setup_file is not None:
             data = TrainingSetup.load(setup_file).model_dump(exclude_unset=False)

@@ -232,6 +232,12 @@ def test_cli_host_ram_flag_and_json_keys():
     assert d["host_fits"] is True and d["host_ram_available_gib"] == 12
     bad = subprocess.run(base + ["--host-ram", "0"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "--host-ram" in bad.stderr and "Traceback" not in bad.stderr
+    # --local reads this machine's RAM (no GPU here: the host check alone)
+    from tools.gpus import host_ram_gib
+
+    loc = subprocess.run(base + ["--local", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert loc.returncode == 0, loc.stderr
+    assert json.loads(loc.stdout)["host_ram_available_gib"] == pytest.approx(host_ram_gib(), abs=0.01)
 
 
 def test_offload_parts_from_the_simulated_sharded_step():

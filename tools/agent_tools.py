@@ -218,6 +218,10 @@ def estimate_view(e: MemoryEstimate) -> dict:
     }
     if e.host_ram_gib:
         view["host_ram_gib"] = _gib(e.host_ram_gib)
+        view["host_ram_parts"] = {k: _gib(v) for k, v in e.host_breakdown.items() if v >= 0.05}
+        view["host_ram_peaks_at"] = e.host_phase
+        if e.host_fits is not None:
+            view["host_ram_fits"] = e.host_fits
     return {k: v for k, v in view.items() if v not in (None, "", {})}
 
 
