@@ -135,7 +135,20 @@ def make_agent(model, *, checkpointer=None, workdir=None, err: Optional[Console]
     from tools.agent_tools import TOOLS
 
     ctx = check_context(model, first_prompt_tokens(render("system", today=date.today().isoformat()), TOOLS))
-    return build_agent(model, checkpointer=checkpointer, workdir=workdir, context_tokens=ctx.tokens if ctx else None)
+    agent = build_agent(model, checkpointer=checkpointer, workdir=workdir, context_tokens=ctx.tokens if ctx else None)
+    note = small_context_note(agent, ctx)
+    if note and err is not None:
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    return agent
+
+
+def small_context_note(agent, ctx) -> Optional[str]:
+    """One line when the server's context leaves little room for the conversation (None when it is fine)."""
+    if ctx is None or ctx.tokens >= 8192:
+        return None
+    left = agent.tunepilot_settings["history_budget"]
+    return (f"the chat model's context is {ctx.tokens} tokens ({ctx.source}): about {left} are left for the conversation, "
+            "so older turns will be trimmed early; 16384 is comfortable (llama.cpp --ctx-size, Ollama num_ctx, vLLM --max-model-len)")
 
 
 def setup_table(setup, memory: Optional[dict] = None):
@@ -311,7 +324,7 @@ class ChatSession:
         self.agent = self._build()
 
     def _build(self):
-        return make_agent(self.model, checkpointer=self.checkpointer, workdir=_home() / "work")
+        return make_agent(self.model, checkpointer=self.checkpointer, workdir=_home() / "work", err=self.console)
 
     # -- slash commands ------------------------------------------------------------------
     def command(self, line: str) -> bool:

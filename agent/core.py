@@ -83,10 +83,12 @@ def tool_error_observation(exc: Exception, request: Any) -> str | None:
     """Errors the model can fix become an 'error: ...' observation; bugs return None and stop the run."""
     from pydantic import ValidationError
 
+    from tools.agent_tools import without_examples
+
     if isinstance(exc, ValidationError):
         return "error: " + format_validation_error(exc)
     if isinstance(exc, TunepilotError):
-        return f"error: {exc}"
+        return f"error: {without_examples(str(exc))}"  # a weak model copies examples into its next call
     return None
 
 
@@ -420,6 +422,11 @@ def _pending_requests(agent, config) -> list[dict]:
             out.append({"tool": req.get("name"), "args": _short_args(req.get("args") or {}),
                         "description": req.get("description", "")})
     return out
+
+
+def pending_confirmations(agent, thread_id: str) -> list[dict]:
+    """What in this thread waits for a person's yes (kept by the checkpointer: it survives a restart)."""
+    return _pending_requests(agent, {"configurable": {"thread_id": thread_id, ALLOW_TRIAL_KEY: True}})
 
 
 def _decisions(requests: list[dict], answers: list[Optional[bool]], reason: str = "", hint: str = "") -> dict:

@@ -362,7 +362,6 @@ class SlackBot:
         self._active_threads: set[str] = set()
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._pending: set[Future] = set()
-        self._awaiting: dict[str, str] = {}  # thread id -> who asked for the step that waits for a yes
 
     # -- filtering -------------------------------------------------------------------
 
@@ -456,9 +455,7 @@ class SlackBot:
         thread_id = f"{channel}:{thread_ts}"
         with self._lock_for(thread_id):
             word = text.strip().strip(".!").lower()
-            with self._guard:
-                awaiting = thread_id in self._awaiting
-            if awaiting and (word in _YES or word in _NO):
+            if (word in _YES or word in _NO) and self._is_awaiting(thread_id):
                 self._answer_confirmation(channel=channel, thread_ts=thread_ts, user=user, approved=word in _YES, ts=ts)
                 return
             self._run(channel=channel, thread_ts=thread_ts, ts=ts, user=user, text=text or "hello")
@@ -471,18 +468,24 @@ class SlackBot:
 
         return self.executor.submit(work)
 
+    def _is_awaiting(self, thread_id: str) -> bool:
+        """A step of this thread waits for a yes (asked of the checkpointer, so a restart keeps it)."""
+        from agent.core import pending_confirmations
+
+        try:
+            return bool(pending_confirmations(self.agent, thread_id))
+        except Exception:  # noqa: BLE001 - an unreadable store: nothing to confirm
+            log.exception("could not read the pending confirmations of %s", thread_id)
+            return False
+
     def _answer_confirmation(self, *, channel: str, thread_ts: str, user: str, approved: bool, ts: str | None) -> None:
         thread_id = f"{channel}:{thread_ts}"
-        with self._guard:
-            awaiting = thread_id in self._awaiting
-        if not awaiting:
+        if not self._is_awaiting(thread_id):
             self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text="Nothing is waiting for a yes in this thread.")
             return
         if approved and user not in self.trial_users:
             self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=f"<@{user}> {TRIAL_REFUSED_NOTE}")
             return
-        with self._guard:
-            self._awaiting.pop(thread_id, None)
         self._run(channel=channel, thread_ts=thread_ts, ts=ts, user=user, text=None, approved=approved)
 
     def _run(self, *, channel: str, thread_ts: str, ts: str | None, user: str, text: str | None,
@@ -494,16 +497,12 @@ class SlackBot:
         try:
             from agent.core import resume_turn, run_turn
 
-            if text is not None:
-                with self._guard:  # a new question instead of yes / no: run_turn refuses the waiting step
-                    self._awaiting.pop(thread_id, None)
+            if text is not None:  # a new question instead of yes / no: run_turn refuses a waiting step
                 result = run_turn(self.agent, thread_id, text, allow_trial=allowed)
             else:
                 result = resume_turn(self.agent, thread_id, bool(approved), allow_trial=True,
                                      decline_reason="the person pressed Don't run" if not approved else "")
             if result.stopped == "confirm":
-                with self._guard:
-                    self._awaiting[thread_id] = user
                 reply_text, blocks = confirm_blocks(result.pending or [], thread_ts)
                 self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=reply_text, blocks=blocks)
                 if ts:
@@ -675,6 +674,11 @@ def create_app(*, bot_token: str, signing_secret: str | None = None, chat_model,
     if workdir is not None:
         kw["workdir"] = workdir
     agent = build_agent(chat_model, **kw)
+    from agent.chat import small_context_note
+
+    note = small_context_note(agent, server)
+    if note:
+        log.warning("%s", note)
 
     bot = SlackBot(client=client, agent=agent, checkpointer=checkpointer, conn=conn,
                    bot_user_id=auth["user_id"], bot_id=auth.get("bot_id"),

@@ -334,3 +334,23 @@ def test_cli_estimate_and_plan_refuse_a_seq_len_beyond_the_context():
         assert r.exit_code == 2, r.output
         assert "--seq-len 1048576 is longer than EleutherAI/polyglot-ko-1.3b's context of 2,048 tokens" in r.output
         assert "Traceback" not in r.output
+
+
+def test_errors_reach_the_model_without_examples_to_copy(monkeypatch):
+    from agent.core import tool_error_observation
+    from tools import gpus
+
+    def no_gpu(**kw):
+        raise gpus.NoGPUError("no GPU found on this machine; pass --gpu like 'RTX 4090' or '2x A100 80GB'")
+
+    monkeypatch.setattr(gpus, "detect_hardware", no_gpu)
+    with pytest.raises(TunepilotError) as e:
+        _invoke("plan_training", model=POLYGLOT, hardware="local", exact=False)
+    text = tool_error_observation(e.value, None)
+    assert text.startswith("error: hardware 'local': this machine has no GPU; ask the user which GPUs")
+    assert "4090" not in text and "A100" not in text
+    raw = TunepilotError("hardware is empty: give e.g. 'RTX 4090', '2x A100 80GB' or '24GB'")
+    assert tool_error_observation(raw, None) == "error: hardware is empty: give e.g. the user's own value"
+    # what the user typed stays: a suggestion built from their own text is not an example
+    typo = TunepilotError("unknown GPU 'RTX 4909': did you mean 'RTX 4090'?")
+    assert tool_error_observation(typo, None) == "error: unknown GPU 'RTX 4909': did you mean 'RTX 4090'?"

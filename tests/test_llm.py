@@ -170,6 +170,15 @@ def test_a_server_context_smaller_than_the_first_prompt_is_one_clear_line(monkey
     msg = str(e.value)
     assert msg.startswith("the chat model server's context is 2048 tokens (llama.cpp /props n_ctx)")
     assert "--ctx-size 8192" in msg and "num_ctx 8192" in msg and "--max-model-len 8192" in msg
+    # a small context works, with one line saying so
+    from io import StringIO
+
+    from rich.console import Console
+
+    out = StringIO()
+    with OpenAIStub(["unused"], info={"/props": {"default_generation_settings": {"n_ctx": 4096}}}) as stub:
+        make_agent(make_chat_model("openai:stub-model", base_url=stub.base_url), workdir=tmp_path, err=Console(file=out, width=300))
+    assert "note: the chat model's context is 4096 tokens (llama.cpp /props n_ctx)" in out.getvalue() and "16384" in out.getvalue()
     # a big enough context sizes the history budget
     with OpenAIStub(["unused"], info={"/props": {"default_generation_settings": {"n_ctx": 16384}}}) as stub:
         agent = make_agent(make_chat_model("openai:stub-model", base_url=stub.base_url), workdir=tmp_path)

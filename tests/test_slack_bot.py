@@ -346,6 +346,18 @@ def test_a_no_in_the_thread_skips_the_trial(stub, make_app, trial_tripwire):
     assert trial_tripwire == [] and "Nothing is waiting" in reply_text(stub.replies()[-1])
 
 
+def test_a_waiting_trial_survives_a_restart_and_a_yes_in_the_thread_starts_it(stub, make_app, tmp_path, trial_tripwire):
+    db = tmp_path / "restart.sqlite"
+    app = make_app(_trial_model(), trial_users={"U0BOSS01"}, db=db)
+    ev = mention("please trial-run it", user="U0BOSS01")
+    run(app, ev, timeout=60)
+    assert "Run it" in blocks_text(stub.replies()[-1]) and trial_tripwire == []
+    close(app)  # the bot restarts; the question waits in SQLite
+    app2 = make_app(_trial_model(), trial_users={"U0BOSS01"}, db=db)
+    run(app2, message("yes", user="U0BOSS01", thread_ts=ev["ts"]), timeout=60)
+    assert len(trial_tripwire) == 1
+
+
 # --------------------------------------------------------------------------------------
 # (g) what the bot ignores
 # --------------------------------------------------------------------------------------

@@ -336,8 +336,20 @@ def _hardware(text: str) -> HardwareSpec:
     from tools import gpus
 
     if text.strip().lower() in ("local", "this machine", "detect", "auto", "my gpu", "mine"):
-        return gpus.detect_hardware()
+        try:
+            return gpus.detect_hardware()
+        except gpus.NoGPUError:
+            raise TunepilotError("hardware 'local': this machine has no GPU; ask the user which GPUs they will train on "
+                                 "and pass them as hardware, as the user writes them") from None
     return gpus.parse_hardware(text)
+
+
+_EXAMPLE = re.compile(r"\b(like|e\.g\.|such as)\s+'[^']+'(?:(?:,\s*|\s+or\s+|,\s*or\s+)(?:a [\w ]+? like\s+)?'[^']+')*")
+
+
+def without_examples(text: str) -> str:
+    """An engine message for the model, without concrete examples it would copy into its next call."""
+    return _EXAMPLE.sub(lambda m: f"{m.group(1)} the user's own value", text)
 
 
 def apply_precision(setup_fields: dict, precision: str | None, gpu_bf16: bool | None, notes: list[str], gpu_name: str = "") -> None:
