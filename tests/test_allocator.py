@@ -168,3 +168,17 @@ def test_simulated_step_carries_the_replay_and_the_estimator_says_which_model(mo
     sh = estimate(m, s.model_copy(update={"num_gpus": 2, "fsdp": "full_shard"}), step=step, advice=False,
                   reshard_moments=False)
     assert any("not simulated sharded" in p for p in sh.provenance)
+
+
+@pytest.mark.parametrize("method,tol", [("lora", 0.10), ("full", 0.30)])
+def test_replay_extrapolated_from_two_depths_tracks_the_full_depth_replay(method, tol):
+    """The overhead is replayed at 1 and 2 blocks and extended; against a replay of all 30 blocks."""
+    from tools.memory import simulate
+    from tools.models import lookup_model
+    from tools.schemas import TrainingSetup
+
+    m = lookup_model("HuggingFaceTB/SmolLM2-135M", hub=False)
+    s = TrainingSetup(model_id=m.model_id, max_length=512, per_device_train_batch_size=2, method=method)
+    ext, full = simulate(m, s), simulate(m, s, extrapolate=False)
+    assert ext.peak_bytes == full.peak_bytes
+    assert ext.allocator_overhead_bytes == pytest.approx(full.allocator_overhead_bytes, rel=tol)

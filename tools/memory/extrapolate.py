@@ -105,14 +105,15 @@ def combine(runs: list[RunResult], depths: list[int], total: int) -> StepMemory:
     over = over_exp = None
     if a.allocator and b.allocator:
         # what the caching allocator holds beyond the live bytes: the rounding of live blocks grows with
-        # every block's tensors (extended linearly); the cached free blocks are set by the step's largest
-        # transients (logits, a block's activations), the same at every depth (the deeper run's kept)
+        # every block's tensors (extended linearly); the cached free blocks grow with depth where each block
+        # leaves its own (full fine-tuning: ~7 MiB per SmolLM2 block) and stay put where the step's largest
+        # transients set them (LoRA: logits): extended linearly, never below the deeper run's
         def parts(r: dict, key: str) -> tuple[int, int]:
             return r["allocated"] - r["requested"], r[key] - r["allocated"]
 
         def overhead(key: str) -> int:
             (wa, ca), (wb, cb) = parts(a.allocator, key), parts(b.allocator, key)
-            return ext(wa, wb) + max(0, cb if len(runs) > 1 else ca)
+            return ext(wa, wb) + max(0, cb, ext(ca, cb))
 
         over, over_exp = overhead("reserved"), overhead("reserved_expandable")
     return StepMemory(
