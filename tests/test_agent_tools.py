@@ -154,6 +154,10 @@ def test_validation_errors_keep_their_full_reason():
     with pytest.raises(TunepilotError) as e:
         _invoke("plan_training", model=POLYGLOT, hardware="T4", seq_len="long")
     assert str(e.value).startswith("plan_training arguments: seq_len: Input should be a valid integer")
+    with pytest.raises(TunepilotError) as e:  # a missing argument says what to pass
+        _invoke("plan_training", model=POLYGLOT)
+    assert str(e.value) == ("plan_training arguments: hardware is missing: The user's GPUs as they wrote them "
+                            "(count and name), or 'local' to detect this machine's.")
 
 
 def test_seq_len_beyond_the_models_context_is_refused():

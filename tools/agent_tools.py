@@ -928,9 +928,10 @@ def compact_schema(model: type[BaseModel]) -> dict:
     return schema
 
 
-def _refusals_in_full(func, name: str):
+def _refusals_in_full(func, name: str, args_schema: type[BaseModel] | None = None):
     """pydantic errors raised inside a tool become TunepilotErrors with every reason (LangGraph's ToolNode would
-    otherwise report them as argument errors and drop the reasons of model-level checks)."""
+    otherwise report them as argument errors and drop the reasons of model-level checks); a missing argument
+    says what to pass (its description)."""
     import functools
 
     from pydantic import ValidationError
@@ -945,6 +946,11 @@ def _refusals_in_full(func, name: str):
             text = format_validation_error(e)
             if e.title != "TrainingSetup":
                 text = text.replace("invalid setup:", f"{name} arguments:", 1)
+                fields = args_schema.model_fields if args_schema is not None else {}
+                for err in e.errors():
+                    loc = ".".join(str(x) for x in err["loc"])
+                    if err["type"] == "missing" and loc in fields and fields[loc].description:
+                        text = text.replace(f"{loc}: Field required", f"{loc} is missing: {fields[loc].description}", 1)
             raise TunepilotError(text) from None
 
     return run
@@ -954,7 +960,7 @@ def _make(func, name: str, args_schema: type[BaseModel]):
     from langchain_core.tools import StructuredTool
 
     tool = StructuredTool.from_function(
-        func=_refusals_in_full(func, name),
+        func=_refusals_in_full(func, name, args_schema),
         name=name,
         description=(func.__doc__ or "").strip().splitlines()[0],
         args_schema=compact_schema(args_schema),
