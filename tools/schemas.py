@@ -217,6 +217,7 @@ class TrainingSetup(_Strict):
     num_nodes: int = Field(default=1, ge=1, description="Machines.")
     zero_stage: Literal[0, 1, 2, 3] = Field(default=0, description="DeepSpeed ZeRO stage (0 = none / plain data parallel).")
     fsdp: FSDPMode = Field(default="none", description="PyTorch FSDP sharding: none, full_shard (like ZeRO-3) or shard_grad_op (like ZeRO-2).")
+    fsdp_version: Literal[1, 2] = Field(default=2, description="FSDP implementation accelerate uses: 2 = FSDP2 (per-parameter DTensor sharding, fully_shard; the default) or 1 = FSDP1 (FlatParameter, use_orig_params).")
     offload: Offload = Field(default="none", description="CPU offload with ZeRO/FSDP: none, optimizer (states on host), all (states and parameters).")
     gpu: Optional[str] = Field(default=None, description="The GPU this setup was planned for, as typed or from the catalog (e.g. 'RTX 4090').")
 
@@ -592,6 +593,7 @@ class MemoryEstimate(_Strict):
     host_ram_available_gib: Optional[float] = Field(default=None, description="Host RAM per node checked against (--host-ram or detected), GiB.")
     host_fits: Optional[bool] = Field(default=None, description="True when host_ram_gib fits in host_ram_available_gib; None when the host's RAM is unknown.")
     breakdown: dict[str, float] = Field(description="Component -> GiB at the peak moment, per GPU (weights, adapters, gradients, optimizer_state, activations, logits_loss, temporaries, allocator_overhead, cuda_context, ...).")
+    rank: Optional[int] = Field(default=None, description="Under ZeRO/FSDP sharding: the rank whose per-GPU peak is reported (the worst one); None on one GPU or for a plain replica.")
     gpu: Optional[str] = Field(default=None, description="GPU checked against, if any.")
     gpu_memory_gib: Optional[float] = Field(default=None, description="That GPU's memory, GiB.")
     fits: Optional[bool] = Field(default=None, description="True when device_total_gib plus the safety margin is within the GPU's memory.")
@@ -700,6 +702,9 @@ class StepMemory(_Strict):
     op_trace: Optional[list[list]] = Field(default=None, description="The step's op cost records at full depth (tools.memory.timing: phase, op class, dtype, FLOPs, bytes, tile efficiency, causal, count); None for the analytic tier.")
     allocator_overhead_bytes: Optional[int] = Field(default=None, description="Peak reserved minus peak live bytes of PyTorch's caching allocator replayed over this step's allocation order (tools/memory/allocator.py); None when not replayed (analytic tier).")
     allocator_overhead_expandable_bytes: Optional[int] = Field(default=None, description="The same with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.")
+    world_size: int = Field(default=1, ge=1, description="Ranks the simulated step was sharded over (1 = one unsharded replica; >1 = bytes are per rank of a sharded step).")
+    rank: Optional[int] = Field(default=None, description="The rank a sharded step's bytes belong to (the worst rank).")
+    offloaded_bytes: dict[str, int] = Field(default_factory=dict, description="Per rank, bytes a CPU-offloaded sharded step keeps in host RAM (parameters, gradients, optimizer_state).")
 
 
 class PlanGoals(_Strict):

@@ -126,9 +126,24 @@ def _accelerate_config(setup: TrainingSetup) -> str:
         lines += [
             "distributed_type: FSDP  # PyTorch fully sharded data parallel",
             "fsdp_config:",
-            "  fsdp_version: 2  # FSDP2 (per-parameter sharding, what accelerate now recommends)",
-            f"  fsdp_reshard_after_forward: {'true' if setup.fsdp == 'full_shard' else 'false'}  # {setup.fsdp}: "
-            + ("free gathered weights after forward (like ZeRO-3)" if setup.fsdp == "full_shard" else "keep gathered weights until backward (like ZeRO-2)"),
+        ]
+        if setup.fsdp_version == 2:
+            lines += [
+                "  fsdp_version: 2  # FSDP2 (per-parameter sharding, what accelerate now recommends)",
+                f"  fsdp_reshard_after_forward: {'true' if setup.fsdp == 'full_shard' else 'false'}  # {setup.fsdp}: "
+                + ("free gathered weights after forward (like ZeRO-3)" if setup.fsdp == "full_shard" else "keep gathered weights until backward (like ZeRO-2)"),
+            ]
+        else:
+            lines += [
+                "  fsdp_version: 1  # FSDP1 (FlatParameter per wrapped unit)",
+                f"  fsdp_sharding_strategy: {setup.fsdp.upper()}  # {setup.fsdp}: "
+                + ("free gathered weights after forward (like ZeRO-3)" if setup.fsdp == "full_shard" else "keep gathered weights until backward (like ZeRO-2)"),
+                "  fsdp_use_orig_params: true  # needed for PEFT (frozen and trainable parameters in one unit)",
+                "  fsdp_backward_prefetch: BACKWARD_PRE  # all-gather the next unit before the current one's gradients",
+                "  fsdp_forward_prefetch: false  # no explicit forward prefetch",
+                "  fsdp_sync_module_states: true  # rank 0's weights broadcast to the others",
+            ]
+        lines += [
             f"  fsdp_offload_params: {'true' if offload else 'false'}  # keep parameters, gradients and optimizer states on the CPU",
             "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP  # one FSDP unit per transformer block (the model's _no_split_modules)",
             "  fsdp_cpu_ram_efficient_loading: true  # only rank 0 reads the checkpoint; others receive shards",
@@ -162,7 +177,13 @@ def _accelerate_config(setup: TrainingSetup) -> str:
 
 def _ds_config(setup: TrainingSetup) -> str:
     """ds_config.json: ZeRO stage and CPU offload of this setup; "auto" values come from the script's SFTConfig."""
+    # "auto" only where transformers fills in the value from the model (reduce_bucket_size = hidden^2,
+    # stage3_prefetch_bucket_size = 0.9 hidden^2, stage3_param_persistence_threshold = 10 hidden: the
+    # estimator uses the same rules); every other buffer size is written out, so the run uses exactly the
+    # values `tunepilot estimate` counted (tools.memory.distributed.deepspeed_buffers)
     zero: dict = {"stage": setup.zero_stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto"}
+    if setup.zero_stage in (1, 2):
+        zero.update({"allgather_partitions": True, "allgather_bucket_size": 500_000_000, "reduce_scatter": True})
     if setup.offload in ("optimizer", "all"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if setup.offload == "all":
@@ -171,6 +192,9 @@ def _ds_config(setup: TrainingSetup) -> str:
         zero.update({
             "stage3_prefetch_bucket_size": "auto",
             "stage3_param_persistence_threshold": "auto",
+            "stage3_max_live_parameters": 1_000_000_000,
+            "stage3_max_reuse_distance": 1_000_000_000,
+            "sub_group_size": 1_000_000_000,
             "stage3_gather_16bit_weights_on_model_save": True,
         })
     cfg: dict = {
