@@ -15,10 +15,27 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from tools.schemas import TunepilotError
 
+class _Commands(TyperGroup):
+    """The command group; a bare `--fsdp` (no mode after it) means `--fsdp full_shard`, as it always has."""
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        out: list[str] = []
+        for i, a in enumerate(rest):
+            out.append(a)
+            if a == "--fsdp" and (i + 1 == len(rest) or rest[i + 1] not in _FSDP_MODES):
+                out.append("full_shard")
+        return name, cmd, out
+
+
+_FSDP_MODES = ("full_shard", "shard_grad_op", "none")
+
 app = typer.Typer(
+    cls=_Commands,
     name="tunepilot",
     help="How should I fine-tune model X on my hardware? Estimate, plan, script and trial-run it.",
     no_args_is_help=True,
@@ -253,7 +270,10 @@ def estimate(
     attn: Optional[str] = typer.Option(None, "--attn-implementation", help="sdpa | flash_attention_2 | eager."),
     num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help="GPUs in total."),
     zero: Optional[int] = typer.Option(None, "--zero", help="DeepSpeed ZeRO stage 0-3."),
-    fsdp: bool = typer.Option(False, "--fsdp", help="PyTorch FSDP full_shard (like ZeRO-3)."),
+    fsdp: Optional[str] = typer.Option(None, "--fsdp", metavar="[full_shard|shard_grad_op]",
+                                       help="PyTorch FSDP: full_shard (like ZeRO-3; what a bare --fsdp means) or shard_grad_op (like ZeRO-2)."),
+    fsdp_version: Optional[int] = typer.Option(None, "--fsdp-version", help="FSDP implementation: 2 (FSDP2, default) or 1 (FSDP1, flat parameters)."),
+    no_mixed_precision: bool = typer.Option(False, "--no-mixed-precision", help="Pure precision: train in the load dtype (--dtype fp32 or bf16), no autocast (bf16 = fp16 = false)."),
     offload: Optional[str] = typer.Option(None, "--offload", help="none | optimizer | all (CPU offload with ZeRO/FSDP)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU to check against, e.g. '4090', 'A100 80GB', '2x H100'."),
     fast: bool = typer.Option(False, "--fast", help="Closed-form analytic tier (instant, ~10%) instead of the dry run."),
@@ -270,8 +290,14 @@ def estimate(
 
     notes: list[str] = []
     switched_fp16 = False
-    if fsdp and zero:
+    if fsdp is not None and fsdp not in _FSDP_MODES:
+        fail(f"--fsdp: {fsdp!r} is not an FSDP mode; use full_shard (like ZeRO-3) or shard_grad_op (like ZeRO-2)")
+    if fsdp_version is not None and fsdp_version not in (1, 2):
+        fail(f"--fsdp-version: {fsdp_version} is not an FSDP version; use 2 (FSDP2) or 1 (FSDP1)")
+    if fsdp not in (None, "none") and zero:
         fail("--zero/--fsdp: use DeepSpeed ZeRO or FSDP, not both")
+    if no_mixed_precision and bf16 is not None:
+        fail("--no-mixed-precision/--bf16/--fp16: choose mixed precision (--bf16 or --fp16) or none (--no-mixed-precision)")
     if zero is not None and zero not in (0, 1, 2, 3):
         fail(f"--zero: {zero} is not a ZeRO stage; use 0, 1, 2 or 3")
     for name, value in (("--num-gpus", num_gpus), ("--per-device-train-batch-size", batch), ("--max-seq-length", seq), ("--r", r),
@@ -316,13 +342,17 @@ def estimate(
         if target_modules is not None:
             tm = target_modules.strip()
             data["target_modules"] = "all-linear" if tm == "all-linear" else [x.strip() for x in tm.split(",") if x.strip()]
-        if fsdp:
-            data["fsdp"] = "full_shard"
+        if fsdp is not None:
+            data["fsdp"] = fsdp
+        if fsdp_version is not None:
+            data["fsdp_version"] = fsdp_version
         if bf16 is not None:
             data["bf16"], data["fp16"] = bf16, not bf16
+        if no_mixed_precision:
+            data["bf16"], data["fp16"] = False, False
         if hardware is not None and num_gpus is None and setup_file is None and hardware.num_gpus > 1:
             data["num_gpus"] = hardware.num_gpus
-        if hardware is not None and not hardware.gpu.bf16 and bf16 is None and data.get("bf16", True):
+        if hardware is not None and not hardware.gpu.bf16 and bf16 is None and not no_mixed_precision and data.get("bf16", True):
             data["bf16"], data["fp16"] = False, True
             if data.get("dtype", "bf16") == "bf16":
                 data["dtype"] = "fp16"
@@ -337,6 +367,13 @@ def estimate(
                     data["bnb_4bit_compute_dtype"] = "fp16" if data.get("fp16") else "bf16"
                 else:
                     data["bnb_4bit_compute_dtype"] = data.get("dtype", "bf16")
+            sharded_params = data.get("fsdp", "none") != "none" or data.get("zero_stage") == 3
+            if sharded_params and data.get("bnb_4bit_quant_storage", "uint8") == "uint8" and (setup_file is None or fsdp is not None or zero is not None):
+                # FSDP-QLoRA / ZeRO-3: only 4-bit weights stored in a float dtype can be sharded
+                # (accelerate leaves uint8 ones whole on every GPU)
+                data["bnb_4bit_quant_storage"] = data.get("bnb_4bit_compute_dtype", "bf16")
+                notes.append(f"QLoRA under {'FSDP' if data.get('fsdp', 'none') != 'none' else 'ZeRO-3'}: 4-bit weights stored as "
+                             f"{data['bnb_4bit_quant_storage']} (bnb_4bit_quant_storage) so they can be sharded")
         elif m != "qlora" and method is not None:
             data["load_in_4bit"] = False
         if m == "dora":
@@ -429,6 +466,10 @@ def plan(
     epochs: float = typer.Option(1.0, "--epochs", help="Passes over the dataset."),
     fast: bool = typer.Option(False, "--fast", help="Skip the simulator confirmation (analytic estimates only)."),
     host_ram: Optional[float] = typer.Option(None, "--host-ram", help="Host RAM per node in GiB (overrides what --local detects); setups that need more are rejected."),
+    fsdp: Optional[str] = typer.Option(None, "--fsdp", metavar="[full_shard|shard_grad_op]",
+                                       help="Multi-GPU: plan only FSDP with this sharding (a bare --fsdp means full_shard)."),
+    fsdp_version: int = typer.Option(2, "--fsdp-version", help="FSDP implementation of FSDP candidates: 2 (FSDP2) or 1 (FSDP1)."),
+    no_mixed_precision: bool = typer.Option(False, "--no-mixed-precision", help="Pure-precision training (bf16 weights where the GPU has it, else fp32; no autocast)."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the winning setup here (YAML, or JSON for a .json suffix)."),
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Also draw the candidates as memory per GPU against time to train (FILE.png or FILE.svg; needs matplotlib)."),
@@ -449,8 +490,13 @@ def plan(
         fail("give either --dataset-tokens or --dataset-examples, not both")
     if host_ram is not None and host_ram <= 0:
         fail(f"--host-ram: must be a positive number of GiB, got {host_ram:g}")
+    if fsdp is not None and fsdp not in _FSDP_MODES:
+        fail(f"--fsdp: {fsdp!r} is not an FSDP mode; use full_shard (like ZeRO-3) or shard_grad_op (like ZeRO-2)")
+    if fsdp_version not in (1, 2):
+        fail(f"--fsdp-version: {fsdp_version} is not an FSDP version; use 2 (FSDP2) or 1 (FSDP1)")
     try:
         goals = PlanGoals(
+            fsdp=fsdp, fsdp_version=fsdp_version, mixed_precision=not no_mixed_precision,
             seq_len=seq_len, dataset_tokens=dataset_tokens, dataset_examples=dataset_examples,
             effective_batch=effective_batch, method=method, num_train_epochs=epochs,
             price_per_gpu_hour=price_per_gpu_hour, quality=quality, top=top, confirm=not fast,

@@ -50,6 +50,11 @@ _LABELS = {
     "logits_loss": "logits and loss",
     "temporaries": "step temporaries",
     "zero_buffers": "ZeRO/FSDP buffers",
+    "fsdp_all_gather": "FSDP all-gathered parameters",
+    "fsdp_reduce_scatter": "FSDP reduce-scatter buffers",
+    "zero_buckets": "DeepSpeed buckets",
+    "zero_param_partition": "DeepSpeed 16-bit partitions",
+    "zero1_full_gradients": "ZeRO-1 full gradients",
     "cublas_workspace": "cuBLAS workspaces",
     "allocator_overhead": "allocator overhead",
     "cuda_context": "CUDA context",
@@ -98,8 +103,44 @@ def _check(setup: TrainingSetup, hardware: HardwareSpec | None, notes: list[str]
         )
 
 
+def _simulated_shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -> tuple[dict[str, float], float, list[str]]:
+    """A step the dry run already sharded (tools.memory.distributed): its bytes are one rank's.
+
+    Only DeepSpeed's own buffers (named components from the ds_config.json values) and the host side
+    of CPU offload are added here."""
+    from tools.memory.distributed import deepspeed_buffers
+
+    n = setup.num_gpus
+    bd = {k: float(v) for k, v in step.peak_breakdown.items()}
+    notes = [f"per-GPU step simulated sharded over {step.world_size} ranks (fake process group); rank {step.rank} reported: "
+             "every parameter is split on dim 0 with rank 0 holding the largest chunk, and the padded all-gather "
+             "buffers are equal on all ranks, so rank 0 is the worst rank"]
+    if setup.zero_stage:
+        extra = deepspeed_buffers(setup, model.hidden_size, step.trainable_parameters,
+                                  comm_factor=float(_const("zero_comm_buffer_factor")["value"]))
+        if setup.offload == "all":
+            extra.pop("zero_param_partition", None)  # offload_param: the 16-bit partitions live on the host
+        for k, v in extra.items():
+            bd[k] = bd.get(k, 0.0) + v
+        if extra:
+            notes.append("DeepSpeed buffers from ds_config.json (reduce_bucket_size = hidden^2, stage3_prefetch_bucket_size = "
+                         "0.9 hidden^2, overlap_comm): " + ", ".join(f"{k} {v / BYTES_PER_GIB:.2f} GiB" for k, v in extra.items()))
+        if setup.offload != "none":
+            notes.append(f"DeepSpeed CPU Adam runs the optimizer on the host (optim={setup.optim} is not used on GPU)")
+    host = 0.0
+    if setup.offload != "none":
+        per_node = max(1, n // max(setup.num_nodes, 1))
+        host = float(sum(step.offloaded_bytes.values())) * per_node
+        host += float(_const("pinned_host_buffer_gib")["value"]) * BYTES_PER_GIB * per_node
+        parts = ", ".join(f"{k} {v / BYTES_PER_GIB:.2f} GiB" for k, v in step.offloaded_bytes.items() if v)
+        notes.append(f"CPU offload simulated: per rank in host RAM {parts or 'nothing'}; the GPU keeps the units being computed")
+    return bd, host, notes
+
+
 def _shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -> tuple[dict[str, float], float, list[str]]:
     """Per-GPU bytes by component (allocated, before CUDA terms), host bytes, notes."""
+    if step.rank is not None:
+        return _simulated_shard(step, setup, model)
     n = setup.num_gpus
     bd = {k: float(v) for k, v in step.peak_breakdown.items()}
     notes: list[str] = []
@@ -213,7 +254,7 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
 
     bd, host, notes = _shard(step, setup, model)
     provenance += notes
-    if (setup.zero_stage or setup.fsdp != "none") and reshard_moments:
+    if (setup.zero_stage or setup.fsdp != "none") and reshard_moments and step.rank is None:
         # sharding and offload shrink some components only, so another moment of the step may
         # become the per-GPU peak: shard every analytic moment too and keep the largest
         from tools.analytic import analytic_step_memory
@@ -266,6 +307,7 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
         peak_allocated_gib=round(allocated / gib, 3),
         peak_reserved_gib=round(reserved / gib, 3),
         device_total_gib=round(total / gib, 3),
+        rank=step.rank if step.rank is not None else (0 if (setup.zero_stage or setup.fsdp != "none") and setup.num_gpus > 1 else None),
         breakdown=breakdown,
         uncertainty=unc,
         dominant=dominant,
@@ -277,6 +319,8 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
         est.headroom_gib = round(mem - total / gib, 3)
         est.fits = total / gib + safety_margin * mem <= mem
         _add_time(est, model, setup, hardware, step)
+    if host_offload is None and step.rank is not None and setup.offload != "none":
+        host_offload = dict(step.offloaded_bytes)  # the sharded dry run counted them (tools.memory.distributed)
     _host_ram(est, model, setup, step, host_ram_gib if host_ram_gib is not None else (hardware.host_ram_gib if hardware else None),
               dataset_tokens, dataset_examples, host_offload)
     if advice:

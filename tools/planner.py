@@ -66,7 +66,7 @@ class _Strategy:
 
     @property
     def sharded_params(self) -> bool:
-        return self.zero_stage == 3 or self.fsdp == "full_shard"
+        return self.zero_stage == 3 or self.fsdp != "none"  # FSDP shards parameters between steps in both modes
 
 
 _SINGLE = _Strategy("single GPU")
@@ -184,6 +184,7 @@ def _make_setup(
     n = num_gpus or hardware.num_gpus
     bf16 = hardware.gpu.bf16
     half = "bf16" if bf16 else "fp16"
+    mixed = goals.mixed_precision
     per_gpu = goals.effective_batch // n
     kw = dict(
         model_id=model.model_id,
@@ -193,10 +194,11 @@ def _make_setup(
         max_length=seq_len or goals.seq_len,
         gradient_checkpointing=ckpt,
         optim=optim,
-        bf16=bf16,
-        fp16=not bf16,
-        # full fine-tuning with fp16 AMP needs fp32 master weights (GradScaler refuses fp16 grads)
-        dtype=half if (bf16 or method != "full") else "fp32",
+        bf16=bf16 and mixed,
+        fp16=not bf16 and mixed,
+        # full fine-tuning with fp16 AMP needs fp32 master weights (GradScaler refuses fp16 grads);
+        # without mixed precision: pure bf16 where the GPU has it, else pure fp32
+        dtype=(half if (bf16 or method != "full") else "fp32") if mixed else ("bf16" if bf16 else "fp32"),
         attn_implementation=attn,
         num_train_epochs=goals.num_train_epochs,
         learning_rate=1e-5 if method == "full" else 2e-4,
@@ -204,6 +206,7 @@ def _make_setup(
         num_nodes=min(hardware.num_nodes, n),
         zero_stage=strategy.zero_stage,
         fsdp=strategy.fsdp,
+        fsdp_version=goals.fsdp_version,
         offload=strategy.offload,
         gpu=hardware.gpu.name,
     )
@@ -214,7 +217,7 @@ def _make_setup(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant_type,
             bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=half,
+            bnb_4bit_compute_dtype=half if (mixed or bf16) else "fp16",
             # FSDP / ZeRO-3 shard only float storages: store the packed 4-bit weights as the compute dtype
             bnb_4bit_quant_storage=half if strategy.sharded_params else "uint8",
         )
@@ -819,6 +822,10 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
     _check_goals(model, hardware, goals)
     methods = ["full", "lora", "qlora"] if goals.method == "auto" else [goals.method]
     strategies = [_SINGLE] if hardware.num_gpus == 1 else list(_MULTI)
+    offload_strategies = list(_OFFLOAD)
+    if goals.fsdp is not None and goals.fsdp != "none" and hardware.num_gpus > 1:
+        strategies = [_Strategy(f"FSDP {goals.fsdp}", fsdp=goals.fsdp)]
+        offload_strategies = [_Strategy(f"FSDP {goals.fsdp} + CPU offload", fsdp=goals.fsdp, offload="all")]
     attention = _attention_names(model)
     if attention and set(attention) == {"all-linear"}:
         attention = None
@@ -830,7 +837,7 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
         # CPU offload only for the methods that fit no other way
         stuck = [m for m in methods if not any(o.method == m for o in search.fitting)]
         if stuck:
-            extra = _search(model, hardware, goals, stuck, list(_OFFLOAD), attention=None)
+            extra = _search(model, hardware, goals, stuck, offload_strategies, attention=None)
             search.fitting.extend(extra.fitting)
             search.evaluated.extend(extra.evaluated)
             search.count += extra.count

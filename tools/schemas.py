@@ -704,7 +704,7 @@ class StepMemory(_Strict):
     allocator_overhead_expandable_bytes: Optional[int] = Field(default=None, description="The same with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.")
     world_size: int = Field(default=1, ge=1, description="Ranks the simulated step was sharded over (1 = one unsharded replica; >1 = bytes are per rank of a sharded step).")
     rank: Optional[int] = Field(default=None, description="The rank a sharded step's bytes belong to (the worst rank).")
-    offloaded_bytes: dict[str, int] = Field(default_factory=dict, description="Per rank, bytes a CPU-offloaded sharded step keeps in host RAM (parameters, gradients, optimizer_state).")
+    offloaded_bytes: dict[str, int] = Field(default_factory=dict, description="Per rank, bytes a CPU-offloaded sharded step keeps in host RAM, by part (tools.memory.host.OFFLOAD_PARTS: offloaded_params, master_weights, optimizer_states, gradients, optimizer_step_temporaries).")
 
 
 class PlanGoals(_Strict):
@@ -721,6 +721,9 @@ class PlanGoals(_Strict):
     safety_margin: float = Field(default=0.10, ge=0, lt=0.9, description="Fraction of GPU memory kept free.")
     top: int = Field(default=5, ge=1, description="Candidates to return.")
     confirm: bool = Field(default=True, description="Confirm the best candidates with the simulator (slower, exact).")
+    fsdp: Optional[FSDPMode] = Field(default=None, description="Multi-GPU: plan only FSDP with this sharding (full_shard or shard_grad_op); None searches every engine.")
+    fsdp_version: Literal[1, 2] = Field(default=2, description="FSDP implementation of FSDP candidates: 2 (FSDP2) or 1 (FSDP1).")
+    mixed_precision: bool = Field(default=True, description="False: pure-precision training (weights in bf16 where the GPU has it, else fp32; no autocast).")
 
 
 # --------------------------------------------------------------------------------------

@@ -35,12 +35,76 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from dataclasses import dataclass
+
+from tools.memory.segments import SHARDED_CATEGORIES
 
 _MESHES: dict[int, object] = {}
 
-TAG_ALL_GATHER = "fsdp_all_gather"
-TAG_REDUCE_SCATTER = "fsdp_reduce_scatter"
-SHARDED_CATEGORIES = (TAG_ALL_GATHER, TAG_REDUCE_SCATTER)
+TAG_ALL_GATHER, TAG_REDUCE_SCATTER = SHARDED_CATEGORIES
+HOST_TAG = "host"  # a storage counted in host RAM (its device record has 0 bytes)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How one dry run shards the model: which engine is mirrored, over how many ranks."""
+
+    engine: str  # "fsdp2", "zero" (DeepSpeed ZeRO, simulated through the partitioning it shares with FSDP2)
+    world_size: int
+    reshard_after_forward: bool
+    offload: bool
+    zero_stage: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.engine == "zero":
+            return f"DeepSpeed ZeRO-{self.zero_stage}"
+        return f"FSDP2 {'full_shard' if self.reshard_after_forward else 'shard_grad_op'}"
+
+
+def plan_for(setup) -> ShardPlan | None:
+    """The sharding a setup's generated accelerate config applies, or None for one unsharded replica.
+
+    FSDP (fsdp_version 2): full_shard = reshard_after_forward True, shard_grad_op = False. DeepSpeed
+    ZeRO-3 partitions parameters, gradients and optimizer states like FSDP full_shard, ZeRO-2 keeps the
+    gathered (16-bit) parameters through forward and backward like shard_grad_op, ZeRO-1 like ZeRO-2 but
+    with full gradients (added by tools.estimator); DeepSpeed's own buckets are named components there.
+    """
+    if setup.fsdp != "none":
+        if setup.num_gpus == 1 and setup.offload == "none":
+            return None
+        if setup.fsdp_version == 1:
+            return None  # FSDP1: not run under the fake group (see README); tools.estimator's model
+        return ShardPlan("fsdp2", setup.num_gpus, setup.fsdp == "full_shard", setup.offload != "none")
+    if setup.zero_stage:
+        if setup.num_gpus == 1 and setup.offload == "none":
+            return None
+        return ShardPlan("zero", setup.num_gpus, setup.zero_stage == 3, setup.offload != "none", setup.zero_stage)
+    return None
+
+
+def shard(prep, setup, mesh, plan: ShardPlan, ledger) -> list[str]:
+    """Wrap the prepared model as the plan says, inside the tracking mode; re-collect the trainable parameters."""
+    # DeepSpeed offloads parameters only with offload_param ('all'); FSDP's CPU offload always moves them
+    offload_params = plan.offload and (plan.engine != "zero" or setup.offload == "all")
+    notes = shard_fsdp2(prep.pm, prep.base, setup, mesh, reshard_after_forward=plan.reshard_after_forward,
+                        offload_params=offload_params)
+    if plan.engine == "zero":
+        notes[-1] = (f"DeepSpeed ZeRO-{plan.zero_stage} simulated through the partitioning it shares with FSDP2 "
+                     f"({'full shard' if plan.reshard_after_forward else 'gathered 16-bit parameters kept through backward'}): "
+                     + notes[-1])
+    if offload_params:
+        ledger.params_to_host(prep.pm)
+    elif plan.offload:  # ZeRO offload_optimizer: the fp32 master partitions live with the optimizer on the host
+        for p in prep.pm.parameters():
+            if p.requires_grad:
+                ledger.to_host(p, "master_weights")
+    warm_up(prep.pm)
+    prep.params = [p for p in prep.pm.parameters() if p.requires_grad]
+    prep.frozen_store = {id(_local(x).untyped_storage()) for x in list(prep.pm.parameters()) + list(prep.pm.buffers())
+                         if not x.requires_grad}
+    prep.sharded = True
+    return notes
 
 
 def fake_mesh(world_size: int):
@@ -102,7 +166,7 @@ def mixed_precision_policy(setup):
     return MixedPrecisionPolicy()
 
 
-def shard_fsdp2(pm, base, setup, mesh, *, reshard_after_forward: bool | None = None) -> list[str]:
+def shard_fsdp2(pm, base, setup, mesh, *, reshard_after_forward: bool | None = None, offload_params: bool | None = None) -> list[str]:
     """Wrap `pm` (the model the Trainer trains: peft model or base) with FSDP2 as accelerate does; notes."""
     import torch
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
@@ -119,13 +183,23 @@ def shard_fsdp2(pm, base, setup, mesh, *, reshard_after_forward: bool | None = N
                 n += 1
         if n:
             notes.append(f"FSDP mixed precision: {n} trainable parameters upcast to fp32 master weights (as accelerate does)")
-    offload = setup.offload != "none"
+    offload = setup.offload != "none" if offload_params is None else offload_params
     kw = {
         "mesh": mesh,
         "reshard_after_forward": reshard_after_forward,
         "mp_policy": mixed_precision_policy(setup),
         "offload_policy": CPUOffloadPolicy(pin_memory=False) if offload else OffloadPolicy(),
     }
+    if setup.load_in_4bit:
+        # accelerate excludes frozen non-float 4-bit weights (bnb_4bit_quant_storage uint8) from sharding:
+        # they stay whole on every GPU; a float quant_storage lets FSDP shard them (FSDP-QLoRA)
+        from tools.memory.quant import Fake4bitLinear
+
+        ignored = {m.weight for m in pm.modules() if isinstance(m, Fake4bitLinear) and not m.weight.is_floating_point()}
+        if ignored:
+            kw["ignored_params"] = ignored
+            notes.append(f"{len(ignored)} 4-bit weights stored as uint8 are not sharded (accelerate excludes them; "
+                         "set bnb_4bit_quant_storage to the compute dtype to shard them)")
     names = set(getattr(base, "_no_split_modules", None) or [])
     units = 0
     for module in _bottom_up(pm)[:-1]:
@@ -181,11 +255,11 @@ class FsdpLedger:
         self.host = host
         self.host_current = 0
         self.host_peak = 0
-        self._host_ids: set[int] = set()
         self.host_by_kind: dict[str, int] = {}
+        self.host_peak_by_kind: dict[str, int] = {}
+        self._host_cells: dict[int, list] = {}  # storage key -> [kind, bytes] of a storage counted on the host
         self._saved: list = []
         self._tag_override: str | None = None
-        self.host_phase = False  # allocations now go to the host (CPU optimizer step under offload)
 
     # -- the counter's bookkeeping --------------------------------------------------------
     def _bump(self) -> None:
@@ -216,7 +290,7 @@ class FsdpLedger:
                 with self.tagged(tag or self._tag_override):
                     tr.add(t)
             return
-        if id(rec) in self._host_ids:
+        if rec.tag == HOST_TAG:
             return
         if nbytes < rec.nbytes and tr._stale is not None:
             tr.take_snapshot(tr._stale)  # the peak was just before this free
@@ -224,7 +298,10 @@ class FsdpLedger:
         self._bump()
 
     def to_host(self, t, kind: str = "other") -> None:
-        """Count this storage in host RAM instead of the device."""
+        """Count this storage in host RAM instead of the device, under `kind` (tools.memory.host's parts).
+
+        A storage already on the host is re-labelled (the optimizer states are made during the host's
+        optimizer step, and named once the step is over)."""
         tr = self.tracker
         t = _local(t)
         rec = tr.rec_of(t)
@@ -233,21 +310,40 @@ class FsdpLedger:
             rec = tr.rec_of(t)
             if rec is None:
                 return
-        if id(rec) in self._host_ids:
+        st = t.untyped_storage()
+        if rec.tag == HOST_TAG:
+            cell = self._host_cells.get(id(st))
+            if cell is not None and cell[0] != kind and kind != "optimizer_step_temporaries":
+                self._count(cell[0], -cell[1])
+                cell[0] = kind
+                self._count(kind, cell[1])
             return
         if tr._stale is not None:
             tr.take_snapshot(tr._stale)
         n = rec.nbytes
-        new = self._swap(t, rec, 0, rec.tag)
-        self._host_ids.add(id(new))
+        self._swap(t, rec, 0, HOST_TAG)
+        cell = [kind, n]
+        self._host_cells[id(st)] = cell
         self.host_current += n
-        self.host_by_kind[kind] = self.host_by_kind.get(kind, 0) + n
+        self._count(kind, n)
         self.host_peak = max(self.host_peak, self.host_current)
-        weakref.finalize(t.untyped_storage(), self._host_free, n, kind)
+        weakref.finalize(st, self._host_free, id(st), cell)
 
-    def _host_free(self, n: int, kind: str) -> None:
-        self.host_current -= n
-        self.host_by_kind[kind] = self.host_by_kind.get(kind, 0) - n
+    def _count(self, kind: str, n: int) -> None:
+        self.host_by_kind[kind] = self.host_by_kind.get(kind, 0) + n
+        self.host_peak_by_kind[kind] = max(self.host_peak_by_kind.get(kind, 0), self.host_by_kind[kind])
+
+    def _host_free(self, key: int, cell: list) -> None:
+        self.host_current -= cell[1]
+        self._count(cell[0], -cell[1])
+        if self._host_cells.get(key) is cell:
+            del self._host_cells[key]
+
+    def offloaded(self) -> dict[str, int]:
+        """Per rank in host RAM, by part: what stays resident, and the peak of the optimizer step's temporaries."""
+        out = {k: v for k, v in self.host_by_kind.items() if k != "optimizer_step_temporaries"}
+        out["optimizer_step_temporaries"] = self.host_peak_by_kind.get("optimizer_step_temporaries", 0)
+        return out
 
     @property
     def host_resident(self) -> int:
@@ -324,6 +420,16 @@ class FsdpLedger:
 
         patches.append((prop, "_propagate_tensor_meta_non_cached", propagate))
         if self.host:
+            # the offloaded optimizer step (clipping included) runs on the host: what it allocates is host RAM
+            orig_add = tr.add
+
+            def add(t):
+                orig_add(t)
+                if tr.phase == "optimizer":
+                    ledger.to_host(t, "optimizer_step_temporaries")
+
+            tr.add = add
+            self._saved.append((tr, "add", None))
             orig_post = _fsdp_param_group.FSDPParamGroup.post_backward
 
             def post_backward(group, *a, **k):
@@ -342,9 +448,9 @@ class FsdpLedger:
 
     def __exit__(self, *exc):
         for obj, name, old in reversed(self._saved):
-            if name == "tag" and old is None:
+            if name in ("tag", "add") and old is None:
                 try:
-                    del obj.tag
+                    delattr(obj, name)
                 except AttributeError:
                     pass
             else:
@@ -355,7 +461,8 @@ class FsdpLedger:
     def params_to_host(self, model) -> None:
         """Under offload: the sharded parameters live in host RAM."""
         for p in model.parameters():
-            self.to_host(p, "parameters")
+            # trainable parameters under FSDP mixed precision are the fp32 master copy
+            self.to_host(p, "master_weights" if p.requires_grad else "offloaded_params")
 
     def optimizer_to_host(self, optimizer) -> None:
         import torch
@@ -363,4 +470,43 @@ class FsdpLedger:
         for st in optimizer.state.values():
             for v in st.values():
                 if isinstance(v, torch.Tensor):
-                    self.to_host(v, "optimizer_state")
+                    self.to_host(v, "optimizer_states")
+
+
+# --------------------------------------------------------------------------------------
+# DeepSpeed's own buffers (what ds_config.json resolves to), added by tools.estimator
+# --------------------------------------------------------------------------------------
+
+
+def deepspeed_buffers(setup, hidden_size: int, trainable: int, *, comm_factor: float = 4.5) -> dict[str, float]:
+    """Bytes per GPU of DeepSpeed's buffers beyond the partitioning the sharded dry run simulates.
+
+    From the values tunepilot's ds_config.json resolves (transformers fills the "auto" ones from the
+    model's hidden size h): reduce_bucket_size = h^2, stage3_prefetch_bucket_size = 0.9 h^2,
+    stage3_param_persistence_threshold = 10 h, allgather_bucket_size = 5e8, stage3_max_live_parameters
+    = 1e9, overlap_comm and contiguous_gradients on.
+
+    - zero_buckets: ZeRO-1/2 gradient reduction with overlap_comm = comm_factor (4.5, DeepSpeed's
+      docs) x reduce_bucket_size elements in the 16-bit dtype; ZeRO-3: two reduce buckets
+      (double-buffered with overlap_comm) + the parameter prefetch bucket, 16-bit. The all-gather of
+      updated partitions (allgather_bucket_size) writes into the full 16-bit parameter buffer: no
+      memory of its own.
+    - zero_param_partition: ZeRO-3 under mixed precision keeps a 16-bit partition of every trainable
+      parameter beside the fp32 master partition (the simulated fp32 shards): 2 B x trainable / N.
+    - zero1_full_gradients: ZeRO-1 does not partition gradients: the full 16-bit gradients stay on
+      every GPU (the simulated fp32 gradient shards stand for the fp32 partition the optimizer steps).
+    """
+    n = max(1, setup.num_gpus)
+    mixed = setup.bf16 or setup.fp16
+    half = 2 if (mixed or setup.dtype != "fp32") else 4
+    h2 = float(hidden_size) ** 2
+    out: dict[str, float] = {}
+    if setup.zero_stage in (1, 2):
+        out["zero_buckets"] = comm_factor * h2 * half
+    elif setup.zero_stage == 3:
+        out["zero_buckets"] = (2 * h2 + 0.9 * h2) * half
+        if mixed:
+            out["zero_param_partition"] = 2.0 * trainable / n
+    if setup.zero_stage == 1:
+        out["zero1_full_gradients"] = float(half) * trainable
+    return out

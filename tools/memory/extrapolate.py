@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from tools.memory.build import DEPTH_KEYS, layer_types
 from tools.memory.segments import PHASE_OF_SEGMENT
-from tools.schemas import STEP_CATEGORIES, ModelSpec, StepMemory
+from tools.schemas import ModelSpec, StepMemory
 
 if TYPE_CHECKING:
     from tools.memory.step import RunResult
@@ -88,7 +88,7 @@ def combine(runs: list[RunResult], depths: list[int], total: int) -> StepMemory:
             return max(0, round(x + (y - x) * steps))
 
         segs = {
-            seg: {c: ext(a.segments[seg][c], b.segments[seg][c]) for c in STEP_CATEGORIES}
+            seg: {c: ext(a.segments[seg][c], b.segments[seg].get(c, 0)) for c in a.segments[seg]}
             for seg in a.segments if seg in b.segments
         }
     best = max(segs, key=lambda seg: sum(segs[seg].values()))
@@ -129,4 +129,6 @@ def combine(runs: list[RunResult], depths: list[int], total: int) -> StepMemory:
         largest_layer_param_bytes=max(a.largest_layer_param_bytes, b.largest_layer_param_bytes),
         per_layer_bytes=per_layer, layers_simulated=list(depths), notes=notes, op_trace=op_trace,
         allocator_overhead_bytes=over, allocator_overhead_expandable_bytes=over_exp,
+        world_size=a.world_size, rank=a.rank,
+        offloaded_bytes={k: ext(v, b.offloaded_bytes.get(k, 0)) for k, v in a.offloaded_bytes.items()},
     )

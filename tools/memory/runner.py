@@ -24,7 +24,8 @@ from tools.schemas import ModelSpec, StepMemory, TrainingSetup, TunepilotError
 # ignores them). Not here, on purpose: lora_dropout (0 -> peft's Identity, no mask and no dropped
 # copy), weight_decay (foreach SGD/Adagrad/RMSprop add it out of place: a copy of every gradient),
 # max_grad_norm (clipping temporaries), and every shape/dtype/kernel field. Sharding and offload
-# (num_gpus, zero_stage, fsdp, offload) are applied to the one-replica step by tools.estimator.
+# (num_gpus, zero_stage, fsdp, offload) change a sharded dry run (tools.memory.distributed.plan_for),
+# whose key adds them; otherwise tools.estimator applies them to the one-replica step.
 # lora_alpha/use_rslora only change a scalar. packing is simulated (trl flattens the packed batch into
 # one row; with sdpa/eager transformers then builds a block-diagonal [1,1,b*s,b*s] mask).
 _IRRELEVANT = {
@@ -224,6 +225,11 @@ def _check_supported(model: ModelSpec, setup: TrainingSetup) -> None:
 
 def _cache_key(model: ModelSpec, setup: TrainingSetup, extrapolate: bool) -> str:
     s = setup.model_dump(mode="json", exclude=_IRRELEVANT)
+    from tools.memory.distributed import plan_for
+
+    plan = plan_for(setup)
+    if plan is not None:  # a sharded dry run (tools.memory.distributed): its bytes are one rank's
+        s["_shard"] = [plan.engine, plan.world_size, plan.reshard_after_forward, plan.offload, plan.zero_stage, setup.offload]
     s["gradient_accumulation_steps"] = min(setup.gradient_accumulation_steps, 2)
     s["lora_dropout"] = setup.lora_dropout > 0  # a dropped copy of the input exists or not; the rate is irrelevant
     s["weight_decay"] = setup.weight_decay > 0  # only whether the optimizer runs the decay term

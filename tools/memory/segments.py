@@ -16,3 +16,7 @@ SEGMENT_OF_PHASE = {"forward-head": "forward", "setup": "setup"}
 TRAIN_SEGMENTS = ("forward", "backward-loss", "backward", "backward-tail", "optimizer")
 PHASE_OF_SEGMENT = {"forward": "forward", "backward-loss": "backward", "backward": "backward", "backward-tail": "backward",
                     "optimizer": "optimizer"}
+
+# the categories a sharded (FSDP/ZeRO) step adds to a peak's breakdown: what FSDP allocates inside its
+# all-gather (gathered parameters of the units in flight) and its reduce-scatter (gradient buffers)
+SHARDED_CATEGORIES = ("fsdp_all_gather", "fsdp_reduce_scatter")

@@ -61,7 +61,7 @@ from typing import Any, Callable
 
 from tools.memory import SimulationError
 from tools.memory.build import TORCH_DTYPES, blocks, build_model, head_module, materialise, retie, wrap_peft
-from tools.memory.segments import TRAIN_SEGMENTS
+from tools.memory.segments import SHARDED_CATEGORIES, TRAIN_SEGMENTS
 from tools.schemas import STEP_CATEGORIES, ModelSpec, TrainingSetup
 
 _FP16_LOSS_SCALE = 65536.0  # torch.amp.GradScaler's initial scale
@@ -98,6 +98,9 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     op_counts: dict | None = None  # tools.memory.timing cost record of each op of the traced step -> count
     allocator: dict | None = None  # the caching-allocator replay of this run's allocation order (allocator.summary)
+    world_size: int = 1  # >1: the bytes are one rank's of a sharded step (tools.memory.distributed)
+    rank: int | None = None
+    offloaded_bytes: dict[str, int] = field(default_factory=dict)  # per rank, in host RAM (CPU offload)
 
 
 @dataclass
@@ -115,6 +118,7 @@ class Prepared:
     num_parameters: int = 0
     trainable_parameters: int = 0
     largest_layer_param_bytes: int = 0
+    sharded: bool = False  # wrapped by tools.memory.distributed (FSDP/ZeRO over a fake process group)
 
 
 @dataclass
@@ -141,6 +145,10 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
 
     from tools.memory.tracker import make_tracker
 
+    from tools.memory import distributed
+
+    plan = distributed.plan_for(setup)  # None: one unsharded replica
+    mesh = distributed.fake_mesh(plan.world_size) if plan else None  # (built outside the fake mode)
     prep = build(model, setup, depth)
     compute = getattr(torch, TORCH_DTYPES[setup.compute_dtype])
     autocast = setup.bf16 or setup.fp16
@@ -151,14 +159,18 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
 
         trace = tracker.op_observer = OpTrace()  # the cost of every op of step 2 (tools.memory.timing)
     events = tracker.log_events()  # the allocation order, replayed through the caching-allocator model
+    ledger = distributed.FsdpLedger(tracker, host=plan.offload) if plan else None
     # flash-attention runs packed rows as variable-length sequences (no mask); sdpa/eager get the block mask
     packed_mask = setup.padding_free and setup.attn_implementation != "flash_attention_2"
-    with TrainingMaskPolicy(packed_mask), CudaLikeDropout(), tracker, warnings.catch_warnings():
+    with TrainingMaskPolicy(packed_mask), CudaLikeDropout(), tracker, ledger or nullcontext(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepare(prep, setup, tracker)
+        if plan:
+            prep.notes.extend(distributed.shard(prep, setup, mesh, plan, ledger))
         optimizer = make_step_optimizer(prep, setup, tracker)
         amp = torch.autocast("cpu", dtype=compute) if autocast else nullcontext()
-        state_step(prep, optimizer, setup, tracker)
+        state_step(prep, optimizer, setup, tracker,
+                   before_reset=(lambda: ledger.optimizer_to_host(optimizer)) if plan and plan.offload else None)
         if trace is not None:
             trace.active = True
         # kept referenced until the run ends, as the single-function run kept them (fp16 only; see train_step)
@@ -170,11 +182,15 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
     prep.notes.extend(_kernel_notes(setup))
     from tools.memory.allocator import summary
 
+    extra = {}
+    if plan:
+        extra = {"world_size": plan.world_size, "rank": 0, "offloaded_bytes": ledger.offloaded() if plan.offload else {}}
     return RunResult(
         **measured, num_parameters=prep.num_parameters, trainable_parameters=prep.trainable_parameters,
         eval_peak_bytes=eval_peak, largest_layer_param_bytes=prep.largest_layer_param_bytes, notes=prep.notes,
         op_counts=None if trace is None else dict(trace.counts),
         allocator=summary(events),
+        **extra,
     )
 
 
@@ -309,7 +325,7 @@ def make_step_optimizer(prep: Prepared, setup: TrainingSetup, tracker):
     return optimizer
 
 
-def state_step(prep: Prepared, optimizer, setup: TrainingSetup, tracker) -> None:
+def state_step(prep: Prepared, optimizer, setup: TrainingSetup, tracker, *, before_reset: Callable[[], None] | None = None) -> None:
     """Step 1 only creates the optimizer state: zero gradients and one optimizer.step() allocate
     exactly what a first real step leaves behind, at a fraction of the cost. Ends with the tracker
     in the forward phase, its peaks reset."""
@@ -331,6 +347,8 @@ def state_step(prep: Prepared, optimizer, setup: TrainingSetup, tracker) -> None
         # a later micro-batch of an accumulation window: gradients of the earlier ones already exist
         for p in params:
             p.grad = torch.zeros_like(p)
+    if before_reset is not None:
+        before_reset()
     tracker.phase = "forward"
     tracker.reset_peak()
 
@@ -408,9 +426,12 @@ def measure(prep: Prepared, optimizer, tracker) -> dict[str, Any]:
     state_tensors = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
     state_recs = recs(state_tensors)
     frozen_ids = {id(r) for k, r in tracker.live.items() if k in prep.frozen_store}
+    sharded = prep.sharded
 
     def classify(snapshot) -> dict[str, int]:
         breakdown = dict.fromkeys(STEP_CATEGORIES, 0)
+        if sharded:
+            breakdown.update(dict.fromkeys(SHARDED_CATEGORIES, 0))
         for r in snapshot:
             rid = id(r)
             if rid in adapter_ids:
@@ -425,6 +446,8 @@ def measure(prep: Prepared, optimizer, tracker) -> dict[str, Any]:
                 cat = "activations"
             elif r.tag in ("forward-head", "backward-loss"):
                 cat = "logits_loss"
+            elif r.tag in SHARDED_CATEGORIES:
+                cat = r.tag  # FSDP's all-gather / reduce-scatter buffers (tools.memory.distributed)
             else:
                 cat = "temporaries"
             breakdown[cat] += r.nbytes

@@ -25,6 +25,7 @@ This module imports torch at import time; `tools.memory` imports it only when a 
 from __future__ import annotations
 
 import os
+import sys
 import weakref
 
 import torch
@@ -73,6 +74,7 @@ class _EventLog(dict):
 # --------------------------------------------------------------------------------------
 
 _PRIM_DEVICE = torch.ops.prim.device.default
+
 _UNSAFE_VIEW = torch.ops.aten._unsafe_view.default
 _FAKE_DISPATCH = FakeTensorMode.__torch_dispatch__
 try:  # ops FakeTensorMode.dispatch answers before its cache: never run those directly
@@ -139,6 +141,7 @@ class TrackingMixin:
         return self._phase
 
     def add(self, t) -> None:
+        t = getattr(t, "_local_tensor", t)  # a DTensor (FSDP2 shard): its local tensor holds the memory
         st = t.untyped_storage()
         key = id(st)
         if key in self.live:
@@ -175,6 +178,7 @@ class TrackingMixin:
             self.take_snapshot(self._stale)
 
     def rec_of(self, t) -> _Rec | None:
+        t = getattr(t, "_local_tensor", t)
         return self.live.get(id(t.untyped_storage()))
 
     def _track(self, out) -> None:
@@ -250,12 +254,24 @@ class RealMemoryTracker(TrackingMixin, TorchDispatchMode):
         self._init_tracking()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        dt = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before it is imported
+        if dt is not None and dt.DTensor in types:
+            # a DTensor op (FSDP2): let DTensor run it, so that the ops on its local tensors (which
+            # hold the memory) come back through this mode; its own storage is a wrapper's, not memory
+            return NotImplemented
         out = func(*args, **(kwargs or {}))
-        if func is not _PRIM_DEVICE:
+        if func is not _PRIM_DEVICE and not _fake_output(out):
             self._track(out)
             if self.op_observer is not None:
                 self.op_observer(func, args, kwargs, out, self.tag())
         return out
+
+
+def _fake_output(out) -> bool:
+    """DTensor's sharding propagation runs ops on fake tensors inside a real step: metadata, not memory."""
+    if isinstance(out, (list, tuple)):
+        return bool(out) and isinstance(out[0], FakeTensor)
+    return isinstance(out, FakeTensor)
 
 
 def make_tracker(fake: bool = True):
