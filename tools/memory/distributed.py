@@ -471,6 +471,9 @@ class FsdpLedger:
             for v in st.values():
                 if isinstance(v, torch.Tensor):
                     self.to_host(v, "optimizer_states")
+        # the measured step starts now: the peaks of the host parts restart from what is resident
+        self.host_peak_by_kind = dict(self.host_by_kind)
+        self.host_peak = self.host_current
 
 
 # --------------------------------------------------------------------------------------
