@@ -310,7 +310,7 @@ def trim_messages_to(messages: list, budget: int) -> list:
     return kept
 
 
-DEFAULT_TOOL_LIMITS = {"*": 4, "run_trial": 1, "plan_training": 3, "web_search": 2}
+DEFAULT_TOOL_LIMITS = {"*": 4, "estimate_memory": 6, "run_trial": 1, "plan_training": 3, "web_search": 2}
 
 
 def build_agent(chat_model, *, checkpointer=None, max_model_calls: int = DEFAULT_MAX_MODEL_CALLS,
