@@ -663,7 +663,9 @@ def plan_training_tool(**kw) -> tuple[str, dict]:
     if result.best is not None and best_setup is not None:
         memory = _memory_view(result.best.estimate)
         time = _throughput_view(result.best.throughput)
-        shown_memory = {k: v for k, v in memory.items() if k not in ("band_gib", "advice", "host_ram_gib", "gpu")}
+        host_short = memory.get("host_ram_fits") is False  # host RAM matters here only when it is too small
+        shown_memory = {k: v for k, v in memory.items() if k not in ("band_gib", "advice", "gpu")
+                        and (host_short or not k.startswith("host_ram"))}
         shown_time = {k: v for k, v in time.items() if k != "assumed_mfu"
                       and not (k in ("total_hours", "gpu_hours") and v == time.get("hours_per_epoch"))}
         script: dict = {}
