@@ -870,7 +870,7 @@ def chat(
     llm: Optional[str] = typer.Option(None, "--llm", help="Chat model as provider:model, e.g. openai:gpt-4o-mini (default: $TUNEPILOT_LLM)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server (vLLM, Ollama, llama.cpp, LM Studio), e.g. http://localhost:11434/v1."),
     resume: bool = typer.Option(False, "--resume", help="Continue the last conversation."),
-    llm_timeout: Optional[float] = typer.Option(None, "--llm-timeout", help="Seconds to wait for the chat model's reply (default $TUNEPILOT_LLM_TIMEOUT; 600 for a local server, 120 otherwise)."),
+    llm_timeout: Optional[float] = typer.Option(None, "--llm-timeout", help="Seconds to wait for the chat model's reply (default $TUNEPILOT_LLM_TIMEOUT; 900 for a local server, 120 otherwise)."),
     llm_retries: Optional[int] = typer.Option(None, "--llm-retries", help="Resends after a failed model call (default $TUNEPILOT_LLM_RETRIES; 0 for a local server, 2 otherwise)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature sent to the model (default $TUNEPILOT_LLM_TEMPERATURE, else 0.1)."),
 ) -> None:
@@ -890,7 +890,7 @@ def ask(
     llm: Optional[str] = typer.Option(None, "--llm", help="Chat model as provider:model, e.g. openai:gpt-4o-mini (default: $TUNEPILOT_LLM)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server (vLLM, Ollama, llama.cpp, LM Studio), e.g. http://localhost:11434/v1."),
     allow_trial: bool = typer.Option(False, "--allow-trial", help="Let the agent trial-run the script on this machine (without it, no trial starts)."),
-    llm_timeout: Optional[float] = typer.Option(None, "--llm-timeout", help="Seconds to wait for the chat model's reply (default $TUNEPILOT_LLM_TIMEOUT; 600 for a local server, 120 otherwise)."),
+    llm_timeout: Optional[float] = typer.Option(None, "--llm-timeout", help="Seconds to wait for the chat model's reply (default $TUNEPILOT_LLM_TIMEOUT; 900 for a local server, 120 otherwise)."),
     llm_retries: Optional[int] = typer.Option(None, "--llm-retries", help="Resends after a failed model call (default $TUNEPILOT_LLM_RETRIES; 0 for a local server, 2 otherwise)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature sent to the model (default $TUNEPILOT_LLM_TEMPERATURE, else 0.1)."),
 ) -> None:
@@ -928,7 +928,7 @@ def slack(
     llm: Optional[str] = typer.Option(None, "--llm", help="Chat model as provider:model, e.g. openai:gpt-4o-mini (default $TUNEPILOT_LLM)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server URL (vLLM, Ollama, llama.cpp, LM Studio)."),
     slack_api_url: Optional[str] = typer.Option(None, "--slack-api-url", help="Slack Web API base URL (default https://slack.com/api/; for Slack-compatible gateways)."),
-    llm_timeout: Optional[float] = typer.Option(None, "--llm-timeout", help="Seconds to wait for the chat model's reply (default $TUNEPILOT_LLM_TIMEOUT; 600 for a local server, 120 otherwise)."),
+    llm_timeout: Optional[float] = typer.Option(None, "--llm-timeout", help="Seconds to wait for the chat model's reply (default $TUNEPILOT_LLM_TIMEOUT; 900 for a local server, 120 otherwise)."),
     llm_retries: Optional[int] = typer.Option(None, "--llm-retries", help="Resends after a failed model call (default $TUNEPILOT_LLM_RETRIES; 0 for a local server, 2 otherwise)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature sent to the model (default $TUNEPILOT_LLM_TEMPERATURE, else 0.1)."),
 ) -> None:

@@ -29,7 +29,7 @@ ENV_CONTEXT = "TUNEPILOT_LLM_CONTEXT"
 LOCAL_DUMMY_KEY = "not-needed"
 # A local server on a CPU or a small GPU can take minutes to read a long prompt, and resending
 # the prompt to a server that is still busy with it only doubles the wait: long read timeout, no resend.
-LOCAL_TIMEOUT_S = 600.0
+LOCAL_TIMEOUT_S = 900.0
 LOCAL_RETRIES = 0
 REMOTE_TIMEOUT_S = 120.0
 REMOTE_RETRIES = 2

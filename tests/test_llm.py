@@ -98,14 +98,14 @@ def test_local_servers_get_a_long_read_timeout_and_no_blind_resend(monkeypatch):
     for url in ("https://api.openai.com/v1", "https://example.com/v1", None, ""):
         assert not is_local_url(url), url
     local = make_chat_model("openai:m", base_url="http://127.0.0.1:8080/v1")
-    assert (local.request_timeout.read, local.request_timeout.connect, local.max_retries) == (600.0, 10.0, 0)
+    assert (local.request_timeout.read, local.request_timeout.connect, local.max_retries) == (900.0, 10.0, 0)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
     remote = make_chat_model("openai:gpt-4o-mini")
     assert (remote.request_timeout.read, remote.max_retries) == (120.0, 2)
     # the environment beats the defaults, a flag beats the environment
-    monkeypatch.setenv("TUNEPILOT_LLM_TIMEOUT", "900")
+    monkeypatch.setenv("TUNEPILOT_LLM_TIMEOUT", "1200")
     monkeypatch.setenv("TUNEPILOT_LLM_RETRIES", "1")
-    assert llm_settings(base_url="http://127.0.0.1/v1").timeout == 900 and llm_settings().max_retries == 1
+    assert llm_settings(base_url="http://127.0.0.1/v1").timeout == 1200 and llm_settings().max_retries == 1
     assert llm_settings(base_url="http://127.0.0.1/v1", timeout=30, max_retries=0).timeout == 30
     monkeypatch.setenv("TUNEPILOT_LLM_TIMEOUT", "soon")
     with pytest.raises(TunepilotError, match="TUNEPILOT_LLM_TIMEOUT='soon' is not a number"):
