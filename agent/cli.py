@@ -535,7 +535,7 @@ def plan(
     from rich import box
     from rich.table import Table
 
-    from tools.labels import label
+    from tools.labels import label, labels
 
     def hours(h: Optional[float]) -> str:
         if h is None:
@@ -543,12 +543,14 @@ def plan(
         return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days"
 
     title = f"{result.model_id} on {result.hardware}"
-    # Short labels keep one setup per line at 80 columns; the full descriptions follow the table.
-    seqs = {c.setup.max_length for c in result.candidates}
+    # Short labels keep one setup per line at 80 columns: what every candidate shares goes in the
+    # caption, and the full descriptions follow the table.
+    short, shared = labels([c.setup for c in result.candidates])
+    every = f"; every setup: {' '.join(shared)}" if shared else ""
     if result.fits:
         with_cost = any(c.throughput.cost is not None for c in result.candidates)
         table = Table(title=f"Plan: {title}", box=box.SIMPLE_HEAD, title_justify="left",
-                      caption="GiB/GPU: device total (nvidia-smi); * = simulated", caption_justify="left")
+                      caption=f"GiB/GPU: device total (nvidia-smi); * = simulated{every}", caption_justify="left")
         cols = [("#", "right"), ("setup", "left"), ("GiB/GPU", "right"), ("spare", "right"), ("tok/s", "right"), ("time", "right")]
         for col, justify in cols + ([("cost", "right")] if with_cost else []):
             table.add_column(col, justify=justify, no_wrap=col != "setup")
@@ -556,7 +558,7 @@ def plan(
             est, thr = c.estimate, c.throughput
             mark = "*" if est.tier == "simulated" else ""
             headroom = est.headroom_gib if est.headroom_gib is not None else (est.gpu_memory_gib or 0) - est.device_total_gib
-            row = [str(i), label(c.setup, seq=len(seqs) > 1), f"{est.device_total_gib:.1f}{mark}", f"{headroom:.1f}",
+            row = [str(i), short[i - 1], f"{est.device_total_gib:.1f}{mark}", f"{headroom:.1f}",
                    f"{thr.tokens_per_second:,.0f}", hours(thr.total_hours)]
             if with_cost:
                 row.append("-" if thr.cost is None else f"${thr.cost:,.2f}" if thr.cost < 100 else f"${thr.cost:,.0f}")
@@ -565,16 +567,21 @@ def plan(
     else:
         console.print(f"[bold red]Nothing fits[/]: {title}.", highlight=False)
         if result.candidates:
-            table = Table(title="Closest setups (do not fit)", box=box.SIMPLE_HEAD, title_justify="left")
+            table = Table(title="Closest setups (do not fit)", box=box.SIMPLE_HEAD, title_justify="left",
+                          caption=f"GiB/GPU: device total (nvidia-smi){every}" if every else None, caption_justify="left")
             for col in ("#", "setup", "GiB/GPU", "GPU GiB"):
                 table.add_column(col, no_wrap=col != "setup", justify="left" if col == "setup" else "right")
             for i, c in enumerate(result.candidates, 1):
-                table.add_row(str(i), label(c.setup, seq=len(seqs) > 1), f"{c.estimate.device_total_gib:.1f}",
+                table.add_row(str(i), short[i - 1], f"{c.estimate.device_total_gib:.1f}",
                               f"{c.estimate.gpu_memory_gib or 0:g}")
             console.print(table)
-    for i, c in enumerate(result.candidates, 1):
-        console.print(f"[dim]#{i}[/] {c.setup.short()}", highlight=False)
     if result.candidates:
+        details = Table.grid(padding=(0, 1))
+        details.add_column(style="dim", no_wrap=True)
+        details.add_column()
+        for i, c in enumerate(result.candidates, 1):
+            details.add_row(f"#{i}", c.setup.short())
+        console.print(details, highlight=False)
         console.print()
     for line in result.advice:
         console.print(line if line.startswith("- ") else f"• {line}", highlight=False)
@@ -824,10 +831,11 @@ def trial(
               memory_limit_gib=memory_limit_gib)
     try:
         setup = TrainingSetup.load(setup_file)
-        if find_max_batch:
-            best, reports = search_batch(setup, **kw)
-        else:
-            best, reports = setup, [run_trial(setup, **kw)]
+        with progress_line(json_out):
+            if find_max_batch:
+                best, reports = search_batch(setup, **kw)
+            else:
+                best, reports = setup, [run_trial(setup, **kw)]
         if output is not None and find_max_batch:
             best.save(output)
     except ValidationError as e:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field
 
+from tools import progress
 from tools.schemas import BYTES_PER_GIB, TrainingSetup, TunepilotError  # noqa: F401 - BYTES_PER_GIB for readers
 
 ErrorKind = Literal["oom", "cuda_error", "timeout", "data_error", "error", "interrupted"]
@@ -151,8 +153,48 @@ def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
     raise _Terminated()
 
 
-def _execute(cmd: list[str], *, cwd: Path, log_path: Path, timeout: float, memory_limit_gib: float | None) -> tuple[int | None, str | None]:
-    """Run cmd in its own session; returns (return code, 'timeout'/'interrupted'/None)."""
+class StepWatcher:
+    """Reads the trial log while the child runs and reports 'trial step 2/3, loss 2.31, 1,234 tokens/s'.
+
+    The generated script logs every trial step (logging_steps=1: a "{'loss': ...}" line per optimizer
+    step); tokens/s is measured between the first and the latest step seen, as the report does (the
+    first step, with its warm-up, excluded)."""
+
+    _LOSS = re.compile(r"""['"]loss['"]:\s*['"]?(-?[0-9.]+(?:[eE][-+]?[0-9]+)?)""")
+
+    def __init__(self, log_path: Path, steps: int, tokens_per_step: int) -> None:
+        self.log_path, self.steps, self.tokens_per_step = log_path, steps, tokens_per_step
+        self.offset, self.seen, self.times, self.buffer = 0, 0, [], ""
+
+    def __call__(self) -> None:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return
+        self.offset += len(chunk)
+        text = self.buffer + chunk.decode("utf-8", errors="replace")
+        lines = re.split(r"[\r\n]", text)
+        self.buffer = lines.pop()  # an unfinished line waits for the next poll
+        for line in lines:
+            m = self._LOSS.search(line)
+            if not m:
+                continue
+            self.seen += 1
+            self.times.append(time.monotonic())
+            line = f"trial step {min(self.seen, self.steps)}/{self.steps}, loss {float(m.group(1)):.3f}"
+            if len(self.times) >= 2 and self.times[-1] > self.times[0]:
+                tps = (len(self.times) - 1) * self.tokens_per_step / (self.times[-1] - self.times[0])
+                line += f", {tps:,.0f} tokens/s"
+            progress.note(line)
+
+
+def _execute(cmd: list[str], *, cwd: Path, log_path: Path, timeout: float, memory_limit_gib: float | None,
+             watch=None) -> tuple[int | None, str | None]:
+    """Run cmd in its own session; returns (return code, 'timeout'/'interrupted'/None).
+
+    `watch` (optional) is called about twice a second while the child runs (progress from its log)."""
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -170,7 +212,16 @@ def _execute(cmd: list[str], *, cwd: Path, log_path: Path, timeout: float, memor
                 env=env, start_new_session=True, preexec_fn=preexec,
             )
             try:
-                return proc.wait(timeout=timeout), None
+                if watch is None:
+                    return proc.wait(timeout=timeout), None
+                end = time.monotonic() + timeout
+                while True:
+                    try:
+                        return proc.wait(timeout=max(0.0, min(0.5, end - time.monotonic()))), None
+                    except subprocess.TimeoutExpired:
+                        if time.monotonic() >= end:
+                            raise
+                        watch()
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 return proc.returncode, "timeout"
@@ -395,7 +446,13 @@ def run_trial(
     if memory_limit_gib:
         notes.append(f"child address space limited to {memory_limit_gib:g} GiB (RLIMIT_AS)")
     started = time.perf_counter()
-    rc, stopped = _execute(cmd, cwd=workdir, log_path=log_path, timeout=timeout, memory_limit_gib=memory_limit_gib)
+    watch = None
+    if progress.active():
+        rows = setup.per_device_train_batch_size * setup.gradient_accumulation_steps * setup.num_gpus
+        watch = StepWatcher(log_path, steps, rows * setup.max_length)
+    with progress.status(f"trial run of {setup.short()}: loading the model"):
+        rc, stopped = _execute(cmd, cwd=workdir, log_path=log_path, timeout=timeout, memory_limit_gib=memory_limit_gib,
+                               watch=watch)
 
     data: dict[str, Any] = {}
     if stopped is None and report_path.is_file():
