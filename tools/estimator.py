@@ -23,6 +23,7 @@ native_dropout kernel): no kernel correction is applied on top of a step.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
 
@@ -77,12 +78,16 @@ def step_memory(model: ModelSpec, setup: TrainingSetup, *, fast: bool = False) -
     notes: list[str] = []
     from tools.peft_config import loadable_setup
 
+    import sys
+
     # (--fast must not import torch/transformers, which the attention check asks)
-    setup, fixes = loadable_setup(model, setup, attention=not fast)
+    cold = not fast and "tools.memory.runner" not in sys.modules
+    with progress.status("loading torch, transformers and peft") if cold else nullcontext():
+        setup, fixes = loadable_setup(model, setup, attention=not fast)
     notes += fixes
     if not fast:
         try:
-            with progress.status("loading torch, transformers and peft"):
+            with progress.status("loading torch, transformers and peft") if cold else nullcontext():
                 from tools.memory import SimulationError, simulate  # imports torch on first use
         except ImportError as e:  # no torch / transformers in this environment
             notes.append(f"simulator unavailable ({e.__class__.__name__}: {e}); analytic tier used")

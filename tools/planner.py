@@ -826,7 +826,8 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
     if goals.fsdp is not None and goals.fsdp != "none" and hardware.num_gpus > 1:
         strategies = [_Strategy(f"FSDP {goals.fsdp}", fsdp=goals.fsdp)]
         offload_strategies = [_Strategy(f"FSDP {goals.fsdp} + CPU offload", fsdp=goals.fsdp, offload="all")]
-    attention = _attention_names(model)
+    with progress.status(f"loading transformers to check {model.model_id}'s attention kernels"):
+        attention = _attention_names(model)
     if attention and set(attention) == {"all-linear"}:
         attention = None
 
