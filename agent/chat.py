@@ -10,6 +10,7 @@ and history use prompt_toolkit on a terminal; piped input falls back to plain `i
 from __future__ import annotations
 
 import json
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -54,12 +55,26 @@ def engine_block(result) -> Optional[str]:
 
     A weak model may paraphrase badly or not at all; this block is what the person can trust."""
     summary = getattr(result, "summary", None)
-    if not summary:
-        return None
     answer = getattr(result, "answer", "") or ""
+    if not summary:
+        return unbacked_numbers_note(result)
     if summary in answer:
         return None
     return f"tunepilot engine: {summary}"
+
+
+_FIGURE = re.compile(r"\d+(?:[.,]\d+)?\s*(?:GiB|GB|MB|hours?|h\b|시간|tokens/s|%)", re.IGNORECASE)
+
+
+def unbacked_numbers_note(result) -> Optional[str]:
+    """A warning when an answer quotes memory/time figures but no tunepilot tool ran for it (a model's own guess)."""
+    answer = getattr(result, "answer", "") or ""
+    if getattr(result, "tool_calls", None) or getattr(result, "stopped", None) or not _FIGURE.search(answer):
+        return None
+    if getattr(result, "setup", None) is not None:  # a follow-up may quote what the tools said earlier in the thread
+        return None
+    return ("tunepilot engine: no tool ran for this answer, so its figures are the model's own, not tunepilot's; "
+            "ask again naming the model and GPU, or run `tunepilot plan MODEL --gpu GPU`")
 
 
 def _close_http(model) -> None:

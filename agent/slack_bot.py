@@ -269,18 +269,20 @@ def render_reply(result: Any, *, trial_refused: bool = False, script_uploaded: b
         blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": "_(answer truncated: Slack allows 50 blocks per message)_"}]})
     if trial_refused:
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": TRIAL_REFUSED_NOTE}})
-    summary = getattr(result, "summary", None)
-    if summary and summary not in (getattr(result, "answer", "") or ""):
-        # the engine's own verdict and numbers, whatever the model wrote above
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": _escape(f"tunepilot engine: {summary}")[:2900]}]})
+    from agent.chat import engine_block
+
+    block = engine_block(result)
+    if block:
+        # the engine's own verdict and numbers (or a warning that none backs the answer), whatever the model wrote above
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": _escape(block)[:2900]}]})
     setup = getattr(result, "setup", None)
     if setup is not None and _tools_used(result):
         blocks.append({"type": "divider"})
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "*Setup*"}, "fields": setup_fields(setup, getattr(result, "memory", None))})
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": next_command(result, script_uploaded=script_uploaded)}]})
     text = answer + (f"\n\n{TRIAL_REFUSED_NOTE}" if trial_refused else "")
-    if summary and summary not in text:
-        text += f"\n\ntunepilot engine: {summary}"
+    if block:
+        text += f"\n\n{block}"
     if len(text) > FALLBACK_TEXT_LIMIT:
         text = text[: FALLBACK_TEXT_LIMIT - 1] + "…"
     return text, blocks

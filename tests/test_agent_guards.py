@@ -219,3 +219,19 @@ def test_trimming_keeps_tool_calls_paired_and_the_setup_in_the_note():
     assert kept[0].content.startswith("(Earlier messages") and setup.short() in kept[0].content
     assert kept[-1].content == "and now?" and not any(isinstance(m, ToolMessage) for m in kept)
     assert trim_messages_to(msgs, 100_000) is msgs
+
+
+def test_figures_no_tool_produced_are_flagged_under_the_answer():
+    from agent.chat import engine_block
+    from agent.core import TurnResult
+    from agent.slack_bot import render_reply
+
+    guess = TurnResult(answer="You will need about 30 GB and 4 hours (batch_size: 16, fp16: true).")
+    note = engine_block(guess)
+    assert note.startswith("tunepilot engine: no tool ran for this answer, so its figures are the model's own")
+    text, blocks = render_reply(guess)
+    assert note in text and any(note in json.dumps(b) for b in blocks)
+    assert engine_block(TurnResult(answer="LoRA trains small adapters beside frozen weights.")) is None
+    backed = TurnResult(answer="It fits in 8.8 GiB.", summary="FITS: m on 1x g. Memory: 8.8 GiB per GPU.",
+                        tool_calls=[{"tool": "plan_training", "status": "ok"}])
+    assert engine_block(backed) == "tunepilot engine: FITS: m on 1x g. Memory: 8.8 GiB per GPU."
