@@ -325,6 +325,10 @@ def llm_error_message(exc: BaseException, *, spec: str | None = None) -> str:
         return f"the chat model{who} is rate-limited or out of quota: wait, or use another --llm ({text})"
     if "NotFoundError" in names and module.startswith("openai"):
         return f"the chat model server{who} does not know this model: check the model name in --llm ({text})"
+    status = getattr(exc, "status_code", None)
+    if status in (502, 503, 504) and ("APIStatusError" in names or "InternalServerError" in names):
+        return (f"the chat model server{who} (or a proxy in front of it) answered HTTP {status}: it is not ready or "
+                "overloaded; is the model still loading? Try again in a moment")
     if "APIStatusError" in names or "APIError" in names or "BadRequestError" in names:
         return f"the chat model{who} returned an error: {text}"
     if module.startswith("openai") and ("credentials" in text.lower() or "api_key" in text.lower()):

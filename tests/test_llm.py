@@ -199,3 +199,12 @@ def test_a_context_overflow_says_to_reset():
     msg = str(e.value)
     assert msg.startswith("the conversation no longer fits the chat model's context window") and "/reset" in msg
     assert "--ctx-size" in msg and "\n" not in msg
+
+
+def test_a_busy_or_loading_server_says_so():
+    with OpenAIStub([{"status": 503, "error": "Loading model"}]) as stub:
+        model = make_chat_model("openai:stub-model", base_url=stub.base_url)
+        with pytest.raises(TunepilotError) as e:
+            run_turn(build_agent(model), "t", "hello")
+        assert len(stub.requests) == 1  # a local server: no blind resend
+    assert str(e.value).startswith("the chat model server (or a proxy in front of it) answered HTTP 503")
