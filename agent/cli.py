@@ -549,9 +549,13 @@ def plan(
     every = f"; every setup: {' '.join(shared)}" if shared else ""
     if result.fits:
         with_cost = any(c.throughput.cost is not None for c in result.candidates)
+        # time per epoch apart only when there is more than one epoch (otherwise "time" is one epoch)
+        with_epoch = any(c.throughput.time_per_epoch_hours is not None and c.throughput.total_hours is not None
+                         and abs(c.throughput.total_hours - c.throughput.time_per_epoch_hours) > 1e-9 for c in result.candidates)
         table = Table(title=f"Plan: {title}", box=box.SIMPLE_HEAD, title_justify="left",
                       caption=f"GiB/GPU: device total (nvidia-smi); * = simulated{every}", caption_justify="left")
-        cols = [("#", "right"), ("setup", "left"), ("GiB/GPU", "right"), ("spare", "right"), ("tok/s", "right"), ("time", "right")]
+        cols = [("#", "right"), ("setup", "left"), ("GiB/GPU", "right"), ("spare", "right"), ("tok/s", "right")]
+        cols += ([("epoch", "right")] if with_epoch else []) + [("time", "right")]
         for col, justify in cols + ([("cost", "right")] if with_cost else []):
             table.add_column(col, justify=justify, no_wrap=col != "setup")
         for i, c in enumerate(result.candidates, 1):
@@ -559,7 +563,8 @@ def plan(
             mark = "*" if est.tier == "simulated" else ""
             headroom = est.headroom_gib if est.headroom_gib is not None else (est.gpu_memory_gib or 0) - est.device_total_gib
             row = [str(i), short[i - 1], f"{est.device_total_gib:.1f}{mark}", f"{headroom:.1f}",
-                   f"{thr.tokens_per_second:,.0f}", hours(thr.total_hours)]
+                   f"{thr.tokens_per_second:,.0f}"]
+            row += ([hours(thr.time_per_epoch_hours)] if with_epoch else []) + [hours(thr.total_hours)]
             if with_cost:
                 row.append("-" if thr.cost is None else f"${thr.cost:,.2f}" if thr.cost < 100 else f"${thr.cost:,.0f}")
             table.add_row(*row)

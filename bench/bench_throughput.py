@@ -8,6 +8,8 @@ prints the tokens/s of
 
 - the new model: the op-roofline time of the simulated step (`tools.throughput.estimate_throughput`
   with the dry run's StepMemory; per-op FLOPs and bytes, tools/memory/timing.py), uncalibrated;
+- the new model's analytic tier (`--fast`, the planner's search): the same roofline over op records
+  written down from the model's shapes (tools/memory/timing_analytic.py);
 - today's model: the flat factors (`tools.throughput.flat_estimate_throughput`, the function that was
   `estimate_throughput` on main before the op-roofline model), uncalibrated;
 
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [r for r in load_rows() if not args.only or any(o in r["id"] for o in args.only)]
     print(f"{'id':34} {'gpu':>16} {'method':>6} {'split':>7} {'measured':>9} {'new':>9} {'err':>6} "
-          f"{'today':>9} {'err':>6} {'implied':>8}  time")
+          f"{'fast':>9} {'err':>6} {'today':>9} {'err':>6} {'implied':>8}  time")
     res = []
     for row in rows:
         t0 = time.perf_counter()
@@ -144,16 +146,19 @@ def main(argv: list[str] | None = None) -> int:
         step = simulate(model, setup)
         new = estimate_throughput(model, setup, hw, step=step, calibrate=False)
         old = flat_estimate_throughput(model, setup, hw, calibrate=False)
+        fast = estimate_throughput(model, setup, hw, calibrate=False)
         meas = float(row["measured_tokens_per_second"])
         peak = _peak_tflops(setup, hw, [])[0] * 1e12
         implied = meas * new.flops_per_token / (setup.num_gpus * peak)
         ceiling = gpu_rates(hw.gpu).matmul_eff
         flag = "!" if implied > ceiling else " "
         e_new, e_old = pct(new.tokens_per_second, meas), pct(old.tokens_per_second, meas)
-        res.append((row, e_new, e_old, flag == "!"))
+        e_fast = pct(fast.tokens_per_second, meas)
+        res.append((row, e_new, e_old, flag == "!", e_fast))
         label = f"{setup.num_gpus}x {hw.gpu.name.replace('NVIDIA ', '')}" if setup.num_gpus > 1 else hw.gpu.name.replace("NVIDIA ", "")
         print(f"{row['id']:34} {label[:16]:>16} {setup.method:>6} {row['split']:>7} {meas:9.0f} {new.tokens_per_second:9.0f} "
-              f"{e_new:+5.0f}% {old.tokens_per_second:9.0f} {e_old:+5.0f}% {implied:7.0%}{flag} {time.perf_counter() - t0:5.1f}s")
+              f"{e_new:+5.0f}% {fast.tokens_per_second:9.0f} {e_fast:+5.0f}% {old.tokens_per_second:9.0f} {e_old:+5.0f}% "
+              f"{implied:7.0%}{flag} {time.perf_counter() - t0:5.1f}s")
     if not res:
         print("no rows")
         return 1
@@ -161,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     def line(name: str, sel) -> None:
         xs = [r for r in res if sel(r)]
         if xs:
-            print(f"  {name:44} n={len(xs):2}  new {med([abs(r[1]) for r in xs])}  today {med([abs(r[2]) for r in xs])}")
+            print(f"  {name:50} n={len(xs):2}  new {med([abs(r[1]) for r in xs])}  fast {med([abs(r[4]) for r in xs])}"
+                  f"  today {med([abs(r[2]) for r in xs])}")
 
     print("\nmedian |error| (tokens/s)")
     line("all rows", lambda r: True)
@@ -177,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         line(f"method {m}", lambda r, m=m: r[0]["method"] == m)
     line("multi-GPU", lambda r: int(r[0]["num_gpus"]) > 1)
     within = sum(1 for r in res if abs(r[1]) <= 20)
-    print(f"\nnew model within 20%: {within}/{len(res)} rows; today's: {sum(1 for r in res if abs(r[2]) <= 20)}/{len(res)}")
+    print(f"\nwithin 20%: new {within}/{len(res)} rows, fast {sum(1 for r in res if abs(r[4]) <= 20)}/{len(res)}, "
+          f"today's {sum(1 for r in res if abs(r[2]) <= 20)}/{len(res)}")
     gpus = sorted({r[0]["gpu"] for r in res})
     print(f"{len(res)} rows, {len(tables)} source tables, {len(gpus)} GPU kinds ({', '.join(gpus)})")
     flagged = [r[0]["id"] for r in res if r[3]]

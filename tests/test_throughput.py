@@ -1,4 +1,6 @@
-"""Throughput / time / cost model: FLOPs per token, utilisation factors, scaling, cost and calibration."""
+"""Throughput / time / cost: the flat-factor fallback (FLOPs per token, utilisation factors, scaling,
+calibration) and what both time models share (time, GPU-hours, cost, bad inputs). The op-roofline
+model itself: tests/test_timing.py."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 from tools import throughput as tp
 from tools.gpus import parse_hardware
 from tools.schemas import ModelSpec, TrainingSetup, TunepilotError
-from tools.throughput import estimate_throughput, flops_per_token
+from tools.throughput import estimate_throughput, flat_estimate_throughput, flops_per_token
 
 # Shapes and exact parameter count of meta-llama/Llama-2-7b-hf (config.json; 6,738,415,616 params).
 LLAMA2_7B = ModelSpec(
@@ -86,16 +88,16 @@ def test_moe_counts_only_active_experts():
 
 
 def test_two_gpus_scale_by_the_stated_efficiency():
-    one = estimate_throughput(LLAMA2_7B, setup(method="full"), parse_hardware("A100 80GB"))
-    two = estimate_throughput(LLAMA2_7B, setup(method="full", num_gpus=2), parse_hardware("2x A100 80GB"))
+    one = flat_estimate_throughput(LLAMA2_7B, setup(method="full"), parse_hardware("A100 80GB"))
+    two = flat_estimate_throughput(LLAMA2_7B, setup(method="full", num_gpus=2), parse_hardware("2x A100 80GB"))
     assert two.tokens_per_second == pytest.approx(2 * one.tokens_per_second * tp.SCALING_EFFICIENCY["ddp"], rel=1e-9)
-    z3 = estimate_throughput(LLAMA2_7B, setup(method="full", num_gpus=2, zero_stage=3), parse_hardware("2x A100 80GB"))
+    z3 = flat_estimate_throughput(LLAMA2_7B, setup(method="full", num_gpus=2, zero_stage=3), parse_hardware("2x A100 80GB"))
     assert z3.tokens_per_second < two.tokens_per_second
 
 
 def test_tokens_per_second_is_peak_times_utilisation_over_flops():
     hw = parse_hardware("H100")
-    e = estimate_throughput(LLAMA2_7B, setup(), hw)
+    e = flat_estimate_throughput(LLAMA2_7B, setup(), hw)
     assert e.tokens_per_second == pytest.approx(989.4e12 * e.mfu / e.flops_per_token)
     assert 0.05 < e.mfu < 0.6
     # a 7B LoRA step on one H100 lands in the few-thousand tokens/s range
@@ -118,13 +120,13 @@ def test_without_dataset_tokens_there_is_no_time():
 
 def test_qlora_offload_and_slow_gpus_are_slower():
     hw = parse_hardware("A100 80GB")
-    lora = estimate_throughput(LLAMA2_7B, setup(), hw).tokens_per_second
-    qlora = estimate_throughput(LLAMA2_7B, setup(method="qlora", load_in_4bit=True), hw).tokens_per_second
-    full = estimate_throughput(LLAMA2_7B, setup(method="full"), hw).tokens_per_second
-    full_offload = estimate_throughput(LLAMA2_7B, setup(method="full", zero_stage=2, offload="optimizer"), hw).tokens_per_second
+    lora = flat_estimate_throughput(LLAMA2_7B, setup(), hw).tokens_per_second
+    qlora = flat_estimate_throughput(LLAMA2_7B, setup(method="qlora", load_in_4bit=True), hw).tokens_per_second
+    full = flat_estimate_throughput(LLAMA2_7B, setup(method="full"), hw).tokens_per_second
+    full_offload = flat_estimate_throughput(LLAMA2_7B, setup(method="full", zero_stage=2, offload="optimizer"), hw).tokens_per_second
     assert qlora < lora
     assert full_offload == pytest.approx(full * tp.OFFLOAD_FACTOR["optimizer"])
-    assert estimate_throughput(LLAMA2_7B, setup(), parse_hardware("T4")).tokens_per_second < lora / 5
+    assert flat_estimate_throughput(LLAMA2_7B, setup(), parse_hardware("T4")).tokens_per_second < lora / 5
 
 
 def test_parameter_offload_costs_what_crosses_pcie():
@@ -132,29 +134,29 @@ def test_parameter_offload_costs_what_crosses_pcie():
     hw = parse_hardware("2x RTX 4090")
     common = dict(num_gpus=2, zero_stage=3, offload="all", per_device_train_batch_size=1, gradient_checkpointing=True)
     q = dict(method="qlora", load_in_4bit=True)
-    lora = estimate_throughput(LLAMA2_7B, setup(**common), hw)
-    lora_resident = estimate_throughput(LLAMA2_7B, setup(**{**common, "offload": "none"}), hw)
-    qlora = estimate_throughput(LLAMA2_7B, setup(**q, **common), hw)
-    qlora_resident = estimate_throughput(LLAMA2_7B, setup(**q, **{**common, "offload": "none"}), hw)
+    lora = flat_estimate_throughput(LLAMA2_7B, setup(**common), hw)
+    lora_resident = flat_estimate_throughput(LLAMA2_7B, setup(**{**common, "offload": "none"}), hw)
+    qlora = flat_estimate_throughput(LLAMA2_7B, setup(**q, **common), hw)
+    qlora_resident = flat_estimate_throughput(LLAMA2_7B, setup(**q, **{**common, "offload": "none"}), hw)
     lora_cost = lora.tokens_per_second / lora_resident.tokens_per_second
     qlora_cost = qlora.tokens_per_second / qlora_resident.tokens_per_second
     assert lora_cost < tp.PEFT_OPTIMIZER_OFFLOAD_FACTOR  # streaming bf16 weights costs more than the optimizer part
     assert qlora_cost > lora_cost  # 4-bit weights move ~4x fewer bytes
     assert any("over PCIe" in n for n in lora.notes)
     # the slow-down shrinks as each micro-batch carries more compute for the same traffic
-    bigger = estimate_throughput(LLAMA2_7B, setup(**{**common, "per_device_train_batch_size": 8}), hw)
+    bigger = flat_estimate_throughput(LLAMA2_7B, setup(**{**common, "per_device_train_batch_size": 8}), hw)
     assert bigger.tokens_per_second > lora.tokens_per_second
 
 
 def test_bf16_on_a_gpu_without_it_uses_the_fp16_rate_and_says_so():
-    e = estimate_throughput(LLAMA2_7B, setup(bf16=True), parse_hardware("T4"))
+    e = flat_estimate_throughput(LLAMA2_7B, setup(bf16=True), parse_hardware("T4"))
     assert any("no bf16" in n and "fp16" in n for n in e.notes)
-    fp16 = estimate_throughput(LLAMA2_7B, setup(bf16=False, fp16=True), parse_hardware("T4"))
+    fp16 = flat_estimate_throughput(LLAMA2_7B, setup(bf16=False, fp16=True), parse_hardware("T4"))
     assert e.tokens_per_second == pytest.approx(fp16.tokens_per_second)
 
 
 def test_notes_state_the_assumptions():
-    e = estimate_throughput(LLAMA2_7B, setup(method="full", num_gpus=2, zero_stage=3), parse_hardware("2x H100"))
+    e = flat_estimate_throughput(LLAMA2_7B, setup(method="full", num_gpus=2, zero_stage=3), parse_hardware("2x H100"))
     text = " ".join(e.notes)
     assert "FLOPs/token" in text and "utilisation" in text and "zero3" in text and "989.4" in text
 
@@ -181,7 +183,7 @@ def _write_calibration(records: list[dict]) -> None:
 
 def test_calibration_file_scales_the_utilisation():
     hw = parse_hardware("RTX 4090")
-    raw = estimate_throughput(LLAMA2_7B, setup(), hw)
+    raw = flat_estimate_throughput(LLAMA2_7B, setup(), hw)
     _write_calibration([
         # the trial runner records the GPU name as the driver reports it
         {"gpu": "NVIDIA GeForce RTX 4090", "method": "lora", "tokens_per_second": 500, "predicted_tokens_per_second": 1000},
@@ -194,15 +196,15 @@ def test_calibration_file_scales_the_utilisation():
         # a failed trial (OOM) measured no steady rate: ignored
         {"gpu": "NVIDIA GeForce RTX 4090", "method": "lora", "ok": False, "tokens_per_second": 1, "predicted_tokens_per_second": 1000},
     ])
-    cal = estimate_throughput(LLAMA2_7B, setup(), hw)
+    cal = flat_estimate_throughput(LLAMA2_7B, setup(), hw)
     assert cal.mfu == pytest.approx(raw.mfu * 0.6)  # median of 0.5, 0.6, 0.9
     assert cal.tokens_per_second == pytest.approx(raw.tokens_per_second * 0.6)
     assert any("calibrated x0.60" in n and "3 trial run" in n for n in cal.notes)
     # the raw model stays available (the trial runner records that as its prediction)
-    assert estimate_throughput(LLAMA2_7B, setup(), hw, calibrate=False).mfu == pytest.approx(raw.mfu)
+    assert flat_estimate_throughput(LLAMA2_7B, setup(), hw, calibrate=False).mfu == pytest.approx(raw.mfu)
     # a different GPU is not affected by the 4090's records
     a100 = parse_hardware("A100 80GB")
-    _ = estimate_throughput(LLAMA2_7B, setup(method="full"), a100)
+    _ = flat_estimate_throughput(LLAMA2_7B, setup(method="full"), a100)
     assert not any("calibrated" in n for n in _.notes)
 
 

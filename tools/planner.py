@@ -15,7 +15,9 @@ Memory is pruned with the analytic tier (`estimate(..., fast=True)`); for every 
 the largest micro-batch that fits is found by bisection (memory grows with the micro-batch).
 The best few are then confirmed by the simulator (`estimate(..., fast=False)`) when
 goals.confirm; one that no longer fits is retried with half the micro-batch, else dropped.
-Time comes from `tools.throughput.estimate_throughput`.
+Time comes from `tools.throughput.estimate_throughput`: the op-roofline model (tools/memory/timing.py)
+over the analytic op records during the search, and over the dry run's op trace for the candidates
+the simulator confirms; candidates rank by that time.
 """
 
 from __future__ import annotations
@@ -138,11 +140,23 @@ def _estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec, *,
     return estimate(model, setup, hardware, fast=True, advice=False, step=step)
 
 
-def _throughput(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec, goals: PlanGoals) -> ThroughputEstimate:
+def _throughput(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec, goals: PlanGoals, *,
+                simulated: bool = False) -> ThroughputEstimate:
+    """Time of a candidate: the op-roofline over the analytic op records (the search), or over the dry
+    run's op trace (simulated=True: a candidate the simulator confirmed; its step is cached)."""
     from tools.throughput import estimate_throughput
 
+    step = None
+    if simulated:
+        from tools.estimator import step_memory
+
+        try:
+            step = step_memory(model, setup)[0]
+        except TunepilotError:
+            step = None
     return estimate_throughput(
-        model, setup, hardware, dataset_tokens=_dataset_tokens(goals), price_per_gpu_hour=goals.price_per_gpu_hour
+        model, setup, hardware, dataset_tokens=_dataset_tokens(goals), price_per_gpu_hour=goals.price_per_gpu_hour,
+        step=step,
     )
 
 
@@ -501,6 +515,7 @@ def _confirm(model, hardware, goals, selected: list[_Option], ranked: list[_Opti
             continue
         if _fits(est, hardware, goals):
             opt.est = est
+            opt.thr = _throughput(model, opt.setup, hardware, goals, simulated=True)  # ranked by the traced step's time
             confirmed.append(opt)
             continue
         micro = opt.setup.per_device_train_batch_size
@@ -536,6 +551,8 @@ def _fmt_time(thr: Optional[ThroughputEstimate]) -> str:
     if thr is None:
         return "?"
     parts = [f"{thr.tokens_per_second:,.0f} tokens/s"]
+    if thr.time_per_epoch_hours is not None and thr.total_hours is not None and abs(thr.total_hours - thr.time_per_epoch_hours) > 1e-9:
+        parts.append(f"{thr.time_per_epoch_hours:.1f} h/epoch")
     if thr.total_hours is not None:
         parts.append(f"{thr.total_hours:.1f} h")
     if thr.cost is not None:

@@ -440,17 +440,27 @@ def estimate_throughput(
     """Training tokens/s across all GPUs, step seconds and their breakdown, and (given dataset tokens and a price) hours and cost.
 
     With `step` (a simulated StepMemory carrying its op trace) the time is the op-roofline model of
-    that step (tools.memory.timing); without one, the flat-factor fallback (`flat_estimate_throughput`).
+    that step (tools.memory.timing); without one, the same roofline over the analytic tier's op records
+    written down from the model's shapes (tools.memory.timing_analytic); the flat factors
+    (`flat_estimate_throughput`) only where those cannot be written (stated in the notes).
     With calibrate=True, measured trial runs for this GPU and method predicted by the same time model
     ($TUNEPILOT_HOME/calibration.jsonl) scale the result, and the estimate says so.
     """
-    if step is None or getattr(step, "op_trace", None) is None:
-        return flat_estimate_throughput(model, setup, hardware, dataset_tokens=dataset_tokens,
-                                        price_per_gpu_hour=price_per_gpu_hour, calibrate=calibrate)
     _check_inputs(dataset_tokens, price_per_gpu_hour)
-    from tools.memory.timing import time_from_step
+    from tools.memory.timing import time_analytic, time_from_step
 
-    st = time_from_step(step, setup, hardware)
+    if step is not None and getattr(step, "op_trace", None) is not None:
+        st = time_from_step(step, setup, hardware)
+        tier = "simulated op trace"
+    else:
+        try:
+            st = time_analytic(model, setup, hardware)
+        except (KeyError, ValueError, ZeroDivisionError, AttributeError) as e:  # the stated fallback
+            thr = flat_estimate_throughput(model, setup, hardware, dataset_tokens=dataset_tokens,
+                                           price_per_gpu_hour=price_per_gpu_hour, calibrate=calibrate)
+            thr.notes.insert(0, f"analytic op records unavailable ({e.__class__.__name__}: {e}): flat-factor fallback")
+            return thr
+        tier = "analytic op records"
     notes = list(st.notes)
     tps = st.tokens_per_second
     step_s = st.step_seconds
@@ -469,9 +479,9 @@ def estimate_throughput(
     if setup.num_gpus > hardware.num_gpus:
         notes.append(f"setup uses {setup.num_gpus} GPUs but the hardware has {hardware.num_gpus}; estimated for {setup.num_gpus}")
     fpt = st.flops_per_step * setup.num_gpus / max(st.tokens_per_step, 1)
-    peak = _peak_tflops(setup, hardware, [])[0] * 1e12
+    peak = _peak_tflops(setup, hardware, notes)[0] * 1e12
     mfu = fpt * tps / (setup.num_gpus * peak) if peak else 0.0
-    notes.append(f"op-roofline: {step_s:.3f} s per optimizer step of {st.tokens_per_step:,} tokens "
+    notes.append(f"op-roofline ({tier}): {step_s:.3f} s per optimizer step of {st.tokens_per_step:,} tokens "
                  f"({setup.gradient_accumulation_steps} micro-batch(es) x {setup.per_device_train_batch_size} x "
                  f"{setup.max_length} x {setup.num_gpus} GPU(s)); {fpt / 1e9:.1f} GFLOP per token as traced (incl. recompute), "
                  f"{mfu:.0%} of the dense peak")

@@ -731,11 +731,55 @@ def _collective_bytes(step, setup) -> tuple[float, float]:
     return params, grads
 
 
+def flash_causal(counts: dict[Record, float], setup) -> dict[Record, float]:
+    """flash_attention_2 runs a causal LM's attention with its causal flag (and any sliding window) on the
+    GPU, whatever mask the CPU dry run's SDPA stand-in was given: mark those attention records causal."""
+    if setup.attn_implementation != "flash_attention_2" or setup.task == "sequence-classification":
+        return counts
+    out: dict[Record, float] = {}
+    for rec, c in counts.items():
+        if rec[1] in ("attention_fwd", "attention_bwd") and not rec[6]:
+            rec = rec[:6] + (True,) + rec[7:]
+        out[rec] = out.get(rec, 0.0) + c
+    return out
+
+
 def time_from_step(step, setup, hardware) -> StepTime:
     """StepTime of `setup` on `hardware` from the StepMemory's op trace (simulated tier)."""
     if step.op_trace is None:
         raise ValueError("this StepMemory carries no op trace (analytic tier)")
-    counts = trace_from_list(step.op_trace)
+    counts = flash_causal(trace_from_list(step.op_trace), setup)
     params, grads = _collective_bytes(step, setup)
     return step_time(counts, setup, hardware, param_bytes=params, grad_bytes=grads,
                      trainable_params=float(step.trainable_parameters), num_params=float(step.num_parameters))
+
+
+def analytic_collective_bytes(model, setup) -> tuple[float, float, float]:
+    """(parameter bytes, gradient bytes, trainable parameters) of one replica, from the model's shapes."""
+    from tools.memory.timing_analytic import _trainable
+
+    mixed = setup.bf16 or setup.fp16
+    n = float(model.num_parameters)
+    trainable = _trainable(model, setup)
+    if setup.load_in_4bit:
+        params = n * (0.5 + 1 / 64) + model.vocab_size * model.hidden_size * 2 * (1 if model.tie_word_embeddings else 2)
+    elif setup.load_in_8bit:
+        params = n * 1.02
+    elif mixed:
+        params = 2.0 * n
+    else:
+        params = n * {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}[setup.dtype]
+    grads = trainable * (2.0 if mixed else 4.0 if setup.method != "full" else {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}[setup.dtype])
+    return params, grads, trainable
+
+
+def time_analytic(model, setup, hardware) -> StepTime:
+    """StepTime of `setup` on `hardware` from the analytic tier's closed-form op records (no torch)."""
+    from tools.memory.timing_analytic import analytic_counts
+
+    counts = analytic_counts(model, setup)
+    params, grads, trainable = analytic_collective_bytes(model, setup)
+    st = step_time(counts, setup, hardware, param_bytes=params, grad_bytes=grads, trainable_params=trainable,
+                   num_params=float(model.num_parameters))
+    st.notes.insert(0, "op records written down from the model's shapes (analytic tier, tools/memory/timing_analytic.py)")
+    return st
