@@ -170,7 +170,7 @@ def test_simulated_step_carries_the_replay_and_the_estimator_says_which_model(mo
     assert any("not simulated sharded" in p for p in sh.provenance)
 
 
-@pytest.mark.parametrize("method,tol", [("lora", 0.10), ("full", 0.30)])
+@pytest.mark.parametrize("method,tol", [("lora", 0.25), ("full", 0.25)])
 def test_replay_extrapolated_from_two_depths_tracks_the_full_depth_replay(method, tol):
     """The overhead is replayed at 1 and 2 blocks and extended; against a replay of all 30 blocks."""
     from tools.memory import simulate

@@ -105,15 +105,19 @@ def combine(runs: list[RunResult], depths: list[int], total: int) -> StepMemory:
     over = over_exp = None
     if a.allocator and b.allocator:
         # what the caching allocator holds beyond the live bytes: the rounding of live blocks grows with
-        # every block's tensors (extended linearly); the cached free blocks grow with depth where each block
-        # leaves its own (full fine-tuning: ~7 MiB per SmolLM2 block) and stay put where the step's largest
-        # transients set them (LoRA: logits): extended linearly, never below the deeper run's
-        def parts(r: dict, key: str) -> tuple[int, int]:
-            return r["allocated"] - r["requested"], r[key] - r["allocated"]
-
+        # every block's tensors (extended linearly). The cached free blocks are set by the step's largest
+        # transients (logits, gathered units) and grow a little per block where each leaves its own (full
+        # fine-tuning of SmolLM2: ~7 MiB per block), but from depth to depth they jump (which cached block a
+        # request splits changes): the deeper run's, plus its growth capped at a quarter of the live bytes'
+        # growth per block
         def overhead(key: str) -> int:
-            (wa, ca), (wb, cb) = parts(a.allocator, key), parts(b.allocator, key)
-            return ext(wa, wb) + max(0, cb, ext(ca, cb))
+            ra, rb = a.allocator, b.allocator
+            waste = ext(ra["allocated"] - ra["requested"], rb["allocated"] - rb["requested"])
+            ca, cb = ra[key] - ra["allocated"], rb[key] - rb["allocated"]
+            if len(runs) == 1:
+                return max(0, waste + ca)
+            growth = min(max(0, cb - ca), max(0, rb["requested"] - ra["requested"]) // 4)
+            return max(0, waste + cb + round(growth * (total - depths[1]) / (depths[1] - depths[0])))
 
         over, over_exp = overhead("reserved"), overhead("reserved_expandable")
     return StepMemory(

@@ -158,7 +158,6 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
         from tools.memory.timing import OpTrace
 
         trace = tracker.op_observer = OpTrace()  # the cost of every op of step 2 (tools.memory.timing)
-    events = tracker.log_events()  # the allocation order, replayed through the caching-allocator model
     ledger = distributed.FsdpLedger(tracker, host=plan.offload) if plan else None
     # flash-attention runs packed rows as variable-length sequences (no mask); sdpa/eager get the block mask
     packed_mask = setup.padding_free and setup.attn_implementation != "flash_attention_2"
@@ -169,6 +168,9 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
             prep.notes.extend(distributed.shard(prep, setup, mesh, plan, ledger))
         optimizer = make_step_optimizer(prep, setup, tracker)
         amp = torch.autocast("cpu", dtype=compute) if autocast else nullcontext()
+        # the allocation order from here on, replayed through the caching-allocator model: the prepared
+        # (and sharded) model's storages open it; how the dry run built them is not how a run loads them
+        events = tracker.log_events()
         state_step(prep, optimizer, setup, tracker,
                    before_reset=(lambda: ledger.optimizer_to_host(optimizer)) if plan and plan.offload else None)
         if trace is not None:

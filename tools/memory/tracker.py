@@ -10,7 +10,8 @@ linear extrapolation to hold (`tools.memory.extrapolate`; the segments: `tools.m
 `make_tracker(fake=False)` returns `RealMemoryTracker`, a plain dispatch mode that counts the
 storages of a REAL step the same way (the tests compare the two). Both share `TrackingMixin`, whose `add` / `_free` are the one place a
 storage's birth and death are seen. `log_events()` turns on an event log there, off by default and
-free when off (`live` is then a plain dict): the allocation order as (1, key, nbytes, tag) per birth
+free when off (`live` is then a plain dict), opened by the storages alive when it starts: the
+allocation order as (1, key, nbytes, tag) per birth
 and (0, key, 0, "") per death; a record replaced in `live` (FSDP's in-place storage resizes, a
 storage moved to host RAM) logs the death of the old size and the birth of the new one.
 `tools.memory.allocator.replay` serves that order the way PyTorch's caching allocator would, on the
@@ -51,7 +52,8 @@ class _EventLog(dict):
 
     def __init__(self, live: dict):
         super().__init__(live)
-        self.events: list[tuple] = []
+        # what is alive when logging starts is allocated first, in the order it was born
+        self.events: list[tuple] = [(1, key, rec.nbytes, rec.tag) for key, rec in live.items() if rec.nbytes]
 
     def __setitem__(self, key, rec) -> None:
         old = self.get(key)
@@ -107,7 +109,8 @@ class TrackingMixin:
         self.op_observer = None
 
     def log_events(self) -> list[tuple]:
-        """Record every storage birth and death from now on (the order the caching-allocator model replays)."""
+        """Record every storage birth and death from now on (the order the caching-allocator model replays);
+        the storages alive now open the log as births, in the order they were born."""
         if not isinstance(self.live, _EventLog):
             self.live = _EventLog(self.live)
         return self.live.events
