@@ -140,6 +140,8 @@ def offload_from_step(step: StepMemory, setup: TrainingSetup) -> dict[str, int]:
 _LEDGER_KINDS = {"parameters": "offloaded_params", "params": "offloaded_params", "gradients": "gradients",
                  "optimizer_state": "optimizer_states", "optimizer_states": "optimizer_states",
                  "optimizer_step": "optimizer_step_temporaries", "master_weights": "master_weights"}
+_LEDGER_KINDS.update({p: p for p in ("offloaded_params", "master_weights", "optimizer_states", "gradients",
+                                     "optimizer_step_temporaries")})
 
 
 def offload_from_sharded_step(step: StepMemory) -> dict[str, int] | None:
