@@ -439,7 +439,7 @@ def estimate(
             phases = " (" + ", ".join(f"{k} {v:.3g} s" for k, v in ph.items() if v > 0) + ")"
         cal = ", calibrated by trial runs" if est.time_calibrated else ""
         console.print(f"time: {est.step_seconds:.3g} s per optimizer step{phases}, {est.tokens_per_second:,.0f} tokens/s "
-                      f"({est.time_model}{cal})", highlight=False, soft_wrap=True, markup=False)
+                      f"({est.time_model}{cal})", highlight=False, markup=False)
     if est.advice:
         console.print(est.advice, highlight=False)
     if plot is not None:
@@ -593,9 +593,9 @@ def plan(
     if output is not None:
         if written is not None:
             console.print(f"Wrote the winning setup to {written}. Next: tunepilot script {written} -o train.py",
-                          highlight=False, soft_wrap=True)
+                          highlight=False)
         else:
-            console.print(f"Nothing fits, so {output} was not written.", highlight=False, soft_wrap=True)
+            console.print(f"Nothing fits, so {output} was not written.", highlight=False)
     if plot is not None and result.candidates:
         write_plot("plan", result, plot, safety_margin=goals.safety_margin,
                    labels=[f"#{i} {label(c.setup)}" for i, c in enumerate(result.candidates, 1)])

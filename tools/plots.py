@@ -196,13 +196,15 @@ def estimate_chart(est: MemoryEstimate, path: str | Path, *, safety_margin: floa
     ax.set_xticklabels(["per GPU"])
     ax.set_ylabel("GiB")
     # capacity and usable lines across the whole panel
-    if capacity is not None:
-        line = ax.axhline(capacity, color="#d62728", linewidth=1.6)
+    lines = []
+    if capacity is not None:  # named in the legend, so their labels never collide with the marks
+        line = ax.axhline(capacity, color="#d62728", linewidth=1.6, label=f"{est.gpu or 'GPU'}: {capacity:g} GiB")
         line.set_gid("line-capacity")
-        ax.text(1.03, capacity, f"{est.gpu or 'GPU'}: {capacity:g} GiB", ha="right", va="bottom", fontsize=8, color="#d62728")
-        line = ax.axhline(usable, color="#d62728", linewidth=1.0, linestyle="--")
+        lines.append(line)
+        line = ax.axhline(usable, color="#d62728", linewidth=1.0, linestyle="--",
+                          label=f"usable ({100 * (1 - safety_margin):.0f}%): {usable:.1f} GiB")
         line.set_gid("line-usable")
-        ax.text(1.03, usable, f"usable ({100 * (1 - safety_margin):.0f}%): {usable:.1f} GiB", ha="right", va="top", fontsize=8, color="#d62728")
+        lines.append(line)
     # peak allocated / reserved / device total, marked beside the bar
     x0 = width / 2 + 0.02
     for key, value, text in (("allocated", est.peak_allocated_gib, "peak allocated"),
@@ -225,7 +227,7 @@ def estimate_chart(est: MemoryEstimate, path: str | Path, *, safety_margin: floa
     import textwrap
 
     fig.suptitle(title or f"{est.model_id}{verdict}\n" + "\n".join(textwrap.wrap(est.setup_summary, 100)), fontsize=9)
-    lax.legend(handles=handles[::-1], fontsize=7, loc="upper left", frameon=False, borderaxespad=0.0,
+    lax.legend(handles=lines + handles[::-1], fontsize=7, loc="upper left", frameon=False, borderaxespad=0.0,
                title=f"per GPU, {est.tier} tier, ±{est.uncertainty.pct:g}%", title_fontsize=7, alignment="left")
     ax.spines[["top", "right"]].set_visible(False)
 
