@@ -30,6 +30,7 @@ Without matplotlib every function raises PlotError with one line saying how to i
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
@@ -60,6 +61,7 @@ COMPONENTS: dict[str, tuple[str, str]] = {
 }
 _EXTRA_COLOURS = ("#da8bc3", "#8c8c8c", "#e8a0a0", "#a0c8e8", "#c8e8a0", "#e8d0a0")
 _OTHER_COLOUR = "#d9d9d9"
+_HOST_COLOURS = ("#9467bd", "#17becf", "#bcbd22", "#8c564b", "#e377c2", "#7f7f7f", "#1f77b4", "#ff7f0e", "#aec7e8", "#98df8a")
 FIT, NO_FIT, TIGHT = "#2ca02c", "#d62728", "#ff9f1c"
 
 
@@ -186,7 +188,8 @@ def estimate_chart(est: MemoryEstimate, path: str | Path, *, safety_margin: floa
         bar.patches[0].set_gid(f"seg-{key}")
         handles.append(bar)
         if v >= 0.045 * max(est.device_total_gib, capacity or 0.0):
-            ax.text(0, bottom + v / 2, f"{label if len(label) <= 16 else key.replace('_', ' ')[:16]}\n{v:.1f} GiB", ha="center", va="center", fontsize=8,
+            name = label if len(label) <= 18 else textwrap.shorten(label, 18, placeholder="…")
+            ax.text(0, bottom + v / 2, f"{name}\n{v:.1f} GiB", ha="center", va="center", fontsize=8,
                     color="white" if key not in ("logits_loss", "temporaries", "other") else "black")
         bottom += v
     top = max(bottom, est.device_total_gib, capacity or 0.0, est.uncertainty.high_gib)
@@ -224,22 +227,23 @@ def estimate_chart(est: MemoryEstimate, path: str | Path, *, safety_margin: floa
     verdict = ""
     if est.fits is not None:
         verdict = ": fits" if est.fits else ": does not fit"
-    import textwrap
-
     fig.suptitle(title or f"{est.model_id}{verdict}\n" + "\n".join(textwrap.wrap(est.setup_summary, 100)), fontsize=9)
-    lax.legend(handles=lines + handles[::-1], fontsize=7, loc="upper left", frameon=False, borderaxespad=0.0,
-               title=f"per GPU, {est.tier} tier, ±{est.uncertainty.pct:g}%", title_fontsize=7, alignment="left")
+    gpu_legend = lax.legend(handles=lines + handles[::-1], fontsize=7, loc="upper left", frameon=False, borderaxespad=0.0,
+                            title=f"per GPU, {est.tier} tier, ±{est.uncertainty.pct:g}%", title_fontsize=7, alignment="left")
     ax.spines[["top", "right"]].set_visible(False)
 
     if hax is not None:
         hbottom = 0.0
+        host_handles = []
         for i, (key, v) in enumerate(sorted(host.items(), key=lambda kv: -kv[1])):
             if v <= 0:
                 continue
-            colour = COMPONENTS.get(key, (None, _EXTRA_COLOURS[i % len(_EXTRA_COLOURS)]))[1]
-            bar = hax.bar([0], [v], 0.5, bottom=[hbottom], color=colour, edgecolor="white", linewidth=0.6)
-            bar.patches[0].set_gid(f"host-{key}")
+            colour = _HOST_COLOURS[i % len(_HOST_COLOURS)]
             name = COMPONENTS.get(key, ("host RAM" if key == "host_ram" else key.replace("_", " "), None))[0]
+            bar = hax.bar([0], [v], 0.5, bottom=[hbottom], color=colour, edgecolor="white", linewidth=0.6,
+                          label=f"{name}  {v:.2f} GiB")
+            bar.patches[0].set_gid(f"host-{key}")
+            host_handles.append(bar)
             if v >= 0.06 * sum(host.values()):
                 hax.text(0, hbottom + v / 2, f"{name}\n{v:.1f} GiB", ha="center", va="center", fontsize=7, color="white")
             hbottom += v
@@ -247,6 +251,10 @@ def estimate_chart(est: MemoryEstimate, path: str | Path, *, safety_margin: floa
         hax.set_xticks([0])
         hax.set_xticklabels(["host RAM"])
         hax.set_title(f"host RAM per node\n{hbottom:.1f} GiB", fontsize=8)
+        if len(host_handles) > 1:  # the host's parts, below the GPU's legend
+            lax.add_artist(gpu_legend)
+            lax.legend(handles=host_handles[::-1], fontsize=7, loc="lower left", frameon=False, borderaxespad=0.0,
+                       title="host RAM per node", title_fontsize=7, alignment="left")
         hax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return _save(fig, path)
