@@ -323,3 +323,26 @@ def test_flat_factor_fallback_checked_against_the_op_roofline():
         flat = flat_estimate_throughput(model, st, hw, calibrate=False).tokens_per_second
         ratios.append(flat / new)
     assert all(0.25 < r < 1.5 for r in ratios), ratios
+
+
+def test_sharded_dry_run_traces_the_local_shards():
+    """Under FSDP2 on the fake process group every op on DTensors reaches the tracker twice (the DTensor
+    op, the op on the local shards): only the local one is traced, and its optimizer is not sharded again."""
+    from tools.memory import simulate
+
+    spec = tiny_spec()
+    st = setup(method="full", num_gpus=2, fsdp="full_shard")
+    step = simulate(spec, st)
+    trace = timing.trace_from_list(step.op_trace)
+    assert timing.SHARDED_MARKER in trace
+    single = timing.trace_from_list(simulate(spec, setup(method="full")).op_trace)
+    assert timing.SHARDED_MARKER not in single
+
+    def adam_bytes(t):
+        return sum(r[4] * c for r, c in t.items() if r[7] == "_fused_adamw_")
+
+    # fp32 master shards of half the parameters move what the unsharded bf16 update moves
+    assert adam_bytes(trace) == pytest.approx(adam_bytes(single), rel=0.01)
+    t = timing.time_from_step(step, st, parse_hardware("2x A100 SXM 80GB"))
+    assert any("rank 0's" in n for n in t.notes)
+    assert t.by_phase["communication"] > 0

@@ -190,7 +190,7 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
     return RunResult(
         **measured, num_parameters=prep.num_parameters, trainable_parameters=prep.trainable_parameters,
         eval_peak_bytes=eval_peak, largest_layer_param_bytes=prep.largest_layer_param_bytes, notes=prep.notes,
-        op_counts=None if trace is None else dict(trace.counts),
+        op_counts=None if trace is None else trace.result(),
         allocator=summary(events),
         **extra,
     )

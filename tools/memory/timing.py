@@ -466,13 +466,14 @@ class OpTrace:
     recording on and off (the first, state-creating optimizer step is not traced).
     """
 
-    __slots__ = ("counts", "active", "ops", "errors")
+    __slots__ = ("counts", "active", "ops", "errors", "sharded")
 
     def __init__(self):
         self.counts: dict[Record, int] = {}
         self.active = False
         self.ops = 0
         self.errors = 0
+        self.sharded = False
 
     def __call__(self, func, args, kwargs, out, tag: str) -> None:
         if not self.active:
@@ -480,6 +481,15 @@ class OpTrace:
         phase = _TAG_PHASE.get(tag)
         if phase is None:
             return
+        if args:
+            # a sharded (FSDP2) step: an op on DTensors reaches the mode twice, as the DTensor op (global
+            # shapes) and as the op on the local shards DTensor runs; only the local one is GPU work
+            a = args[0]
+            if type(a) in (list, tuple) and a:
+                a = a[0]
+            if type(a).__name__ == "DTensor":
+                self.sharded = True
+                return
         try:
             recs = op_records(func, args, kwargs, out, phase)
         except Exception:  # noqa: BLE001 - a cost model must never break the memory simulation
@@ -493,6 +503,18 @@ class OpTrace:
     def total_flops(self, phases: Iterable[str] = PHASES) -> int:
         ph = set(phases)
         return sum(r[3] * c for r, c in self.counts.items() if r[0] in ph)
+
+    def result(self) -> dict[Record, int]:
+        """The counts, with a marker record when the step was sharded (its optimizer ran on the local shards)."""
+        out = dict(self.counts)
+        if self.sharded:
+            out[SHARDED_MARKER] = 1
+        return out
+
+
+# Marks a trace of a sharded step (FSDP2 / ZeRO through the fake process group): the optimizer
+# records are already those of this rank's shard.
+SHARDED_MARKER: Record = ("optimizer", "marker", "other", 0, 0, 1.0, False, "sharded")
 
 
 # --------------------------------------------------------------------------------------
@@ -622,7 +644,10 @@ def step_time(counts: dict[Record, float], setup, hardware, *, param_bytes: floa
     cls = {p: dict.fromkeys(OP_CLASSES, 0.0) for p in PHASES}
     host = dict.fromkeys(PHASES, 0.0)
     flops = dict.fromkeys(PHASES, 0.0)
+    sharded_trace = SHARDED_MARKER in counts
     for rec, c in counts.items():
+        if rec[1] == "marker":
+            continue
         p = rec[0]
         cls[p][op_class(rec[1])] += op_seconds(rec, rates) * c
         host[p] += HOST_OVERHEAD_S[p] * c
@@ -642,7 +667,9 @@ def step_time(counts: dict[Record, float], setup, hardware, *, param_bytes: floa
     notes = [f"per-op roofline on {rates.describe()}"]
     micro = phase_t["forward"] + phase_t["recompute"] + phase_t["backward"]
     opt_scale = 1.0
-    if stage >= 1 and n > 1:
+    if sharded_trace:
+        notes.append(f"the traced step is rank 0's of the sharded step over {n} GPUs: its optimizer updates this rank's shard")
+    elif stage >= 1 and n > 1:
         opt_scale = 1.0 / n
         notes.append(f"optimizer step sharded over {n} GPUs (ZeRO-{stage} / FSDP)")
     offload_step = offload_micro = 0.0
