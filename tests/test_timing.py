@@ -346,3 +346,16 @@ def test_sharded_dry_run_traces_the_local_shards():
     t = timing.time_from_step(step, st, parse_hardware("2x A100 SXM 80GB"))
     assert any("rank 0's" in n for n in t.notes)
     assert t.by_phase["communication"] > 0
+
+
+def test_activation_offload_costs_pcie_time():
+    counts = {("forward", "matmul", "bf16", 10**12, 10**8, 1.0, False, "mm"): 1.0,
+              ("backward", "matmul", "bf16", 2 * 10**12, 2 * 10**8, 1.0, False, "mm"): 1.0}
+    kw = dict(param_bytes=1e9, grad_bytes=1e9, trainable_params=1e8, num_params=1e9)
+    hw = parse_hardware("RTX 4090")
+    st = setup(method="lora")
+    base = timing.step_time(counts, st, hw, **kw)
+    off = timing.step_time(counts, st, hw, activation_offload_bytes=20e9, **kw)
+    assert off.by_phase["offload"] > 0 and base.by_phase["offload"] == 0
+    # 20 GB there and back over PCIe 4.0 (~22 GB/s achievable) cannot hide under ~0.03 s of compute
+    assert off.step_seconds > base.step_seconds + 1.0

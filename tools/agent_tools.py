@@ -233,6 +233,9 @@ def _throughput_view(t) -> dict:
         "gpu_hours": None if t.gpu_hours is None else round(t.gpu_hours, 2),
         "cost": None if t.cost is None else round(t.cost, 2),
         "assumed_mfu": round(t.mfu, 2),
+        "step_seconds": None if t.step_seconds is None else round(t.step_seconds, 3),
+        "time_model": t.time_model,  # op-roofline (per-op roofline of the step) or flat-factors (fallback)
+        "calibrated": True if t.calibrated else None,  # scaled by this GPU's trial runs
     }
     return {k: v for k, v in view.items() if v is not None}
 

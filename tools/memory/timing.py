@@ -632,7 +632,7 @@ def _exposed(comm: float, compute: float, overlap: float = COMM_OVERLAP) -> floa
 
 
 def step_time(counts: dict[Record, float], setup, hardware, *, param_bytes: float, grad_bytes: float,
-              trainable_params: float, num_params: float) -> StepTime:
+              trainable_params: float, num_params: float, activation_offload_bytes: float = 0.0) -> StepTime:
     """Time of one optimizer step of `setup` on `hardware` from a (full-depth) trace of one micro-batch step.
 
     param_bytes: bytes of the (unsharded) model weights as the collectives move them; grad_bytes:
@@ -690,6 +690,14 @@ def step_time(counts: dict[Record, float], setup, hardware, *, param_bytes: floa
             offload_micro = max(t, micro) - micro + (1 - OFFLOAD_OVERLAP) * min(t, micro)
             notes.append(f"parameters offloaded: {traffic / 1e9:.1f} GB over PCIe per micro-batch ({t:.3f} s; "
                          f"{OFFLOAD_OVERLAP:.0%} of the shorter of transfer and compute hidden)")
+    if activation_offload_bytes > 0:
+        # activation offloading: saved activations go to the host in the forward and come back for the
+        # backward, over PCIe on a side stream, overlapped with compute like parameter offload
+        t = 2 * pcie_seconds(activation_offload_bytes, hardware.gpu)
+        exposed = max(t, micro) - micro + (1 - OFFLOAD_OVERLAP) * min(t, micro)
+        offload_micro += exposed
+        notes.append(f"activation offload: {activation_offload_bytes / 1e9:.2f} GB to the host and back per micro-batch "
+                     f"({t:.3f} s over PCIe, {exposed:.3f} s exposed)")
     opt = phase_t["optimizer"] * opt_scale
     comm_micro = comm_step = 0.0
     if n > 1:
@@ -777,8 +785,10 @@ def time_from_step(step, setup, hardware) -> StepTime:
         raise ValueError("this StepMemory carries no op trace (analytic tier)")
     counts = flash_causal(trace_from_list(step.op_trace), setup)
     params, grads = _collective_bytes(step, setup)
+    act = float(getattr(step, "offload_host_bytes", 0) or 0) if getattr(setup, "activation_offloading", False) else 0.0
     return step_time(counts, setup, hardware, param_bytes=params, grad_bytes=grads,
-                     trainable_params=float(step.trainable_parameters), num_params=float(step.num_parameters))
+                     trainable_params=float(step.trainable_parameters), num_params=float(step.num_parameters),
+                     activation_offload_bytes=act)
 
 
 def analytic_collective_bytes(model, setup) -> tuple[float, float, float]:
