@@ -673,7 +673,9 @@ def format_validation_error(e: ValidationError) -> str:
 # Raw step memory (what the simulator and the analytic tier both produce)
 # --------------------------------------------------------------------------------------
 
-STEP_CATEGORIES = ("weights", "adapters", "gradients", "optimizer_state", "activations", "logits_loss", "temporaries")
+STEP_CATEGORIES = ("weights", "adapters", "gradients", "optimizer_state", "activations", "logits_loss", "temporaries",
+                   # objectives (issue 15): a frozen reference copy, the KV cache of GRPO's generation
+                   "reference_model", "kv_cache")
 
 
 class StepMemory(_Strict):
@@ -692,7 +694,7 @@ class StepMemory(_Strict):
     optimizer_bytes: int = Field(description="Persistent optimizer-state bytes after the first step.")
     peak_bytes: int = Field(description="Peak of live storage bytes over forward, backward, optimizer step (train step).")
     peak_breakdown: dict[str, int] = Field(description="Bytes by category at the peak moment; keys from STEP_CATEGORIES; sums to peak_bytes.")
-    peak_phase: str = Field(default="", description="Where the peak happened: forward, backward, optimizer, eval.")
+    peak_phase: str = Field(default="", description="Where the peak happened: forward, backward, optimizer, generation (GRPO), eval.")
     eval_peak_bytes: Optional[int] = Field(default=None, description="Peak of an evaluation step when the setup evaluates.")
     largest_layer_param_bytes: int = Field(default=0, description="Bytes of the largest single transformer block's parameters (for ZeRO-3/FSDP all-gather buffers).")
     per_layer_bytes: Optional[int] = Field(default=None, description="Peak growth per extra transformer block (the extrapolation slope).")

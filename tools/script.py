@@ -253,6 +253,15 @@ def _objective_context(setup: TrainingSetup) -> dict:
     """Template variables of the objective's knobs (trl names, Python literals)."""
     loss = setup.effective_loss_type
     extra: dict = {}
+    if setup.objective in ("dpo", "kto", "grpo"):
+        # the trainer wraps the policy itself (peft_config=...): no get_peft_model in the script
+        names = [n for n in ("LoraConfig", "IA3Config", "PromptTuningConfig", "PrefixTuningConfig", "PromptEncoderConfig")
+                 if setup.is_peft and n == _peft_source(setup)[1][0]]
+        if setup.load_in_4bit or setup.load_in_8bit:
+            names.append("prepare_model_for_kbit_training")
+        if setup.merge_adapter and setup.method != "full":
+            names.append("PeftModel")
+        extra["peft_import"] = ", ".join(names)
     if setup.objective == "reward":
         # a reward model is a sequence classifier with one output; peft then also trains the new score head
         extra["transformers_import"] = "AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback" + (

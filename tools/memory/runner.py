@@ -231,6 +231,9 @@ def _cache_key(model: ModelSpec, setup: TrainingSetup, extrapolate: bool) -> str
     if plan is not None:  # a sharded dry run (tools.memory.distributed): its bytes are one rank's
         s["_shard"] = [plan.engine, plan.world_size, plan.reshard_after_forward, plan.offload, plan.zero_stage, setup.offload]
     s["gradient_accumulation_steps"] = min(setup.gradient_accumulation_steps, 2)
+    if setup.objective == "grpo":  # the generation batch follows the accumulation (trl's default)
+        s["generation_batch_size"] = setup.grpo_generation_batch
+        s["gradient_accumulation_steps"] = setup.gradient_accumulation_steps  # decides whether old log-probs are computed
     s["lora_dropout"] = setup.lora_dropout > 0  # a dropped copy of the input exists or not; the rate is irrelevant
     s["weight_decay"] = setup.weight_decay > 0  # only whether the optimizer runs the decay term
     if setup.eval_strategy != "no":

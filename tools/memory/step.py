@@ -140,7 +140,12 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
     """Build `model` with `depth` blocks for `setup`, run two training steps (and eval) on fake tensors, measure.
 
     `forward` replaces `forward_loss` (same signature) for a loss-path or objective variant.
+    Preference and RL objectives (dpo, kto, reward, grpo) run `tools.memory.objectives.run`.
     """
+    if setup.objective != "sft" and forward is None:
+        from tools.memory import objectives
+
+        return objectives.run(model, setup, depth)
     import torch
 
     from tools.memory.tracker import make_tracker
@@ -404,8 +409,11 @@ def train_step(prep: Prepared, optimizer, setup: TrainingSetup, tracker, amp, *,
     return leftovers
 
 
-def measure(prep: Prepared, optimizer, tracker) -> dict[str, Any]:
-    """Each training segment's peak snapshot split into categories, and the resident totals (RunResult fields)."""
+def measure(prep: Prepared, optimizer, tracker, *, extra: dict[str, list] | None = None) -> dict[str, Any]:
+    """Each training segment's peak snapshot split into categories, and the resident totals (RunResult fields).
+
+    `extra` names further resident tensors by category (e.g. an objective's frozen reference model);
+    storages the KV cache of generation holds are tagged 'kv_cache' by the objective's step."""
     import torch
 
     pm, params = prep.pm, prep.params
@@ -429,6 +437,7 @@ def measure(prep: Prepared, optimizer, tracker) -> dict[str, Any]:
     state_recs = recs(state_tensors)
     frozen_ids = {id(r) for k, r in tracker.live.items() if k in prep.frozen_store}
     sharded = prep.sharded
+    extra_of = {rid: cat for cat, tensors in (extra or {}).items() for rid in recs(tensors)}
 
     def classify(snapshot) -> dict[str, int]:
         breakdown = dict.fromkeys(STEP_CATEGORIES, 0)
@@ -436,7 +445,11 @@ def measure(prep: Prepared, optimizer, tracker) -> dict[str, Any]:
             breakdown.update(dict.fromkeys(SHARDED_CATEGORIES, 0))
         for r in snapshot:
             rid = id(r)
-            if rid in adapter_ids:
+            if rid in extra_of:
+                cat = extra_of[rid]
+            elif r.tag == "kv_cache":
+                cat = "kv_cache"
+            elif rid in adapter_ids:
                 cat = "adapters"
             elif rid in weight_recs or rid in frozen_ids:
                 cat = "weights"
