@@ -282,6 +282,15 @@ def estimate(
     dataset_tokens: Optional[int] = typer.Option(None, "--dataset-tokens", help="Training tokens per epoch (sizes the tokenized dataset's page cache)."),
     json_out: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Also draw the per-GPU breakdown as a stacked bar (FILE.png or FILE.svg; needs matplotlib)."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="sft | dpo | kto | reward | grpo (trl's trainer; default sft)."),
+    ref_model: Optional[str] = typer.Option(None, "--ref-model", help="DPO/KTO/GRPO reference: auto | copy | peft_base."),
+    precompute_ref: Optional[bool] = typer.Option(None, "--precompute-ref-log-probs/--no-precompute-ref-log-probs", help="DPO/KTO: reference log-probs computed once before training."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="trl beta (DPO/KTO default 0.1; GRPO 0.0 = no reference model)."),
+    num_generations: Optional[int] = typer.Option(None, "--num-generations", help="GRPO: completions per prompt (default 8)."),
+    max_completion_length: Optional[int] = typer.Option(None, "--max-completion-length", help="GRPO: longest completion, tokens (default 512)."),
+    use_vllm: Optional[bool] = typer.Option(None, "--use-vllm/--no-vllm", help="GRPO: generate with vLLM."),
+    vllm_mode: Optional[str] = typer.Option(None, "--vllm-mode", help="GRPO: colocate | server."),
+    vllm_util: Optional[float] = typer.Option(None, "--vllm-gpu-memory-utilization", help="GRPO, colocated vLLM: fraction of each GPU vLLM takes (default 0.3)."),
 ) -> None:
     """Estimate per-GPU training memory of a setup (simulated dry run, or --fast analytic)."""
     from pydantic import ValidationError
@@ -339,6 +348,8 @@ def estimate(
             "num_gpus": num_gpus, "zero_stage": zero, "offload": offload,
         }
         data.update({k: v for k, v in given.items() if v is not None})
+        data.update(_objective_flags(objective, ref_model, precompute_ref, beta, num_generations, max_completion_length,
+                                     use_vllm, vllm_mode, vllm_util))
         if target_modules is not None:
             tm = target_modules.strip()
             data["target_modules"] = "all-linear" if tm == "all-linear" else [x.strip() for x in tm.split(",") if x.strip()]
@@ -473,6 +484,15 @@ def plan(
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the winning setup here (YAML, or JSON for a .json suffix)."),
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Also draw the candidates as memory per GPU against time to train (FILE.png or FILE.svg; needs matplotlib)."),
+    objective: str = typer.Option("sft", "--objective", help="sft | dpo | kto | reward | grpo: kept by every candidate."),
+    ref_model: Optional[str] = typer.Option(None, "--ref-model", help="DPO/KTO/GRPO reference: auto | copy | peft_base."),
+    precompute_ref: Optional[bool] = typer.Option(None, "--precompute-ref-log-probs/--no-precompute-ref-log-probs", help="DPO/KTO: fix it (default: the planner may turn it on to fit)."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="trl beta (DPO/KTO default 0.1; GRPO 0.0 = no reference model)."),
+    num_generations: Optional[int] = typer.Option(None, "--num-generations", help="GRPO: completions per prompt (default 8)."),
+    max_completion_length: Optional[int] = typer.Option(None, "--max-completion-length", help="GRPO: longest completion, tokens (default 512)."),
+    use_vllm: Optional[bool] = typer.Option(None, "--use-vllm/--no-vllm", help="GRPO: generate with vLLM."),
+    vllm_mode: Optional[str] = typer.Option(None, "--vllm-mode", help="GRPO: colocate | server."),
+    vllm_util: Optional[float] = typer.Option(None, "--vllm-gpu-memory-utilization", help="GRPO, colocated vLLM: fix vLLM's fraction (default: 0.3, lowered to fit)."),
 ) -> None:
     """Search the best setup that fits the hardware, ranked by time to train."""
     from pydantic import ValidationError
@@ -500,6 +520,8 @@ def plan(
             seq_len=seq_len, dataset_tokens=dataset_tokens, dataset_examples=dataset_examples,
             effective_batch=effective_batch, method=method, num_train_epochs=epochs,
             price_per_gpu_hour=price_per_gpu_hour, quality=quality, top=top, confirm=not fast,
+            **_plan_objective(objective, ref_model, precompute_ref, beta, num_generations, max_completion_length,
+                              use_vllm, vllm_mode, vllm_util),
         )
     except ValidationError as e:
         fail(format_validation_error(e).replace("invalid setup:", "invalid plan goals:", 1))
@@ -756,6 +778,26 @@ def script(
     console.print(f"trial first:  {rendered.trial_command}", highlight=False)
     for note in rendered.notes:
         console.print(f"[dim]note: {note}[/]", highlight=False)
+
+
+def _objective_flags(objective, ref_model, precompute_ref, beta, num_generations, max_completion_length,
+                     use_vllm, vllm_mode, vllm_util) -> dict:
+    """The objective flags of estimate / plan as TrainingSetup fields (issue 15); an unknown objective is one clear error."""
+    from tools.schemas import OBJECTIVES
+
+    if objective is not None and objective not in OBJECTIVES:
+        fail(f"--objective: {objective!r} is not an objective; use one of {', '.join(OBJECTIVES)}")
+    given = {"objective": objective, "ref_model": ref_model, "precompute_ref_log_probs": precompute_ref, "beta": beta,
+             "num_generations": num_generations, "max_completion_length": max_completion_length, "use_vllm": use_vllm,
+             "vllm_mode": vllm_mode, "vllm_gpu_memory_utilization": vllm_util}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _plan_objective(*flags) -> dict:
+    """PlanGoals' objective and the knobs given on the command line."""
+    knobs = _objective_flags(*flags)
+    objective = knobs.pop("objective", "sft")
+    return {"objective": objective, "objective_knobs": knobs}
 
 
 def _with_objective(setup, objective: str):

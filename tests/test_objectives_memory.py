@@ -73,6 +73,5 @@ def test_grpo_step_matches_a_real_grpotrainer_step(name, tmp_path):
     segments = run_objective(spec, st, spec.config["num_hidden_layers"]).segments
     gen = segments["generate"]
     resident = sum(gen[k] for k in ("weights", "adapters", "optimizer_state", "reference_model"))
-    assert gen["kv_cache"] > 0
     # generation alone (prefill, KV cache, sampling): what it adds on top of the resident state, within 3%
     assert sum(gen.values()) - resident == pytest.approx(real["generation_peak_bytes"] - real["resident_bytes"], rel=0.03)

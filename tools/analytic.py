@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from tools.schemas import ModelSpec, StepMemory, TrainingSetup, TunepilotError
+from tools.schemas import STEP_CATEGORIES, ModelSpec, StepMemory, TrainingSetup, TunepilotError
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _TORCH_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -525,6 +525,8 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dic
 
     `moments`, when given, is filled with every candidate peak moment: name -> (phase, breakdown in bytes).
     """
+    if setup.objective != "sft":
+        return _objective_step_memory(model, setup, moments=moments)
     t0 = time.perf_counter()
     moments_out = moments
     if model.num_hidden_layers < 1 or model.hidden_size < 1:
@@ -674,3 +676,85 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dic
         seconds=time.perf_counter() - t0,
         notes=notes,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Preference and RL objectives (issue 15): closed forms beside the dry run's tools.memory.objectives
+# --------------------------------------------------------------------------------------
+
+
+def kv_cache_bytes(model: ModelSpec, setup: TrainingSetup, rows: int, tokens: int) -> int:
+    """K and V of every layer for `rows` sequences of `tokens` tokens, in the weights' dtype (transformers' DynamicCache)."""
+    kv_heads = model.num_key_value_heads or model.num_attention_heads
+    elem = DTYPE_BYTES[setup.compute_dtype if setup.load_in_4bit or setup.load_in_8bit else setup.dtype]
+    window = _cfg(model, "sliding_window")
+    layer_types = _cfg(model, "layer_types")
+    total = 0
+    for i in range(model.num_hidden_layers):
+        length = tokens
+        sliding = isinstance(layer_types, list) and i < len(layer_types) and "sliding" in str(layer_types[i])
+        if isinstance(window, int) and window > 0 and (sliding or not isinstance(layer_types, list)) and _cfg(model, "use_sliding_window", default=True) is not False:
+            length = min(tokens, window)
+        total += 2 * rows * kv_heads * model.head_dim * length * elem
+    return total
+
+
+def _objective_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dict | None = None) -> StepMemory:
+    """A DPO / KTO / reward / GRPO step: the SFT closed form on the objective's rows, plus its reference and generation terms.
+
+    - DPO and reward models: 2 x micro-batch rows (chosen + rejected) of max_length; KTO: micro-batch rows and as many
+      KL rows without gradient; GRPO: micro-batch completions of prompt + completion tokens.
+    - reference_model: a frozen copy of the base weights (same quantization) when reference_mode is 'copy'.
+    - the reference forward (no grad) runs while the policy's activations are alive: one block's transient on top.
+    - GRPO generation (without vLLM): resident state + the KV cache of the local generation batch at prompt +
+      completion tokens + one block's transient of the prefill; the step peak is the larger of that and training.
+    """
+    t0 = time.perf_counter()
+    rows = setup.per_device_train_batch_size * (2 if setup.objective in ("dpo", "reward") else 1)
+    sft = setup.model_copy(update={"objective": "sft", "per_device_train_batch_size": rows})
+    inner: dict = {}
+    base = analytic_step_memory(model, sft, moments=inner)
+    bd = dict.fromkeys(STEP_CATEGORIES, 0)
+    bd.update(base.peak_breakdown)
+    notes = list(base.notes)
+    h, inter = model.hidden_size, model.intermediate_size
+    c = DTYPE_BYTES[setup.compute_dtype]
+    seq = setup.max_length
+    ref_weights = base.weights_bytes + (base.adapter_bytes if setup.method == "full" else 0) if setup.reference_mode == "copy" else 0
+    block_transient = rows * seq * (3 * inter + 4 * h) * c  # one block's no-grad forward: MLP gate/up/act and attention in/out
+    phase = base.peak_phase
+    extra_moments: dict = {}
+    if setup.reference_mode in ("copy", "peft_base") and setup.objective in ("dpo", "kto"):
+        fwd = {k: v for k, v in bd.items()}
+        fwd["temporaries"] = block_transient
+        extra_moments["reference_forward"] = ("forward", fwd)
+        notes.append("reference forward (no grad) while the policy's activations are alive: one block's transient")
+    if setup.objective == "kto":
+        bd["temporaries"] = max(bd["temporaries"], block_transient)  # the KL rows' no-grad forward
+    if setup.objective == "grpo" and not setup.use_vllm:
+        local = max(1, setup.grpo_generation_batch // max(1, setup.num_gpus))
+        kv = kv_cache_bytes(model, setup, local, setup.prompt_length + setup.max_completion_length)
+        prefill = local * setup.prompt_length * (3 * inter + 4 * h) * DTYPE_BYTES[setup.dtype]
+        gen = dict.fromkeys(STEP_CATEGORIES, 0)
+        gen.update(weights=bd["weights"], adapters=bd["adapters"], optimizer_state=bd["optimizer_state"], kv_cache=kv,
+                   temporaries=max(prefill, local * model.vocab_size * 4 * 2))
+        extra_moments["generation"] = ("generation", gen)
+        notes.append(f"generation: KV cache of {local} completions x {setup.prompt_length + setup.max_completion_length} tokens "
+                     f"= {kv / 2**30:.2f} GiB (2 x layers x kv_heads x head_dim x tokens x dtype)")
+    bd["reference_model"] = ref_weights
+    for name, (ph, parts) in extra_moments.items():
+        parts["reference_model"] = ref_weights
+        if sum(parts.values()) > sum(bd.values()):
+            bd, phase = dict(parts), ph
+            notes.append(f"peak at {name.replace('_', ' ')}")
+    if moments is not None:
+        for name, (ph, parts) in inner.items():
+            full = dict.fromkeys(STEP_CATEGORIES, 0)
+            full.update(parts)
+            full["reference_model"] = ref_weights
+            moments[name] = (ph, full)
+        moments.update(extra_moments)
+    return base.model_copy(update={
+        "peak_bytes": sum(bd.values()), "peak_breakdown": bd, "peak_phase": phase,
+        "seconds": time.perf_counter() - t0, "notes": notes + [f"objective {setup.objective}: {rows} rows per micro-batch"],
+    })

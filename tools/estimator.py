@@ -60,6 +60,9 @@ _LABELS = {
     "allocator_overhead": "allocator overhead",
     "cuda_context": "CUDA context",
     "nccl_buffers": "NCCL buffers",
+    "reference_model": "reference model (frozen copy)",
+    "kv_cache": "KV cache of generation",
+    "vllm_reserved": "vLLM (colocated) reserved memory",
 }
 
 
@@ -185,6 +188,9 @@ def _shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -> tuple[di
     if stage >= 3:
         gathered = float(_const("zero3_prefetch_layers")["value"]) * step.largest_layer_param_bytes
         bd["weights"] = bd.get("weights", 0.0) / n
+        if bd.get("reference_model"):
+            bd["reference_model"] = bd["reference_model"] / n  # trl prepares the reference with the same ZeRO-3 / FSDP sharding
+            notes.append(f"the frozen reference copy is sharded like the policy: / {n}")
         bd["adapters"] = bd.get("adapters", 0.0) / n
         bd["zero_buffers"] = gathered
         notes.append(f"stage-3 sharding: weights / {n} + {_const('zero3_prefetch_layers')['value']} gathered blocks ({gathered / BYTES_PER_GIB:.2f} GiB)")
@@ -242,12 +248,6 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
     """
     if not 0.0 <= safety_margin < 1.0:
         raise TunepilotError(f"safety_margin: {safety_margin} must be in [0, 1)")
-    if setup.objective != "sft":
-        # issue 15: until the reference model, pairs and generation are simulated, say so rather than estimate SFT
-        raise TunepilotError(
-            f"objective: memory of {setup.objective} steps (reference model, chosen+rejected pairs, generation) is not "
-            "estimated yet; only sft is. The generated script's trial mode measures it: tunepilot trial SETUP.yaml"
-        )
     provenance: list[str] = []
     _check(setup, hardware, provenance)
     if step is None:
@@ -287,6 +287,7 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
     if setup.num_gpus > 1:
         bd["nccl_buffers"] = float(_const("nccl_buffers_gib")["value"]) * gib
     total = reserved + bd["cuda_context"] + bd.get("nccl_buffers", 0.0)
+    total += _vllm_reserved(model, setup, hardware, bd, provenance)
     for name in ("cublas_workspace_mib", "cuda_context_gib"):
         c = _const(name)
         provenance.append(f"{name} = {c['value']} ({c['unit']}); source: {c['source']}")
@@ -301,7 +302,7 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
         pct=pct,
     )
     breakdown = {k: round(v / gib, 3) for k, v in bd.items() if v > 0 or k in ("weights", "activations")}
-    dominant = max((k for k in bd if k not in ("cuda_context", "allocator_overhead", "cublas_workspace", "nccl_buffers")),
+    dominant = max((k for k in bd if k not in ("cuda_context", "allocator_overhead", "cublas_workspace", "nccl_buffers", "vllm_reserved")),
                    key=lambda k: bd[k], default="weights")
     est = MemoryEstimate(
         model_id=model.model_id,
@@ -323,6 +324,8 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
         est.gpu, est.gpu_memory_gib = hardware.gpu.name, mem
         est.headroom_gib = round(mem - total / gib, 3)
         est.fits = total / gib + safety_margin * mem <= mem
+        if any("vLLM will not start" in n for n in provenance):
+            est.fits = False  # colocated vLLM cannot hold its own weights and KV cache in its fraction
         _add_time(est, model, setup, hardware, step)
     if host_offload is None and step.rank is not None and setup.offload != "none":
         host_offload = dict(step.offloaded_bytes)  # the sharded dry run counted them (tools.memory.distributed)
@@ -361,6 +364,40 @@ def _allocator_overhead(step: StepMemory, setup: TrainingSetup, allocated: float
                                  f"per-stream pools): {replayed / MIB:.0f} MiB reserved beyond the live bytes")
     return flat, (f"allocator_overhead: flat {frag['value']} x allocated + {seg['value']} MiB ({why}); "
                   f"source: {frag['source']}")
+
+
+def vllm_floor_fraction(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec) -> float:
+    """The smallest vllm_gpu_memory_utilization vLLM can start with: its bf16 weights, the KV cache of one generation
+    batch at full length, and ~1.5 GiB of activations and CUDA graphs, as a fraction of the GPU."""
+    from tools.analytic import kv_cache_bytes
+
+    tp = max(1, setup.vllm_tensor_parallel_size)
+    weights = 2.0 * model.num_parameters / tp
+    kv = kv_cache_bytes(model, setup.model_copy(update={"dtype": "bf16"}), max(1, setup.grpo_generation_batch // setup.num_gpus),
+                        setup.prompt_length + setup.max_completion_length) / tp
+    return (weights + kv + 1.5 * 2**30) / (hardware.gpu.memory_gib * 2**30)
+
+
+def _vllm_reserved(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | None, bd: dict[str, float], provenance: list[str]) -> float:
+    """GRPO with colocated vLLM: vllm_gpu_memory_utilization x the GPU's memory is vLLM's (weights + KV cache), on every GPU."""
+    if setup.objective != "grpo" or not setup.use_vllm:
+        return 0.0
+    if setup.vllm_mode == "server":
+        provenance.append(f"vLLM server mode: generation runs on {setup.vllm_server_gpus} other GPU(s), not counted here (per training GPU)")
+        return 0.0
+    if hardware is None:
+        provenance.append(f"colocated vLLM takes vllm_gpu_memory_utilization={setup.vllm_gpu_memory_utilization:g} of each GPU's "
+                          "memory on top of this estimate (give --gpu to count it)")
+        return 0.0
+    reserved = setup.vllm_gpu_memory_utilization * hardware.gpu.memory_gib * float(BYTES_PER_GIB)
+    bd["vllm_reserved"] = reserved
+    floor = vllm_floor_fraction(model, setup, hardware)
+    if floor > setup.vllm_gpu_memory_utilization:
+        provenance.append(f"vllm_gpu_memory_utilization {setup.vllm_gpu_memory_utilization:g} is below what vLLM needs for its bf16 "
+                          f"weights and one generation batch's KV cache (~{floor:.2f} of {hardware.gpu.memory_gib:g} GiB): vLLM will not start")
+    provenance.append(f"colocated vLLM: vllm_gpu_memory_utilization {setup.vllm_gpu_memory_utilization:g} x "
+                      f"{hardware.gpu.memory_gib:g} GiB = {reserved / BYTES_PER_GIB:.1f} GiB reserved by vLLM (its weights and KV cache)")
+    return reserved
 
 
 def _host_ram(est: MemoryEstimate, model: ModelSpec, setup: TrainingSetup, step: StepMemory, available: float | None,

@@ -164,7 +164,9 @@ def _dataset_tokens(goals: PlanGoals) -> Optional[int]:
     if goals.dataset_tokens is not None:
         return goals.dataset_tokens
     if goals.dataset_examples is not None:
-        return goals.dataset_examples * goals.seq_len
+        # trained tokens: a DPO / reward pair is 2 rows; a GRPO prompt becomes num_generations completions
+        rows = {"dpo": 2, "reward": 2, "grpo": int(goals.objective_knobs.get("num_generations", 8))}.get(goals.objective, 1)
+        return goals.dataset_examples * goals.seq_len * rows
     return None
 
 
@@ -235,8 +237,42 @@ def _make_setup(
             # FSDP / ZeRO-3 shard only float storages: store the packed 4-bit weights as the compute dtype
             bnb_4bit_quant_storage=half if strategy.sharded_params else "uint8",
         )
+    if goals.objective != "sft":  # issue 15: the objective and its fixed knobs, never changed by the search
+        kw.update(objective=goals.objective, **goals.objective_knobs)
+        if goals.objective in ("dpo", "kto"):
+            kw["learning_rate"] = 5e-7 if method == "full" else 5e-6
+        elif goals.objective == "grpo":
+            kw["learning_rate"] = 1e-6 if method == "full" else 1e-5
     # no dropout on fused MoE experts, eager where transformers has no sdpa / flash-attention kernel
     return loadable_setup(model, TrainingSetup(**kw))[0]
+
+
+def _objective_levers(setup: TrainingSetup, goals: PlanGoals, model: ModelSpec, hardware: HardwareSpec) -> list[TrainingSetup]:
+    """Variants of a candidate that save memory without changing its objective, smallest change first (issue 15):
+    DPO/KTO precompute the reference log-probs (no reference copy, no reference forward in the step); GRPO generates
+    fewer completions at once (a smaller KV cache; whole groups, a multiple of the global batch) or, with colocated
+    vLLM, gives vLLM a smaller fraction of the GPU (never below what its weights and KV cache need)."""
+    fixed = set(goals.objective_knobs)
+    out: list[TrainingSetup] = []
+    if setup.objective in ("dpo", "kto") and setup.reference_mode in ("copy", "peft_base") and "precompute_ref_log_probs" not in fixed:
+        out.append(setup.model_copy(update={"precompute_ref_log_probs": True, "ref_model": "auto"}))
+    if setup.objective == "grpo":
+        if setup.use_vllm and setup.vllm_mode == "colocate" and "vllm_gpu_memory_utilization" not in fixed:
+            from tools.estimator import vllm_floor_fraction
+
+            floor = vllm_floor_fraction(model, setup, hardware)
+            for frac in (0.25, 0.2, 0.15, 0.1):
+                if floor <= frac < setup.vllm_gpu_memory_utilization:
+                    out.append(setup.model_copy(update={"vllm_gpu_memory_utilization": frac}))
+        if not setup.use_vllm and "generation_batch_size" not in fixed:
+            global_batch = setup.per_device_train_batch_size * setup.num_gpus
+            step = math.lcm(global_batch, setup.num_generations)
+            gen = setup.grpo_generation_batch - step
+            while gen >= step:
+                out.append(setup.model_copy(update={"generation_batch_size": gen}))
+                gen -= step
+    return [TrainingSetup.model_validate(v.model_dump()) for v in out]
+
 
 
 def _micro_sizes(per_gpu: int) -> list[int]:
@@ -357,6 +393,13 @@ def _search(
             )
             est = _estimate(model, setup, hardware, fast=True)
             result.count += 1
+            if setup.objective != "sft" and not _fits(est, hardware, goals):
+                for lever in _objective_levers(setup, goals, model, hardware):
+                    alt = _estimate(model, lever, hardware, fast=True)
+                    result.count += 1
+                    if _fits(alt, hardware, goals):
+                        setup, est = lever, alt
+                        break
             opt = _Option(setup, cfg.strategy, est, _fits(est, hardware, goals))
             result.evaluated.append(opt)
             lean = result.leanest.get(cfg.method)

@@ -727,6 +727,21 @@ class PlanGoals(_Strict):
     fsdp_version: Literal[1, 2] = Field(default=2, description="FSDP implementation of FSDP candidates: 2 (FSDP2) or 1 (FSDP1).")
     mixed_precision: bool = Field(default=True, description="False: pure-precision training (weights in bf16 where the GPU has it, else fp32; no autocast).")
 
+    objective: Objective = Field(default="sft", description="Training objective every candidate keeps (the planner never changes it): sft, dpo, kto, reward or grpo.")
+    objective_knobs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="TrainingSetup objective fields fixed for every candidate, e.g. {'num_generations': 8, 'max_completion_length': 512, "
+        "'use_vllm': true, 'beta': 0.04}; the planner varies the other objective levers (precompute_ref_log_probs, "
+        "generation_batch_size, vllm_gpu_memory_utilization) only when a candidate does not fit otherwise.",
+    )
+
+    @model_validator(mode="after")
+    def _objective_knobs_known(self) -> "PlanGoals":
+        unknown = [k for k in self.objective_knobs if k not in OBJECTIVE_FIELDS]
+        if unknown:
+            raise ValueError(f"objective_knobs: {', '.join(unknown)} not objective fields; use {', '.join(OBJECTIVE_FIELDS)}")
+        return self
+
 
 # --------------------------------------------------------------------------------------
 # Fit map (tunepilot sweep)

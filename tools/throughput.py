@@ -218,6 +218,76 @@ def _flops_breakdown(model: ModelSpec, setup: TrainingSetup) -> tuple[float, lis
     return total, notes
 
 
+# Decode is memory-bandwidth bound: every step reads all weights (and the KV cache) once for the whole batch.
+# Fraction of the GPU's memory bandwidth a decode step reaches: transformers' generate (eager, one Python step per
+# token, unfused sampling) vs vLLM (paged attention, CUDA graphs). Stated assumptions, refined by trial runs.
+DECODE_BANDWIDTH_EFFICIENCY = {"transformers": 0.35, "vllm": 0.8}
+
+
+def _objective_time_factor(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec, fpt: float,
+                           flops_per_s: float) -> tuple[float, list[str]]:
+    """How much slower than SFT on the same trained tokens an objective's step is (issue 15), with the factors stated.
+
+    - DPO/KTO: the reference forward (a no-grad forward of every row: ~1/(3+ckpt) of a training step's FLOPs);
+      precomputed reference log-probs: one forward over the data before training, amortised over the epochs;
+      KTO adds the KL rows' no-grad forward (and the reference's).
+    - GRPO: per optimizer step and GPU, the generation of the local generation batch (prefill + max_completion_length
+      decode steps, each max(weights + KV bytes / (bandwidth x efficiency), FLOPs / peak)) and the no-grad scoring
+      forwards (old log-probs when needed, reference log-probs when beta > 0), on top of training the completions.
+    """
+    notes: list[str] = []
+    passes = 4.0 if setup.gradient_checkpointing else 3.0  # forward + backward (2x) + recompute, in forward units
+    extra_fwd = 0.0
+    if setup.objective in ("dpo", "kto"):
+        if setup.reference_mode in ("copy", "peft_base"):
+            extra_fwd += 1.0
+        elif setup.reference_mode == "precomputed":
+            extra_fwd += 1.0 / max(setup.num_train_epochs, 1.0)
+        if setup.objective == "kto" and setup.effective_loss_type == "kto":
+            extra_fwd += 1.0 + (1.0 if setup.reference_mode in ("copy", "peft_base") else 0.0)  # KL rows: policy (+ reference)
+        factor = (passes + extra_fwd) / passes
+        notes.append(f"{setup.objective}: {extra_fwd:g} extra no-grad forward(s) per row (reference {setup.reference_mode}"
+                     f"{', KL rows' if setup.objective == 'kto' else ''}): x{factor:.2f} step time")
+        return factor, notes
+    if setup.objective != "grpo":
+        return 1.0, notes
+    n = max(1, setup.num_gpus)
+    local = max(1, setup.grpo_generation_batch // n)
+    p, c = setup.prompt_length, setup.max_completion_length
+    seq = p + c
+    steps_per_generation = max(1, setup.grpo_generation_batch // (setup.per_device_train_batch_size * n))
+    rounds_per_step = setup.gradient_accumulation_steps / steps_per_generation
+    trained_tokens = setup.per_device_train_batch_size * setup.gradient_accumulation_steps * seq
+    train_s = trained_tokens * fpt / flops_per_s
+    fwd_flops_per_token = fpt / passes
+    score_fwd = (1.0 if setup.reference_mode != "none" else 0.0)
+    from tools.memory.objectives import _needs_old_logps  # noqa: PLC0415 - light: no torch at import
+
+    score_fwd += 1.0 if _needs_old_logps(setup) else 0.0
+    score_s = rounds_per_step * local * seq * fwd_flops_per_token * score_fwd / flops_per_s
+    engine = "vllm" if setup.use_vllm else "transformers"
+    eff = DECODE_BANDWIDTH_EFFICIENCY[engine]
+    bw = hardware.gpu.memory_bandwidth_gbs * 1e9 * eff
+    weight_bytes = model.num_parameters * (0.55 if setup.load_in_4bit and not setup.use_vllm else 2.0)
+    from tools.analytic import kv_cache_bytes  # noqa: PLC0415
+
+    kv_mean = kv_cache_bytes(model, setup, local, p + c // 2)  # the cache read per step grows from p to p + c
+    decode_step = max((weight_bytes + kv_mean) / bw, 2.0 * model.num_parameters * local / flops_per_s)
+    prefill = local * p * fwd_flops_per_token / flops_per_s
+    gen_s = rounds_per_step * (prefill + c * decode_step)
+    if setup.use_vllm and setup.vllm_mode == "server":
+        notes.append(f"vLLM server on {setup.vllm_server_gpus} other GPU(s): generation overlaps nothing in trl 1.16 "
+                     "(the trainer waits for it), counted at the server's decode rate")
+    factor = (train_s + score_s + gen_s) / train_s
+    notes.append(
+        f"grpo: per optimizer step and GPU, training {trained_tokens:,} tokens {train_s:.2f} s + scoring forwards "
+        f"({score_fwd:g} per completion) {score_s:.2f} s + generation of {local} x {c} tokens with {engine} "
+        f"{gen_s:.2f} s ({c} decode steps x {decode_step * 1e3:.1f} ms: weights {weight_bytes / 2**30:.1f} GiB + KV cache read at "
+        f"{eff:.0%} of {hardware.gpu.memory_bandwidth_gbs:g} GB/s; prefill {prefill:.2f} s): x{factor:.2f} step time"
+    )
+    return factor, notes
+
+
 def flops_per_token(model: ModelSpec, setup: TrainingSetup) -> float:
     """Training FLOPs per token of this setup: forward + backward (+ recompute with gradient checkpointing), incl. attention."""
     return _flops_breakdown(model, setup)[0]
@@ -542,6 +612,10 @@ def flat_estimate_throughput(
     if num_gpus > hardware.num_gpus:
         notes.append(f"setup uses {num_gpus} GPUs but the hardware has {hardware.num_gpus}; estimated for {num_gpus}")
     tps = num_gpus * peak * 1e12 * u / fpt
+    if setup.objective != "sft":
+        slow, more = _objective_time_factor(model, setup, hardware, fpt, peak * 1e12 * u)
+        tps /= slow
+        notes += more
 
     time_epoch = total_hours = gpu_hours = cost = None
     if dataset_tokens is not None:
