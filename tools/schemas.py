@@ -43,6 +43,17 @@ AttnImpl = Literal["sdpa", "flash_attention_2", "eager"]
 Task = Literal["causal-lm", "seq2seq", "sequence-classification"]
 Offload = Literal["none", "optimizer", "all"]
 FSDPMode = Literal["none", "full_shard", "shard_grad_op"]
+# How the causal-LM loss is computed from the last hidden state (see TrainingSetup.loss_impl).
+LossImpl = Literal["trl_fused", "hf", "liger", "cce"]
+LOSS_IMPLS: tuple[str, ...] = LossImpl.__args__  # type: ignore[attr-defined]
+# The extra PyPI package each loss path / kernel set needs in the generated script (none: already there).
+LOSS_IMPL_PACKAGES = {"trl_fused": None, "hf": None, "liger": "liger-kernel", "cce": "cut-cross-entropy"}
+LOSS_IMPL_LABELS = {
+    "trl_fused": "trl's fused LM head (tiled log-probs, no full logits)",
+    "hf": "transformers' loss (full logits, fp32 upcast)",
+    "liger": "Liger Kernel fused linear cross-entropy (chunked, gradient in forward)",
+    "cce": "Cut Cross-Entropy (blockwise, no logits)",
+}
 
 # Training objectives (issue 15): trl 1.16's SFTTrainer, DPOTrainer, KTOTrainer, RewardTrainer, GRPOTrainer.
 Objective = Literal["sft", "dpo", "kto", "reward", "grpo"]
@@ -198,6 +209,23 @@ class TrainingSetup(_Strict):
     fp16: bool = Field(default=False, description="fp16 mixed precision with loss scaling (TrainingArguments.fp16), for GPUs without bf16 (T4, V100).")
     attn_implementation: AttnImpl = Field(default="sdpa", description="Attention kernel: sdpa / flash_attention_2 (no s^2 matrix) or eager (materialises s^2 scores).")
     max_grad_norm: float = Field(default=1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
+    loss_impl: LossImpl = Field(
+        default="trl_fused",
+        description="How the causal-LM loss is computed: trl_fused (trl SFTTrainer's default fused LM head: tiled log-probs, "
+                    "the (batch, seq, vocab) logits never exist), hf (transformers' model(labels=...): full logits upcast to fp32), "
+                    "liger (Liger Kernel's fused linear cross-entropy; needs liger-kernel and a GPU), cce (Cut Cross-Entropy; "
+                    "needs cut-cross-entropy, a GPU and bf16/fp16 compute).",
+    )
+    use_liger_kernel: bool = Field(
+        default=False,
+        description="Liger Kernel's RMSNorm, RoPE and SwiGLU kernels (TrainingArguments.use_liger_kernel / liger_kernel_config): "
+                    "fewer saved activations per block; needs liger-kernel and a GPU.",
+    )
+    activation_offloading: bool = Field(
+        default=False,
+        description="trl SFTConfig.activation_offloading: saved activations move to (pinned) host RAM in forward and stream "
+                    "back in backward; less GPU memory, costs host RAM and PCIe time.",
+    )
 
     # optimisation schedule
     learning_rate: float = Field(default=2e-4, gt=0.0, description="Peak learning rate.")
@@ -394,6 +422,14 @@ class TrainingSetup(_Strict):
                 )
             if self.use_vllm and self.vllm_mode == "colocate" and self.vllm_tensor_parallel_size > self.num_gpus:
                 p.append(f"vllm_tensor_parallel_size: {self.vllm_tensor_parallel_size} exceeds the {self.num_gpus} GPU(s) vLLM is colocated on")
+        if self.loss_impl != "trl_fused" and self.task != "causal-lm":
+            p.append(f"loss_impl: {self.loss_impl!r} is a causal-LM loss; task {self.task!r} uses its head's own loss (leave loss_impl 'trl_fused')")
+        if self.loss_impl in ("liger", "cce") and self.method in PROMPT_METHODS:
+            p.append(f"loss_impl: {self.loss_impl!r} scores the model's hidden states directly, which {self.method} (virtual tokens) does not support; use trl_fused or hf")
+        if self.loss_impl == "cce" and self.compute_dtype == "fp32":
+            p.append("loss_impl: Cut Cross-Entropy's backward needs bf16/fp16 hidden states; set bf16 (or fp16) or use liger/trl_fused")
+        if self.use_liger_kernel and self.method in PROMPT_METHODS:
+            p.append(f"use_liger_kernel: not supported with {self.method}")
         return p
 
     # ---- derived ---------------------------------------------------------------
@@ -487,9 +523,15 @@ class TrainingSetup(_Strict):
         parts.append(f"seq {self.max_length}")
         if self.gradient_checkpointing:
             parts.append("ckpt")
+        if self.activation_offloading:
+            parts.append("act-offload")
         parts.append(self.optim)
         if self.objective != "sft":
             parts.append(self._objective_short())
+        if self.loss_impl != "trl_fused":
+            parts.append(f"loss {self.loss_impl}")
+        if self.use_liger_kernel:
+            parts.append("liger kernels")
         if self.num_gpus > 1 or self.sharding != "single":
             s = f"{self.num_gpus} GPU {self.sharding}"
             if self.offload != "none":
