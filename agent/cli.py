@@ -291,6 +291,10 @@ def estimate(
     use_vllm: Optional[bool] = typer.Option(None, "--use-vllm/--no-vllm", help="GRPO: generate with vLLM."),
     vllm_mode: Optional[str] = typer.Option(None, "--vllm-mode", help="GRPO: colocate | server."),
     vllm_util: Optional[float] = typer.Option(None, "--vllm-gpu-memory-utilization", help="GRPO, colocated vLLM: fraction of each GPU vLLM takes (default 0.3)."),
+    loss_impl: Optional[str] = typer.Option(None, "--loss-impl", help="Loss path: trl_fused (SFTTrainer default) | hf | liger | cce."),
+    act_offload: Optional[bool] = typer.Option(None, "--activation-offloading/--no-activation-offloading", help="trl's activation offloading (saved activations to host RAM)."),
+    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="trl's padding-free packing (the batch as one packed row)."),
+    liger: Optional[bool] = typer.Option(None, "--liger-kernels/--no-liger-kernels", help="Liger's RMSNorm/RoPE/SwiGLU kernels (use_liger_kernel)."),
 ) -> None:
     """Estimate per-GPU training memory of a setup (simulated dry run, or --fast analytic)."""
     from pydantic import ValidationError
@@ -346,7 +350,12 @@ def estimate(
             "method": method, "r": r, "lora_alpha": lora_alpha, "per_device_train_batch_size": batch, "max_length": seq,
             "gradient_checkpointing": ckpt, "optim": optim, "dtype": dtype, "attn_implementation": attn,
             "num_gpus": num_gpus, "zero_stage": zero, "offload": offload,
+            "loss_impl": loss_impl, "activation_offloading": act_offload, "packing": packing, "use_liger_kernel": liger,
         }
+        from tools.schemas import LOSS_IMPLS
+
+        if loss_impl is not None and loss_impl not in LOSS_IMPLS:
+            fail(f"--loss-impl: {loss_impl!r} is not a loss path; use one of {', '.join(LOSS_IMPLS)}")
         data.update({k: v for k, v in given.items() if v is not None})
         data.update(_objective_flags(objective, ref_model, precompute_ref, beta, num_generations, max_completion_length,
                                      use_vllm, vllm_mode, vllm_util))
@@ -418,6 +427,10 @@ def estimate(
         err_console.print(f"note: {n}", highlight=False, soft_wrap=True)
     console.print(f"[bold]{est.model_id}[/]", highlight=False)
     console.print(est.setup_summary, highlight=False)
+    if est.loss_impl:
+        from tools.schemas import LOSS_IMPL_LABELS
+
+        console.print(f"loss path: {est.loss_impl} ({LOSS_IMPL_LABELS.get(est.loss_impl, est.loss_impl)})", highlight=False, soft_wrap=True)
     table = Table(box=box.SIMPLE_HEAD, caption=f"per GPU, {est.tier} tier (±{est.uncertainty.pct:g}%)")
     table.add_column("component")
     table.add_column("GiB", justify="right")

@@ -40,9 +40,11 @@ def setup(**kw) -> TrainingSetup:
     return TrainingSetup(**base)
 
 
-def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
+def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu", *, cuda_loss: bool = True) -> dict:
     """Run two REAL training steps (step 1 complete, step 2 measured) and measure them.
 
+    The loss is the setup's loss path (`tools.memory.loss`: trl's fused head — on its CUDA path
+    unless cuda_loss=False —, transformers' loss, or the Liger/CCE stand-ins), as the dry run runs it.
     Returns exact resident bytes summed from the tensors and the peak of step 2: tracked storage by
     storage on CPU; on CUDA, torch.cuda.max_memory_allocated (the caching allocator's own count).
     """
@@ -52,6 +54,7 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
 
     from tools.memory.step import CudaLikeDropout, make_optimizer
     from tools.memory.tracker import make_tracker
+    from tools.memory import loss as loss_paths
 
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.for_model(spec.model_type, **{k: v for k, v in spec.config.items() if k != "model_type"})
@@ -75,6 +78,8 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
                 task_type="SEQ_CLS" if st.task == "sequence-classification" else "CAUSAL_LM"))
             if st.gradient_checkpointing:
                 model.enable_input_require_grads()
+    loss_paths.prepare_liger_layers(model, st)
+    forward = loss_paths.forward_for(st)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(model, st, params)
@@ -95,13 +100,14 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
 
     def step():
         ctx = torch.autocast(device, dtype=amp_dtype) if (st.bf16 or st.fp16) else torch.autocast(device, enabled=False)
-        with ctx:
-            out = model(input_ids=ids, labels=labels, **extra,
-                        **({} if st.task == "sequence-classification" else {"use_cache": False}))
-        loss = out.loss
-        del out
-        (scaler.scale(loss) if scaler else loss).backward()
-        del loss
+        batch = dict(input_ids=ids, labels=labels, **extra,
+                     **({} if st.task == "sequence-classification" else {"use_cache": False}))
+        with loss_paths.step_context(model, st, cuda=cuda_loss):
+            out = forward(model, st, batch, ctx)
+            loss = out.loss
+            del out
+            (scaler.scale(loss) if scaler else loss).backward()
+            del loss
         if scaler:
             scaler.unscale_(opt)
         if st.max_grad_norm > 0:
@@ -133,6 +139,7 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
                 step()
                 tracker.finish()
             peak = tracker.peak
+            host_peak = tracker.host_peak
     seen = set()
     resident = 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -150,6 +157,7 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu") -> dict:
         "gradient_bytes": sum(p.grad.nbytes for p in params if p.grad is not None),
         "optimizer_bytes": state_bytes,
         "peak_bytes": peak,
+        "host_peak_bytes": host_peak if device == "cpu" else None,
         "trainable_parameters": sum(p.numel() for p in params),
         "num_parameters": sum(p.numel() for p in model.parameters()),  # tied parameters once (as HF counts)
     }

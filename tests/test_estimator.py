@@ -254,3 +254,30 @@ def test_no_dropout_correction_on_top_of_a_step():
     e = estimate(SPEC, lora, step=st, advice=False)
     assert e.breakdown["activations"] == pytest.approx(4.0, abs=1e-3)
     assert not any("dropout" in p.lower() for p in e.provenance)
+
+
+# --------------------------------------------------------------------------------------
+# loss paths and memory levers (issue 12)
+# --------------------------------------------------------------------------------------
+
+
+def test_cli_loss_impl_offloading_and_packing_flags():
+    """--loss-impl / --activation-offloading / --packing reach the setup; the human view names the loss path."""
+    import json
+
+    hf = json.loads(cli("meta-llama/Llama-3.1-8B", "--method", "qlora", "--loss-impl", "hf", "--fast", "--json").stdout)
+    fused = json.loads(cli("meta-llama/Llama-3.1-8B", "--method", "qlora", "--fast", "--json").stdout)
+    assert hf["loss_impl"] == "hf" and fused["loss_impl"] == "trl_fused"
+    # 128k vocabulary: HF's full fp32 logits are gigabytes; trl's fused head is a fraction of that
+    assert hf["breakdown"]["logits_loss"] > 2.5 and fused["breakdown"].get("logits_loss", 0.0) < 0.5
+    assert fused["device_total_gib"] < hf["device_total_gib"] - 2.0
+    off = json.loads(cli("meta-llama/Llama-3.1-8B", "--method", "qlora", "--no-gradient-checkpointing", "--activation-offloading",
+                         "--packing", "--fast", "--json").stdout)
+    on_gpu = json.loads(cli("meta-llama/Llama-3.1-8B", "--method", "qlora", "--no-gradient-checkpointing", "--packing",
+                            "--fast", "--json").stdout)
+    assert off["host_ram_gib"] > 1.0 and off["device_total_gib"] < on_gpu["device_total_gib"] - 1.0
+    assert "act-offload" in off["setup_summary"]
+    human = cli("meta-llama/Llama-3.1-8B", "--method", "qlora", "--loss-impl", "liger", "--fast")
+    assert human.returncode == 0 and "loss path: liger" in human.stdout
+    bad = cli("meta-llama/Llama-3.1-8B", "--loss-impl", "chunked", "--fast")
+    assert bad.returncode == 2 and "--loss-impl" in bad.stderr and "Traceback" not in bad.stderr

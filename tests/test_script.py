@@ -278,3 +278,48 @@ def test_lora_script_runs_unchanged_as_a_user_would(tmp_path, assets):
     assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 4
     assert (out / "merged" / "config.json").is_file()
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]  # save_total_limit=1 kept only the last
+
+
+# --------------------------------------------------------------------------------------
+# loss paths and memory levers (issue 12)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["trl_fused", "hf", "liger", "cce"])
+def test_each_loss_path_writes_its_trainer_flags_and_dependency(tmp_path, impl):
+    st = setup_for(loss_impl=impl, use_liger_kernel=impl == "liger", activation_offloading=True)
+    r = render_script(st)
+    (tmp_path / "train.py").write_text(r.train_py)
+    py_compile.compile(str(tmp_path / "train.py"), doraise=True)
+    kw = sft_keywords(r.train_py)
+    assert kw["activation_offloading"] == "torch.cuda.is_available()"
+    needs = next(line for line in r.train_py.splitlines() if line.strip().startswith("pip install"))
+    names = imported_names(r.train_py)
+    assert f"LOSS_IMPL = {impl!r}" in r.train_py.replace('"', "'")
+    if impl == "trl_fused":
+        assert "TRAINER = SFTTrainer" in r.train_py and "liger" not in needs and "cut-cross-entropy" not in needs
+    else:
+        assert "TRAINER = ModelLossTrainer" in r.train_py
+    if impl == "liger":
+        assert "liger-kernel" in needs.split() and kw["use_liger_kernel"] == "True"
+        assert "liger_kernel.transformers.monkey_patch._apply_liger_kernel_to_instance" in names
+        assert any("liger-kernel" in n for n in r.notes)
+    if impl == "cce":
+        assert "cut-cross-entropy" in needs.split() and "cut_cross_entropy.linear_cross_entropy" in names
+        assert "use_liger_kernel" not in kw
+    if impl == "hf":
+        assert "use_liger_kernel" not in kw and "liger" not in needs
+
+
+def test_hf_loss_trial_runs_and_reports_its_loss_path(tmp_path, assets):
+    """loss_impl=hf: the script trains through transformers' own loss (ModelLossTrainer) and says so in the report."""
+    model_dir, text, _ = assets
+    setup = TrainingSetup(model_id="tiny", method="lora", r=4, lora_alpha=8, max_length=32, loss_impl="hf",
+                          activation_offloading=True)
+    write_script(setup, tmp_path / "train.py")
+    res = _run(["train.py", "--model", str(model_dir), "--dataset", str(text), "--trial-steps", "2", "--trial-report", "r.json"],
+               tmp_path, run_env(tmp_path))
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["ok"], (report, res.stderr[-2000:])
+    assert report["loss_impl"] == "hf"
+    assert len(report["loss_per_step"]) == 2 and all(math.isfinite(x) for x in report["loss_per_step"])

@@ -514,6 +514,51 @@ def adapter_dtype_bytes(setup: TrainingSetup) -> int:
     return 4
 
 
+TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768  # trl.kernels.chunked_logprob TOKEN_CHUNK_SIZE, trl's chunk_size
+
+
+def liger_chunk_rows(bt: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk of liger-kernel's fused linear cross-entropy: next_pow2(ceil(BT / ceil(V/H))), at most BT."""
+    inc = -(-vocab // hidden)
+    rows = -(-bt // inc)
+    return max(1, min(1 << (rows - 1).bit_length() if rows > 1 else 1, bt))
+
+
+def loss_path_bytes(impl: str, *, T: int, N: int, H: int, V: int, c: int, hb: int, wb: int,
+                    head_trainable: bool) -> tuple[int, int, int]:
+    """(forward peak, backward-start peak, saved for backward) bytes of the causal-LM head + loss of one micro-batch.
+
+    T tokens, N of them scored (labels shifted), hidden H in `hb` bytes, vocabulary V, compute dtype `c`
+    bytes, head weight `wb` bytes. hf: transformers' ForCausalLMLoss (logits, fp32 upcast, log-softmax and
+    its gradient); trl_fused: trl's CUDA path (compact hidden copy, one [4096, 32768] tile, fp32 grad of the
+    hidden states); liger: the gradient computed in forward chunk by chunk; cce: no logits at all.
+    """
+    if impl == "hf":
+        return (c + 4 + 4) * V * T, 12 * V * T, 4 * V * T
+    head_grad = V * H * 4 if head_trainable else 0
+    if impl == "trl_fused":
+        tile = min(N, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * c  # trl allocates the full-width tile even for V < 32768
+        per_tok = 8 + 1 + 7 * 4 + 3 * 4 + 1 + 8  # labels, mask, running stats, log_z/log-probs/entropy, is_top1, outputs
+        saved = N * hb + N * (8 + 8)
+        fwd = N * H * hb + N * per_tok + tile
+        # backward: fp32 grad of the scored hidden states, the tile again, then the cast and the scatter back
+        bwd = saved + N * H * 4 + tile + head_grad
+        # the fp32 head gradient is cast to the weight dtype (the .grad) while it is still alive
+        return int(fwd), int(bwd + N * H * hb + (V * H * wb if head_trainable else 0)), int(saved)
+    if impl == "liger":
+        rows = liger_chunk_rows(T, H, V)
+        gw = V * H * wb if head_trainable else 0
+        saved = T * H * hb + gw
+        fwd = saved + T * (4 + 1 + 8 + 8) + rows * V * c + rows * H * c
+        return int(fwd), int(saved), int(saved)
+    if impl == "cce":
+        saved = N * (4 + 8) + V * 4
+        fwd = saved + N * (8 + 4) + N * 16
+        bwd = saved + V * 12 + T * H * hb + (V * H * c if head_trainable else 0)
+        return int(fwd), int(bwd), int(saved)
+    raise TunepilotError(f"loss_impl: unknown loss path {impl!r}")
+
+
 def _seq_len(setup: TrainingSetup) -> int:
     if setup.method in ("prompt-tuning", "p-tuning", "prefix-tuning"):
         return setup.max_length + setup.num_virtual_tokens
@@ -575,9 +620,11 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dic
     head_trainable = full
     final_norm = (4 * h + 4) * T + (2 * c * h * T if head_trainable else 0)
     if setup.task == "causal-lm":
-        logits_fwd = (c + 4 + 4) * V * T  # logits, fp32 upcast, log-softmax output
-        logits_bwd = 12 * V * T  # saved log-softmax, its incoming gradient, its input gradient (fp32)
-        logits_saved = 4 * V * T
+        logits_fwd, logits_bwd, logits_saved = loss_path_bytes(
+            setup.loss_impl, T=T, N=T - 1 if packed else b * (seq - 1), H=h, V=V, c=c, hb=max(c, wb), wb=wb,
+            head_trainable=head_trainable)
+        if setup.loss_impl != "hf":
+            notes.append(f"loss path {setup.loss_impl}: no (batch, seq, vocab) logits")
     else:
         n = setup.num_labels * b
         logits_fwd, logits_bwd, logits_saved = 12 * n, 12 * n, 4 * n
@@ -602,6 +649,21 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dic
             if setup.method != "ia3" and setup.lora_dropout > 0:
                 first += DROPOUT_MASK_BYTES * h * sum(1 for t in lora_targets(model, setup) if t.fan_in == h and t.role in ("q", "k", "v", "qkv"))
             acts_all -= first * T
+
+    offload_host = 0
+    if setup.activation_offloading:
+        # trl's hooks copy every saved activation to host RAM and keep only the last 5 on the device (its
+        # forward stash); with checkpointing those are the blocks' inputs, without it all of a block's tensors
+        if setup.gradient_checkpointing:
+            offload_host = L * layer_input
+            acts_all -= max(0, L - 5) * layer_input
+        else:
+            offload_host = L * block_saved
+            acts_all -= max(0, L - 1) * block_saved
+            recompute = 0
+        if setup.task == "causal-lm" and setup.loss_impl == "trl_fused":
+            offload_host += logits_saved  # the fused head never calls lm_head, so its saved hidden copy moves too
+        notes.append("activation offloading: saved activations in host RAM, the last few on the device")
 
     static = weights + adapters + optim
     head_grad = (cnt.head if not model.tie_word_embeddings else cnt.embed) * param_bytes if full else 0
@@ -673,6 +735,8 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dic
         peak_phase=phase,
         largest_layer_param_bytes=block_bytes,
         per_layer_bytes=int(per_layer),
+        offload_host_bytes=int(offload_host),
+        offload_traffic_bytes=int(offload_host),
         seconds=time.perf_counter() - t0,
         notes=notes,
     )

@@ -273,6 +273,11 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
                 bd, host = abd2, max(host, ahost)
                 provenance.append(f"after sharding the per-GPU peak is the {name.replace('_', ' ')} moment (analytic)")
     gib = float(BYTES_PER_GIB)
+    if setup.activation_offloading and step.offload_host_bytes:
+        # trl's activation offloading: the saved activations wait in pinned host RAM (per GPU process)
+        host += step.offload_host_bytes * max(1, setup.num_gpus // max(1, setup.num_nodes))
+        provenance.append(f"activation offloading: {step.offload_host_bytes / gib:.2f} GiB pinned host RAM per GPU, "
+                          f"{step.offload_traffic_bytes / gib:.2f} GiB over PCIe each way per micro-batch")
     # allocated: + cuBLAS workspaces (through torch's allocator)
     cw = _const("cublas_workspace_mib")
     bd["cublas_workspace"] = float(cw["value"] * cw["count"] * MIB)
@@ -318,6 +323,7 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
         uncertainty=unc,
         dominant=dominant,
         provenance=provenance,
+        loss_impl=setup.loss_impl if setup.task == "causal-lm" else None,
     )
     if hardware is not None:
         mem = hardware.gpu.memory_gib
@@ -449,6 +455,8 @@ def _variants(setup: TrainingSetup, dominant: str) -> list[tuple[str, dict]]:
     v: list[tuple[str, dict]] = []
     b, s = setup.per_device_train_batch_size, setup.max_length
     if dominant in ("activations", "logits_loss", "temporaries"):
+        if dominant == "logits_loss" and setup.task == "causal-lm" and setup.loss_impl == "hf":
+            v.append(("trl's fused cross-entropy (loss_impl=trl_fused, no full logits)", {"loss_impl": "trl_fused"}))
         if not setup.gradient_checkpointing and dominant == "activations":
             v.append(("gradient checkpointing", {"gradient_checkpointing": True}))
         if setup.attn_implementation == "eager":

@@ -214,7 +214,7 @@ class TrainingSetup(_Strict):
         description="How the causal-LM loss is computed: trl_fused (trl SFTTrainer's default fused LM head: tiled log-probs, "
                     "the (batch, seq, vocab) logits never exist), hf (transformers' model(labels=...): full logits upcast to fp32), "
                     "liger (Liger Kernel's fused linear cross-entropy; needs liger-kernel and a GPU), cce (Cut Cross-Entropy; "
-                    "needs cut-cross-entropy, a GPU and bf16/fp16 compute).",
+                    "needs cut-cross-entropy, a GPU and bf16/fp16 compute). Other tasks always use their head's own loss.",
     )
     use_liger_kernel: bool = Field(
         default=False,
@@ -354,6 +354,14 @@ class TrainingSetup(_Strict):
             p.append("eval_steps: required when eval_strategy='steps'")
         if isinstance(self.target_modules, list) and not self.target_modules:
             p.append("target_modules: give 'all-linear' or at least one module name")
+        if self.loss_impl in ("liger", "cce") and self.task != "causal-lm":
+            p.append(f"loss_impl: {self.loss_impl!r} is a causal-LM loss; task {self.task!r} trains with its head's own loss (loss_impl 'hf')")
+        if self.loss_impl in ("liger", "cce") and self.method in PROMPT_METHODS:
+            p.append(f"loss_impl: {self.loss_impl!r} scores the model's hidden states directly, which {self.method} (virtual tokens) does not support; use trl_fused or hf")
+        if self.loss_impl == "cce" and self.compute_dtype == "fp32":
+            p.append("loss_impl: Cut Cross-Entropy's backward needs bf16/fp16 hidden states; set bf16 (or fp16) or use liger/trl_fused")
+        if self.use_liger_kernel and self.method in PROMPT_METHODS:
+            p.append(f"use_liger_kernel: not supported with {self.method}")
         p += self._objective_problems()
         return p
 
@@ -422,14 +430,6 @@ class TrainingSetup(_Strict):
                 )
             if self.use_vllm and self.vllm_mode == "colocate" and self.vllm_tensor_parallel_size > self.num_gpus:
                 p.append(f"vllm_tensor_parallel_size: {self.vllm_tensor_parallel_size} exceeds the {self.num_gpus} GPU(s) vLLM is colocated on")
-        if self.loss_impl != "trl_fused" and self.task != "causal-lm":
-            p.append(f"loss_impl: {self.loss_impl!r} is a causal-LM loss; task {self.task!r} uses its head's own loss (leave loss_impl 'trl_fused')")
-        if self.loss_impl in ("liger", "cce") and self.method in PROMPT_METHODS:
-            p.append(f"loss_impl: {self.loss_impl!r} scores the model's hidden states directly, which {self.method} (virtual tokens) does not support; use trl_fused or hf")
-        if self.loss_impl == "cce" and self.compute_dtype == "fp32":
-            p.append("loss_impl: Cut Cross-Entropy's backward needs bf16/fp16 hidden states; set bf16 (or fp16) or use liger/trl_fused")
-        if self.use_liger_kernel and self.method in PROMPT_METHODS:
-            p.append(f"use_liger_kernel: not supported with {self.method}")
         return p
 
     # ---- derived ---------------------------------------------------------------
@@ -650,6 +650,7 @@ class MemoryEstimate(_Strict):
     time_model: Optional[str] = Field(default=None, description="'op-roofline' (simulated op trace) or 'flat-factors' (analytic fallback).")
     time_calibrated: bool = Field(default=False, description="True when measured trial runs on this GPU with this method scaled the time.")
     time_notes: list[str] = Field(default_factory=list, description="How the time was obtained: rates, efficiency factors, communication, calibration.")
+    loss_impl: Optional[str] = Field(default=None, description="The causal-LM loss path this estimate assumed (TrainingSetup.loss_impl); None for other tasks.")
 
 
 class ThroughputEstimate(_Strict):
@@ -749,6 +750,8 @@ class StepMemory(_Strict):
     world_size: int = Field(default=1, ge=1, description="Ranks the simulated step was sharded over (1 = one unsharded replica; >1 = bytes are per rank of a sharded step).")
     rank: Optional[int] = Field(default=None, description="The rank a sharded step's bytes belong to (the worst rank).")
     offloaded_bytes: dict[str, int] = Field(default_factory=dict, description="Per rank, bytes a CPU-offloaded sharded step keeps in host RAM, by part (tools.memory.host.OFFLOAD_PARTS: offloaded_params, master_weights, optimizer_states, gradients, optimizer_step_temporaries).")
+    offload_host_bytes: int = Field(default=0, description="Peak host (pinned) RAM of trl's activation offloading in one step; 0 without it.")
+    offload_traffic_bytes: int = Field(default=0, description="Bytes activation offloading copies device->host per micro-batch (the same come back in backward).")
 
 
 class PlanGoals(_Strict):

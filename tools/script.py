@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from tools.schemas import PROMPT_METHODS, TrainingSetup, TunepilotError
+from tools.schemas import LOSS_IMPL_LABELS, LOSS_IMPL_PACKAGES, PROMPT_METHODS, TrainingSetup, TunepilotError
 
 TEMPLATES = Path(__file__).with_name("templates")
 
@@ -38,6 +38,21 @@ class RenderedScript(BaseModel):
     trial_command: str = Field(default="", description="Command that runs the script's trial mode.")
     script_name: str = Field(default="train.py", description="File name the script is meant to have.")
     notes: list[str] = Field(default_factory=list, description="What the generator decided on the user's behalf.")
+
+
+def script_requirements(setup: TrainingSetup) -> list[str]:
+    """The PyPI packages the generated script imports for this setup (its 'Needs: pip install ...' line)."""
+    reqs = ["torch", "transformers", "datasets", "accelerate", "peft", "trl"]
+    if setup.load_in_4bit or setup.load_in_8bit or "8bit" in setup.optim or setup.optim.startswith(("paged_", "lion_")):
+        reqs.append("bitsandbytes")
+    if setup.zero_stage:
+        reqs.append("deepspeed")
+    extra = LOSS_IMPL_PACKAGES.get(setup.loss_impl)
+    if extra:
+        reqs.append(extra)
+    if setup.use_liger_kernel and "liger-kernel" not in reqs:
+        reqs.append("liger-kernel")
+    return reqs
 
 
 def needs_accelerate(setup: TrainingSetup) -> bool:
@@ -357,7 +372,17 @@ def render_script(
     setup_yaml = "\n".join("    " + line for line in setup_yaml.rstrip().splitlines())
     setup_yaml = setup_yaml.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
 
+    requirements = script_requirements(setup)
+    gpu_only = [x for x in requirements if x in ("liger-kernel", "cut-cross-entropy")]
+    if gpu_only:
+        notes.append(f"needs {' and '.join(gpu_only)} (Triton kernels: CUDA GPUs only)")
     ctx = dict(
+        requirements=" ".join(requirements),
+        loss_impl=setup.loss_impl,
+        loss_impl_py=_py(setup.loss_impl),
+        loss_label=LOSS_IMPL_LABELS[setup.loss_impl],
+        use_liger_kernel=setup.use_liger_kernel,
+        activation_offloading=setup.activation_offloading,
         title=title.replace("\\", "/").replace('"""', "'''"),
         title_py=_py(title),
         launch_command=launch,

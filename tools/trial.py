@@ -56,6 +56,7 @@ class TrialReport(BaseModel):
     cpu_peak_rss_gib: Optional[float] = Field(default=None, description="Peak resident memory of the training process, GiB.")
     tokens_per_second: Optional[float] = Field(default=None, description="Measured training tokens/s across all GPUs (first step excluded).")
     loss_per_step: list[float] = Field(default_factory=list, description="Training loss of each trial step.")
+    loss_impl: Optional[str] = Field(default=None, description="The loss path the trial's script ran (its LOSS_IMPL: trl_fused, hf, liger or cce).")
     eval_loss: Optional[float] = Field(default=None, description="Loss of the evaluation step, when the setup evaluates.")
     wall_seconds: Optional[float] = Field(default=None, description="Seconds from start to report, model loading included.")
     error_kind: Optional[ErrorKind] = Field(default=None, description="oom, cuda_error, timeout, data_error, error or interrupted.")
@@ -363,6 +364,7 @@ def _record(r: TrialReport, setup: TrainingSetup) -> None:
         "gpu": r.gpu_name or r.device or "unknown",
         "device": r.device,
         "method": setup.method,
+        "loss_impl": r.loss_impl or setup.loss_impl,
         "ok": r.ok,
         "error_kind": r.error_kind,
         "measured_allocated_gib": r.max_memory_allocated_gib,

@@ -58,11 +58,18 @@ def layer_period(model: ModelSpec) -> tuple[int, int]:
     return prefix, period
 
 
-def depths_to_simulate(model: ModelSpec, extrapolate: bool = True) -> tuple[int, list[int]]:
-    """(full depth, the depths to simulate): [prefix+period, prefix+2*period], or [full] when that is not shallower."""
+# trl's activation offloading keeps the last 5 saved tensors on the device (its forward stash): below that
+# depth every block's activations are still in the window and the per-block slope is not yet the real one
+OFFLOAD_STASH_BLOCKS = 6
+
+
+def depths_to_simulate(model: ModelSpec, extrapolate: bool = True, *, min_blocks: int = 1) -> tuple[int, list[int]]:
+    """(full depth, the depths to simulate): [prefix+n*period, prefix+(n+1)*period] with the smallest n that has at
+    least `min_blocks` blocks (1 by default), or [full] when that is not shallower."""
     total = num_layers(model)
     prefix, period = layer_period(model)
-    k1, k2 = prefix + period, prefix + 2 * period
+    n = max(1, -(-min_blocks // period))
+    k1, k2 = prefix + n * period, prefix + (n + 1) * period
     return total, ([k1, k2] if extrapolate and k2 < total else [total])
 
 
@@ -135,4 +142,6 @@ def combine(runs: list[RunResult], depths: list[int], total: int) -> StepMemory:
         allocator_overhead_bytes=over, allocator_overhead_expandable_bytes=over_exp,
         world_size=a.world_size, rank=a.rank,
         offloaded_bytes={k: ext(v, b.offloaded_bytes.get(k, 0)) for k, v in a.offloaded_bytes.items()},
+        offload_host_bytes=ext(a.host_peak_bytes, b.host_peak_bytes),
+        offload_traffic_bytes=ext(a.host_traffic_bytes, b.host_traffic_bytes),
     )

@@ -242,11 +242,10 @@ class LigerFusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_input, grad_weight = ctx.saved_tensors
         # liger: element_mul_kernel scales the saved gradients in place unless grad_output is 1.0
-        if not torch.equal(grad_output, torch.tensor(1.0, device=grad_output.device)):
-            if _fake(grad_input):
-                pass
-            else:
-                with unseen():
+        # (a data-dependent check; in place either way, so nothing to count on fake tensors)
+        if not _fake(grad_input):
+            with unseen():
+                if not torch.equal(grad_output, torch.tensor(1.0, device=grad_output.device)):
                     grad_input.mul_(grad_output.to(grad_input.dtype))
                     if grad_weight is not None:
                         grad_weight.mul_(grad_output.to(grad_weight.dtype))

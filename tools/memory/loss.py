@@ -146,13 +146,19 @@ def forward_for(setup: TrainingSetup) -> Callable[..., Any]:
 @contextlib.contextmanager
 def step_context(pm, setup: TrainingSetup, *, cuda: bool = True):
     """What stays patched for the whole step (forward AND backward): trl's CUDA path of the fused head
-    (unless cuda=False: the CPU path, as on this machine) and Liger's RoPE."""
+    (unless cuda=False: the CPU path, as on this machine), Liger's RoPE, and trl's activation offloading
+    hooks (SFTTrainer.training_step wraps forward and backward in them)."""
     from tools.memory.kernels import trl_cuda_path
 
     with contextlib.ExitStack() as stack:
         if cuda and setup.task == "causal-lm" and setup.loss_impl == "trl_fused":
             stack.enter_context(trl_cuda_path())
         stack.enter_context(liger_rope_context(pm, setup))
+        if setup.activation_offloading:
+            from tools.memory.kernels import current_tracker
+            from tools.memory.offload import offloading
+
+            stack.enter_context(offloading(pm, current_tracker()))
         yield
 
 

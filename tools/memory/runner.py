@@ -17,7 +17,7 @@ import time
 from tools import progress
 from tools.memory import SimulationError, step
 from tools.memory.build import QuietTransformers
-from tools.memory.extrapolate import combine, depths_to_simulate
+from tools.memory.extrapolate import OFFLOAD_STASH_BLOCKS, combine, depths_to_simulate
 from tools.schemas import ModelSpec, StepMemory, TrainingSetup, TunepilotError
 
 # Fields of TrainingSetup that cannot change the memory of one simulated training step (the cache
@@ -61,7 +61,8 @@ def simulate(model: ModelSpec, setup: TrainingSetup, *, extrapolate: bool = True
     try:
         # the dry run patches a few library functions process-wide while it runs
         with _LOCK, QuietTransformers():
-            total, depths = depths_to_simulate(model, extrapolate)
+            total, depths = depths_to_simulate(
+                model, extrapolate, min_blocks=OFFLOAD_STASH_BLOCKS if setup.activation_offloading else 1)
             with progress.status(f"simulating {'+'.join(str(d) for d in depths)} of {total} blocks of {model.model_id} "
                                  f"({setup.method}, b={setup.per_device_train_batch_size}, seq {setup.max_length:,})"):
                 runs = _run_depths(model, setup, depths)

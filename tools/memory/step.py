@@ -101,6 +101,8 @@ class RunResult:
     world_size: int = 1  # >1: the bytes are one rank's of a sharded step (tools.memory.distributed)
     rank: int | None = None
     offloaded_bytes: dict[str, int] = field(default_factory=dict)  # per rank, in host RAM (CPU offload)
+    host_peak_bytes: int = 0  # activation offloading: peak of the host copies
+    host_traffic_bytes: int = 0  # activation offloading: bytes copied to the host in the measured step
 
 
 @dataclass
@@ -136,10 +138,13 @@ class ForwardOutput:
 # --------------------------------------------------------------------------------------
 
 
-def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable[..., ForwardOutput] | None = None) -> RunResult:
+def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable[..., ForwardOutput] | None = None,
+        cuda_loss: bool = True) -> RunResult:
     """Build `model` with `depth` blocks for `setup`, run two training steps (and eval) on fake tensors, measure.
 
-    `forward` replaces `forward_loss` (same signature) for a loss-path or objective variant.
+    `forward` replaces the loss path's forward (`tools.memory.loss.forward_for(setup)`, same signature
+    as `forward_loss`) for an objective variant. `cuda_loss=False` runs trl's fused head on its CPU
+    path instead of its CUDA one (tests compare both with real CPU steps).
     Preference and RL objectives (dpo, kto, reward, grpo) run `tools.memory.objectives.run`.
     """
     if setup.objective != "sft" and forward is None:
@@ -148,6 +153,7 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
         return objectives.run(model, setup, depth)
     import torch
 
+    from tools.memory import loss as loss_paths
     from tools.memory.tracker import make_tracker
 
     from tools.memory import distributed
@@ -171,6 +177,7 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
         prepare(prep, setup, tracker)
         if plan:
             prep.notes.extend(distributed.shard(prep, setup, mesh, plan, ledger))
+        liger_layers = loss_paths.prepare_liger_layers(prep.pm, setup)
         optimizer = make_step_optimizer(prep, setup, tracker)
         amp = torch.autocast("cpu", dtype=compute) if autocast else nullcontext()
         # the allocation order from here on, replayed through the caching-allocator model: the prepared
@@ -180,13 +187,24 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
                    before_reset=(lambda: ledger.optimizer_to_host(optimizer)) if plan and plan.offload else None)
         if trace is not None:
             trace.active = True
-        # kept referenced until the run ends, as the single-function run kept them (fp16 only; see train_step)
-        leftovers = train_step(prep, optimizer, setup, tracker, amp, forward=forward or forward_loss)  # noqa: F841
+        # the loss path (and Liger's RoPE, trl's activation offloading) stays patched through forward AND backward
+        with loss_paths.step_context(prep.pm, setup, cuda=cuda_loss):
+            # kept referenced until the run ends, as the single-function run kept them (fp16 only; see train_step)
+            leftovers = train_step(prep, optimizer, setup, tracker, amp,  # noqa: F841
+                                   forward=forward or loss_paths.forward_for(setup))
         if trace is not None:
             trace.active = False
+        host_peak, host_traffic = tracker.host_peak, tracker.host_total
         measured = measure(prep, optimizer, tracker)
         eval_peak = eval_step(prep, optimizer, setup, tracker, amp) if setup.eval_strategy != "no" else None
     prep.notes.extend(_kernel_notes(setup))
+    if setup.task == "causal-lm":
+        prep.notes.append(loss_paths.LOSS_NOTES[setup.loss_impl] + ("" if cuda_loss or setup.loss_impl != "trl_fused" else " (CPU path)"))
+    if liger_layers:
+        prep.notes.append(f"Liger kernels (stand-ins): {', '.join(liger_layers)}, RoPE")
+    if setup.activation_offloading:
+        prep.notes.append("activation offloading: trl's own hooks (streams, 5-tensor forward stash, LM head kept) on this CPU; "
+                          "host copies counted as host RAM, not GPU memory")
     from tools.memory.allocator import summary
 
     extra = {}
@@ -198,6 +216,7 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
         op_counts=None if trace is None else trace.result(),
         allocator=summary(events),
         **extra,
+        host_peak_bytes=host_peak, host_traffic_bytes=host_traffic,
     )
 
 

@@ -107,6 +107,13 @@ class TrackingMixin:
         # optional op observer, off by default: callable(func, args, kwargs, out, tag) called for every
         # top-level op, also one answered from the op cache (tools.memory.timing.OpTrace records its cost)
         self.op_observer = None
+        # host (CPU) storages of the step, e.g. trl's activation offloading copies: counted apart from the
+        # device total (`host_alloc` > 0 while such copies are made; `is_host` tells a storage's side)
+        self.host_alloc = 0
+        self.host_live: dict[int, _Rec] = {}
+        self.host_current = 0
+        self.host_peak = 0
+        self.host_total = 0
 
     def log_events(self) -> list[tuple]:
         """Record every storage birth and death from now on (the order the caching-allocator model replays);
@@ -147,7 +154,15 @@ class TrackingMixin:
         t = getattr(t, "_local_tensor", t)  # a DTensor (FSDP2 shard): its local tensor holds the memory
         st = t.untyped_storage()
         key = id(st)
-        if key in self.live:
+        if key in self.live or key in self.host_live:
+            return
+        if self.host_alloc:
+            rec = _Rec(st.nbytes(), "host")
+            self.host_live[key] = rec
+            self.host_current += rec.nbytes
+            self.host_peak = max(self.host_peak, self.host_current)
+            self.host_total += rec.nbytes
+            weakref.finalize(st, self._free, key, rec)
             return
         rec = _Rec(st.nbytes(), self.tag())
         self.live[key] = rec
@@ -164,6 +179,12 @@ class TrackingMixin:
         if self.live.get(key) is rec:
             del self.live[key]
             self.current -= rec.nbytes
+        elif self.host_live.get(key) is rec:
+            del self.host_live[key]
+            self.host_current -= rec.nbytes
+
+    def is_host(self, t) -> bool:
+        return id(t.untyped_storage()) in self.host_live
 
     def take_snapshot(self, seg: str) -> None:
         self.seg_snap[seg] = list(self.live.values())
@@ -241,7 +262,7 @@ class MemoryTracker(TrackingMixin, FakeTensorMode):
             return out
         if key is not None and (direct or func is _UNSAFE_VIEW or getattr(func, "namespace", None) == "bitsandbytes"
                                 or cacheable != FakeTensorMode.cache_hits + FakeTensorMode.cache_misses):
-            entry = _record(out, args)
+            entry = _record(out, args, kwargs)
             if entry is not None:
                 if len(_OP_CACHE) >= _OP_CACHE_MAX:
                     _OP_CACHE.clear()
@@ -334,13 +355,19 @@ def _op_key(func, args, kwargs):
         return None
 
 
-def _record(out, args):
+def _record(out, args, kwargs=None):
     """How to make `out` again from inputs of the same metadata, or None if this op is not replayable."""
     if out is None:
         return ("none", ())  # an op that only mutates values (foreach/in-place updates): nothing to make
     outs = out if isinstance(out, (tuple, list)) else (out,)
     if not outs or not all(isinstance(o, FakeTensor) for o in outs):
         return None
+    if kwargs:
+        # `out=` (e.g. torch.mm(a, b, out=tile)): the output is the keyword tensor itself, which a replay
+        # from the positional inputs would make as a fresh storage: leave such ops to FakeTensorMode
+        kw_stores = {id(v.untyped_storage()) for v in tree_flatten(kwargs)[0] if isinstance(v, FakeTensor)}
+        if any(id(o.untyped_storage()) in kw_stores for o in outs):
+            return None
     tensor_args = [(i, a) for i, a in enumerate(args) if isinstance(a, FakeTensor)]
     infos = []
     for o in outs:

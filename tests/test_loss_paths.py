@@ -1,0 +1,111 @@
+"""Each loss path's simulated bytes against a real CPU step of the same path (tiny Llama, 128k vocabulary).
+
+The real step runs the same loss code (`tools.memory.loss`): trl's fused LM head (its CUDA path:
+compact positions + Triton-fold / out-dtype GEMM stand-ins, and its plain CPU path), transformers'
+`model(labels=...)`, and the Liger / CCE stand-ins, whose values are checked against the torch
+reference (the loss and gradients of transformers' own cross-entropy).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests._simulator_helpers import TINY_LLAMA, real_step, setup, tiny_spec
+from tools.memory import simulate
+from tools.memory.extrapolate import combine
+
+BIG_VOCAB = dict(TINY_LLAMA, vocab_size=128256)  # Llama-3's vocabulary on a hidden-64 model: the loss dominates
+
+
+def _spec():
+    return tiny_spec(BIG_VOCAB)
+
+
+def _st(**kw):
+    base = dict(method="lora", optim="adamw_torch_fused", gradient_checkpointing=True, max_length=64,
+                per_device_train_batch_size=2)
+    base.update(kw)
+    return setup(**base)
+
+
+@pytest.mark.parametrize("impl", ["trl_fused", "hf", "liger", "cce"])
+def test_loss_path_simulated_equals_real_cpu_step(impl):
+    spec, st = _spec(), _st(loss_impl=impl)
+    sim = simulate(spec, st, extrapolate=False)
+    real = real_step(spec, st)
+    assert sim.weights_bytes + sim.adapter_bytes == real["param_and_buffer_bytes"]
+    assert sim.peak_bytes == pytest.approx(real["peak_bytes"], rel=0.01), impl
+    assert any(n.startswith("loss: ") for n in sim.notes)
+
+
+def test_trl_fused_cpu_path_simulated_equals_real_cpu_step():
+    """trl's fused head exactly as it runs on this CPU (torch fold, fp32 accumulation copies)."""
+    from tools.memory import step
+
+    spec, st = _spec(), _st(loss_impl="trl_fused")
+    run = step.run(spec, st, spec.num_hidden_layers, cuda_loss=False)
+    sim = combine([run], [spec.num_hidden_layers], spec.num_hidden_layers)
+    real = real_step(spec, st, cuda_loss=False)
+    assert sim.peak_bytes == pytest.approx(real["peak_bytes"], rel=0.01)
+    cuda = simulate(spec, st, extrapolate=False)
+    # the CPU fallback's fp32 temporaries are what a GPU (Triton fold, out-dtype GEMM) never allocates
+    assert cuda.peak_bytes < sim.peak_bytes
+
+
+def test_loss_paths_order_and_logits_share():
+    """128k vocabulary: HF's full fp32 logits dominate; every fused path is far below it."""
+    spec = _spec()
+    peaks = {impl: simulate(spec, _st(loss_impl=impl), extrapolate=False) for impl in ("hf", "trl_fused", "liger", "cce")}
+    hf = peaks["hf"]
+    vt = 128256 * 2 * 64
+    assert hf.peak_breakdown["logits_loss"] >= 4 * vt  # at least the fp32 upcast of the logits
+    for impl in ("trl_fused", "liger", "cce"):
+        assert peaks[impl].peak_bytes < hf.peak_bytes - 2 * vt, impl
+        assert peaks[impl].peak_breakdown["logits_loss"] < 4 * vt, impl
+
+
+def test_stand_ins_compute_the_reference_loss_and_gradients():
+    """On real tensors the stand-ins give transformers' cross-entropy and its gradients (the torch reference)."""
+    import torch
+
+    from tools.memory import kernels
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 33, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(300, 16, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 300, (2, 33))
+    labels[0, :5] = -100
+    ref = torch.nn.functional.cross_entropy((h.float() @ w.float().t())[:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1))
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    for fn in (lambda: kernels.liger_causal_lm_loss(h, w, labels, 16), lambda: kernels.cce_causal_lm_loss(h, w, labels)):
+        h.grad = w.grad = None
+        loss = fn()
+        loss.backward()
+        assert float(loss.detach()) == pytest.approx(float(ref), rel=1e-2)
+        assert torch.allclose(h.grad.float(), gh.float(), atol=2e-3, rtol=5e-2)
+        assert torch.allclose(w.grad.float(), gw.float(), atol=2e-3, rtol=5e-2)
+
+
+def test_liger_chunk_rows_follow_liger_kernel():
+    from tools.memory.kernels import liger_chunk_rows
+
+    # liger-kernel's own example: BT = 4096*4, V = 32000, H = 4096 -> inc_factor 8, chunk 2048
+    assert liger_chunk_rows(4096 * 4, 4096, 32000) == 2048
+    assert liger_chunk_rows(100, 4096, 2048) == 100  # one chunk covers BT when the budget allows
+
+
+@pytest.mark.parametrize("ckpt", [True, False], ids=["ckpt", "no-ckpt"])
+def test_activation_offloading_device_bytes_equal_a_real_cpu_step_with_trls_hooks(ckpt):
+    """trl's OffloadActivations hooks on a real CPU step (host copies counted apart) vs the dry run's."""
+    spec = tiny_spec(dict(TINY_LLAMA, vocab_size=2048))
+    kw = dict(method="lora", optim="adamw_torch_fused", gradient_checkpointing=ckpt, max_length=128, per_device_train_batch_size=2)
+    on, off = setup(**kw, activation_offloading=True), setup(**kw)
+    sim_on, sim_off = simulate(spec, on, extrapolate=False), simulate(spec, off, extrapolate=False)
+    real_on = real_step(spec, on)
+    assert sim_on.peak_bytes == pytest.approx(real_on["peak_bytes"], rel=0.01)
+    assert sim_on.offload_host_bytes == pytest.approx(real_on["host_peak_bytes"], rel=0.01)
+    assert sim_on.offload_host_bytes > 0 and sim_off.offload_host_bytes == 0
+    if not ckpt:  # every block's saved activations left the device (with checkpointing the fused-head tile holds the peak)
+        assert sim_on.peak_bytes < sim_off.peak_bytes
+    assert sim_on.offload_traffic_bytes >= sim_on.offload_host_bytes
