@@ -297,3 +297,38 @@ def test_moe_lora_candidates_use_no_dropout():
 def test_models_without_sdpa_are_planned_with_eager_attention():
     p = _plan("bigscience/bloom-560m", "T4", seq_len=512, dataset_examples=1_000, confirm=False)
     assert p.candidates and all(c.setup.attn_implementation == "eager" for c in p.candidates)
+
+
+# --------------------------------------------------------------------------------------
+# memory levers and long context (issue 12)
+# --------------------------------------------------------------------------------------
+
+
+def test_long_context_plan_finds_the_cheapest_lever_combination_and_explains_it():
+    """Llama-3.1-8B at 32k tokens on one 4090: QLoRA + checkpointing + trl's activation offloading fits."""
+    p = _plan(LLAMA8, "RTX 4090", seq_len=32768)
+    assert p.fits
+    s = p.best.setup
+    assert s.method == "qlora" and s.max_length == 32768 and s.per_device_train_batch_size == 1
+    assert s.loss_impl == "trl_fused" and s.activation_offloading
+    assert p.best.estimate.device_total_gib <= _usable("RTX 4090")
+    assert 0 < p.best.estimate.host_ram_gib <= 0.6 * 64  # within trl's pinned-RAM guard of an assumed 64 GiB host
+    loss = next(a for a in p.advice if a.startswith("Loss: "))
+    assert "fused cross-entropy" in loss and "hf" in loss and "liger" in loss and "needs liger-kernel" in loss
+    off = next(a for a in p.advice if a.startswith("Activation offloading"))
+    assert "does not fit" in off and "pinned host RAM" in off
+    # every candidate keeps to what the script installs by default: no Liger / CCE dependency
+    assert all(c.setup.loss_impl == "trl_fused" and not c.setup.use_liger_kernel for c in p.candidates)
+
+
+def test_long_context_that_fits_nowhere_says_which_context_does():
+    p = _plan(LLAMA8, "16GB", seq_len=131072)
+    assert not p.fits
+    shorter = next(a for a in p.advice if a.startswith("- Shorter sequences"))
+    assert "--seq-len" in shorter and "GiB per GPU" in shorter
+
+
+def test_fused_loss_lets_a_larger_micro_batch_fit_at_2k():
+    p = _plan(LLAMA8, "RTX 4090", seq_len=2048)
+    loss = next(a for a in p.advice if a.startswith("Loss: "))
+    assert "lets micro-batch" in loss and "GiB vs transformers' full-logits loss" in loss

@@ -49,6 +49,10 @@ FULL_OPTIMS = ("adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit", "adafa
 MIN_SEQ_LEN = 256
 MAX_CONFIRM = 2  # simulator runs for the top of the list (each ~1-2 s of CPU for a 70B model)
 MAX_SIM_CALLS = 5
+# trl refuses to pin more than 60% of host RAM for activation offloading; without a known host RAM the
+# planner assumes a 64 GiB machine (a common workstation next to a 24-48 GB card)
+OFFLOAD_RAM_FRACTION = 0.6
+DEFAULT_HOST_RAM_GIB = 64.0
 # Time window within which a higher-quality setup beats a faster one (fraction of the fastest).
 QUALITY_TOLERANCE = {"speed": 0.0, "balanced": 0.05, "quality": 0.15}
 _METHOD_QUALITY = {"full": 2, "lora": 1, "qlora": 0}
@@ -185,6 +189,11 @@ def _fits(est: MemoryEstimate, hardware: HardwareSpec, goals: PlanGoals) -> bool
 # --------------------------------------------------------------------------------------
 
 
+def offload_ram_limit_gib(hardware: HardwareSpec) -> float:
+    """Pinned host RAM activation offloading may take per node (trl's 60% guard of the host RAM, or of 64 GiB)."""
+    return OFFLOAD_RAM_FRACTION * (hardware.host_ram_gib or DEFAULT_HOST_RAM_GIB)
+
+
 def _cc(hardware: HardwareSpec) -> float:
     try:
         return float(hardware.gpu.compute_capability or 0)
@@ -196,6 +205,7 @@ def _make_setup(
     model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals, *, method: str, strategy: _Strategy,
     micro: int, ckpt: bool, optim: str, r: int = 16, targets="all-linear", double_quant: bool = True,
     quant_type: str = "nf4", num_gpus: Optional[int] = None, attn: str = "sdpa", seq_len: Optional[int] = None,
+    act_offload: bool = False,
 ) -> TrainingSetup:
     n = num_gpus or hardware.num_gpus
     bf16 = hardware.gpu.bf16
@@ -209,6 +219,7 @@ def _make_setup(
         gradient_accumulation_steps=max(1, per_gpu // micro),
         max_length=seq_len or goals.seq_len,
         gradient_checkpointing=ckpt,
+        activation_offloading=act_offload,
         optim=optim,
         bf16=bf16 and mixed,
         fp16=not bf16 and mixed,
@@ -293,6 +304,7 @@ class _Config:
     r: int = 16
     targets: object = "all-linear"
     double_quant: bool = True
+    act_offload: bool = False  # trl's activation offloading (a memory lever: host RAM and PCIe time)
 
 
 def _configs(methods: list[str], strategies: list[_Strategy], attention: Optional[list[str]]) -> list[_Config]:
@@ -306,17 +318,19 @@ def _configs(methods: list[str], strategies: list[_Strategy], attention: Optiona
                 optims = FULL_OPTIMS
                 if strategy.offload != "none":
                     optims = ("adamw_torch",)  # DeepSpeed swaps in its CPU Adam when states live on the host
-                for ckpt in (False, True):
-                    for optim in optims:
-                        out.append(_Config(method, strategy, ckpt, optim))
+                for off in (False, True):
+                    for ckpt in (False, True):
+                        for optim in optims:
+                            out.append(_Config(method, strategy, ckpt, optim, act_offload=off))
                 continue
             optims = LORA_OPTIMS if strategy.offload == "none" else ("adamw_torch",)
-            for dq in ((True, False) if method == "qlora" else (True,)):
-                for targets in target_sets:
-                    for r in RANKS:  # order matters: _search bounds each config by the ones before it
-                        for ckpt in (False, True):
-                            for optim in optims:
-                                out.append(_Config(method, strategy, ckpt, optim, r, targets, dq))
+            for off in (False, True):  # activation offloading after the same configs without it (it only costs time)
+                for dq in ((True, False) if method == "qlora" else (True,)):
+                    for targets in target_sets:
+                        for r in RANKS:  # order matters: _search bounds each config by the ones before it
+                            for ckpt in (False, True):
+                                for optim in optims:
+                                    out.append(_Config(method, strategy, ckpt, optim, r, targets, dq, act_offload=off))
     return out
 
 
@@ -358,7 +372,12 @@ def _search(
     all_configs = configs if configs is not None else _configs(methods, strategies, attention)
     result.space = len(all_configs) * len(micros) * (2 if flash else 1)
     for cfg in all_configs:
-        group = (cfg.method, cfg.strategy.label, cfg.double_quant, str(cfg.targets))
+        group = (cfg.method, cfg.strategy.label, cfg.double_quant, str(cfg.targets), cfg.act_offload)
+        if cfg.act_offload:
+            plain = reached.get((group[:-1] + (False,), cfg.r, cfg.ckpt, cfg.optim))
+            if plain == top_idx:
+                reached[(group, cfg.r, cfg.ckpt, cfg.optim)] = top_idx
+                continue  # fits the largest micro-batch without offloading: offloading would only cost PCIe time
         heavy_optim = "adamw_torch_fused" if cfg.optim != "adafactor" else None
         lo, hi = 0, top_idx
         known_fit = -1
@@ -390,6 +409,7 @@ def _search(
             setup = _make_setup(
                 model, hardware, goals, method=cfg.method, strategy=cfg.strategy, micro=micro, ckpt=cfg.ckpt,
                 optim=cfg.optim, r=cfg.r, targets=cfg.targets, double_quant=cfg.double_quant, num_gpus=n, seq_len=seq_len,
+                act_offload=cfg.act_offload,
             )
             est = _estimate(model, setup, hardware, fast=True)
             result.count += 1
@@ -400,7 +420,10 @@ def _search(
                     if _fits(alt, hardware, goals):
                         setup, est = lever, alt
                         break
-            opt = _Option(setup, cfg.strategy, est, _fits(est, hardware, goals))
+            fits = _fits(est, hardware, goals)
+            if cfg.act_offload and est.host_ram_gib > offload_ram_limit_gib(hardware):
+                fits = False  # the offloaded activations must fit in pinned host RAM
+            opt = _Option(setup, cfg.strategy, est, fits)
             result.evaluated.append(opt)
             lean = result.leanest.get(cfg.method)
             if lean is None or est.device_total_gib < lean.est.device_total_gib:
@@ -473,7 +496,7 @@ def _order(options: list[_Option], goals: PlanGoals) -> list[_Option]:
 
 def _config_key(o: _Option) -> tuple:
     s = o.setup
-    return (s.method, o.strategy.label, str(s.target_modules), s.gradient_checkpointing)
+    return (s.method, o.strategy.label, str(s.target_modules), s.gradient_checkpointing, s.activation_offloading)
 
 
 def _select(ranked: list[_Option], top: int) -> list[_Option]:
@@ -661,7 +684,8 @@ def _ckpt_reason(winner: _Option, search: _Search) -> str:
 
 
 def _same_config(a: TrainingSetup, b: TrainingSetup) -> bool:
-    keys = ("method", "r", "target_modules", "optim", "bnb_4bit_use_double_quant", "zero_stage", "fsdp", "offload", "max_length")
+    keys = ("method", "r", "target_modules", "optim", "bnb_4bit_use_double_quant", "zero_stage", "fsdp", "offload", "max_length",
+            "activation_offloading")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
@@ -690,6 +714,57 @@ def _winner_reason(winner: _Option, ranked: list[_Option], hardware, goals, sear
         if needs:
             text += ". Without offload the leanest setups need, per GPU: " + "; ".join(needs)
     return text + "."
+
+
+def _largest_micro(model, hardware, goals, setup: TrainingSetup) -> Optional[int]:
+    """Largest micro-batch (keeping the effective batch) at which `setup` fits, by the analytic tier; None if none."""
+    per_gpu = max(1, goals.effective_batch // setup.num_gpus)
+    for m in reversed(_micro_sizes(per_gpu)):
+        alt = setup.model_copy(update={"per_device_train_batch_size": m, "gradient_accumulation_steps": max(1, per_gpu // m)})
+        est = _estimate(model, alt, hardware, fast=True)
+        if _fits(est, hardware, goals) and (not alt.activation_offloading or est.host_ram_gib <= offload_ram_limit_gib(hardware)):
+            return m
+    return None
+
+
+def _lever_advice(model, hardware, goals, winner: _Option) -> list[str]:
+    """What the memory levers (loss path, activation offloading) do for the winner, in GiB and micro-batches."""
+    s = winner.setup
+    if s.task != "causal-lm":
+        return []
+    out: list[str] = []
+    try:
+        base = _estimate(model, s, hardware, fast=True).device_total_gib
+        mine = _largest_micro(model, hardware, goals, s)
+        hf = s.model_copy(update={"loss_impl": "hf"})
+        hf_gib = _estimate(model, hf, hardware, fast=True).device_total_gib
+        hf_micro = _largest_micro(model, hardware, goals, hf)
+        text = (f"Loss: trl's fused cross-entropy (SFTTrainer's default, no extra dependency): "
+                f"-{hf_gib - base:.1f} GiB vs transformers' full-logits loss (loss_impl=hf, {_gib(hf_gib)})")
+        if mine and mine != hf_micro:
+            text += f", lets micro-batch {mine} fit" + (f" (hf: {hf_micro})" if hf_micro else " (with hf nothing fits)")
+        others = []
+        for impl, pkg in (("liger", "liger-kernel"), ("cce", "cut-cross-entropy")):
+            alt = _estimate(model, s.model_copy(update={"loss_impl": impl}), hardware, fast=True).device_total_gib
+            others.append(f"{impl} {alt - base:+.1f} GiB (needs {pkg}, CUDA only)")
+        out.append(text + "; " + ", ".join(others) + ": the plan keeps to what the script installs by default.")
+        if s.activation_offloading:
+            plain = s.model_copy(update={"activation_offloading": False})
+            p_est = _estimate(model, plain, hardware, fast=True)
+            w_est = winner.est
+            verdict = "fits" if _fits(p_est, hardware, goals) else "does not fit"
+            limit = offload_ram_limit_gib(hardware)
+            ram = f"{hardware.host_ram_gib:g} GiB host RAM" if hardware.host_ram_gib else f"{DEFAULT_HOST_RAM_GIB:g} GiB host RAM assumed"
+            slow = ""
+            if winner.thr is not None:
+                p_thr = _throughput(model, plain, hardware, goals)
+                slow = f", {100 * (1 - winner.thr.tokens_per_second / p_thr.tokens_per_second):.0f}% slower (PCIe)"
+            out.append(f"Activation offloading (trl SFTConfig.activation_offloading, no extra dependency): "
+                       f"-{p_est.device_total_gib - w_est.device_total_gib:.1f} GiB on the GPU (without it {_gib(p_est.device_total_gib)}: {verdict}), "
+                       f"+{w_est.host_ram_gib:.1f} GiB pinned host RAM (limit {limit:.0f} GiB: 60% of {ram}){slow}.")
+    except TunepilotError:
+        return out
+    return out
 
 
 def _quant_variants_advice(model, hardware, goals, winner: _Option) -> Optional[str]:
@@ -751,12 +826,13 @@ def _lean_configs(methods: list[str], strategies: list[_Strategy], attention: Op
     for strategy in strategies:
         for method in methods:
             offload = strategy.offload != "none"
-            if method == "full":
-                out.append(_Config(method, strategy, True, "adamw_torch" if offload else "adafactor"))
-                continue
-            optim = "adamw_torch" if offload else "paged_adamw_8bit"
-            out.append(_Config(method, strategy, True, optim, 16, "all-linear", True))
-            out.append(_Config(method, strategy, True, optim, RANKS[0], attention or "all-linear", True))
+            for off in (False, True):  # and with trl's activation offloading (the saved layer inputs on the host)
+                if method == "full":
+                    out.append(_Config(method, strategy, True, "adamw_torch" if offload else "adafactor", act_offload=off))
+                    continue
+                optim = "adamw_torch" if offload else "paged_adamw_8bit"
+                out.append(_Config(method, strategy, True, optim, 16, "all-linear", True, act_offload=off))
+                out.append(_Config(method, strategy, True, optim, RANKS[0], attention or "all-linear", True, act_offload=off))
     return out
 
 
@@ -940,6 +1016,7 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
             advice.append(_rejected_reason(model, hardware, goals, m, search))
     if hardware.num_gpus > 1:
         advice.extend(_strategy_advice(selected, ranked, winner))
+    advice.extend(_lever_advice(model, hardware, goals, winner))
     extra = _quant_variants_advice(model, hardware, goals, winner)
     if extra:
         advice.append(extra)

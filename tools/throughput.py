@@ -208,11 +208,15 @@ def _flops_breakdown(model: ModelSpec, setup: TrainingSetup) -> tuple[float, lis
         how = (f"{setup.method}: forward 2N, backward 2N (activation gradients only through frozen weights)"
                + (f" + adapters 6 x {adapters / 1e6:.1f}M" if adapters else ""))
     recompute = (forward - 2 * lm_head) if setup.gradient_checkpointing else 0.0
+    # trl's fused head and CCE recompute the LM head's logits tiles in backward (Liger computes the gradient in forward)
+    head_recompute = 2 * lm_head if setup.task == "causal-lm" and setup.loss_impl in ("trl_fused", "cce") else 0.0
+    recompute += head_recompute
     total = forward + backward + recompute
     if extra_tokens:
         total *= (s + extra_tokens) / s  # the virtual tokens run through every layer too
     notes.insert(0, f"FLOPs/token {total / 1e9:.1f} GFLOP = {how}"
-                    f"{'; + recomputed forward (gradient checkpointing)' if recompute else ''}; "
+                    f"{'; + recomputed forward (gradient checkpointing)' if recompute - head_recompute else ''}"
+                    f"{f'; + LM-head tiles recomputed in backward ({setup.loss_impl})' if head_recompute else ''}; "
                     f"N = {n / 1e9:.2f}B matmul params (all but the input embedding); "
                     f"attention 2·L·s·H·head_dim = {attn_fwd / 1e9:.2f} GFLOP/token forward at s={s} (causal), x3 fwd+bwd")
     return total, notes
@@ -468,6 +472,20 @@ def _param_offload_factor(model: ModelSpec, setup: TrainingSetup, fpt: float, tf
                f"{transfer_s:.2f} s vs {compute_s:.2f} s compute)")
 
 
+def _activation_offload_factor(model: ModelSpec, setup: TrainingSetup, fpt: float, tflops_per_gpu: float) -> tuple[float, str]:
+    """Slow-down from trl's activation offloading: the saved activations go to the host in forward and come back in
+    backward over PCIe, on a side stream (overlapped with compute as much as OFFLOAD_OVERLAP allows)."""
+    from tools.analytic import analytic_step_memory
+
+    traffic = 2 * analytic_step_memory(model, setup).offload_traffic_bytes  # to the host and back, per micro-batch
+    transfer_s = traffic / (PCIE_GBS * 1e9)
+    compute_s = fpt * setup.per_device_train_batch_size * setup.max_length / (tflops_per_gpu * 1e12)
+    step_s = max(compute_s, transfer_s) + (1 - OFFLOAD_OVERLAP) * min(compute_s, transfer_s)
+    f = compute_s / step_s if step_s else 1.0
+    return f, (f"activation offloading x{f:.2f} ({traffic / 1e9:.1f} GB over PCIe per micro-batch at {PCIE_GBS:g} GB/s: "
+               f"{transfer_s:.2f} s vs {compute_s:.2f} s compute)")
+
+
 # --------------------------------------------------------------------------------------
 # Estimate
 # --------------------------------------------------------------------------------------
@@ -604,6 +622,10 @@ def flat_estimate_throughput(
         factors += f"; capped at {MAX_UTILISATION}"
     if setup.offload == "all":
         f, desc = _param_offload_factor(model, setup, fpt, peak * u)
+        u *= f
+        factors += f"; {desc}"
+    if setup.activation_offloading:
+        f, desc = _activation_offload_factor(model, setup, fpt, peak * u)
         u *= f
         factors += f"; {desc}"
     notes.append(f"utilisation {u:.3f} = {factors}")
