@@ -274,8 +274,7 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
                 provenance.append(f"after sharding the per-GPU peak is the {name.replace('_', ' ')} moment (analytic)")
     gib = float(BYTES_PER_GIB)
     if setup.activation_offloading and step.offload_host_bytes:
-        # trl's activation offloading: the saved activations wait in pinned host RAM (per GPU process)
-        host += step.offload_host_bytes * max(1, setup.num_gpus // max(1, setup.num_nodes))
+        # trl's activation offloading: the saved activations wait in pinned host RAM (host_breakdown 'activation_offload')
         provenance.append(f"activation offloading: {step.offload_host_bytes / gib:.2f} GiB pinned host RAM per GPU, "
                           f"{step.offload_traffic_bytes / gib:.2f} GiB over PCIe each way per micro-batch")
     # allocated: + cuBLAS workspaces (through torch's allocator)

@@ -189,6 +189,11 @@ def _fits(est: MemoryEstimate, hardware: HardwareSpec, goals: PlanGoals) -> bool
 # --------------------------------------------------------------------------------------
 
 
+def _pinned_gib(est: MemoryEstimate) -> float:
+    """Pinned host RAM of trl's activation offloading in an estimate (its host_breakdown part)."""
+    return float((est.host_breakdown or {}).get("activation_offload", 0.0))
+
+
 def offload_ram_limit_gib(hardware: HardwareSpec) -> float:
     """Pinned host RAM activation offloading may take per node (trl's 60% guard of the host RAM, or of 64 GiB)."""
     return OFFLOAD_RAM_FRACTION * (hardware.host_ram_gib or DEFAULT_HOST_RAM_GIB)
@@ -421,7 +426,7 @@ def _search(
                         setup, est = lever, alt
                         break
             fits = _fits(est, hardware, goals)
-            if cfg.act_offload and est.host_ram_gib > offload_ram_limit_gib(hardware):
+            if cfg.act_offload and _pinned_gib(est) > offload_ram_limit_gib(hardware):
                 fits = False  # the offloaded activations must fit in pinned host RAM
             opt = _Option(setup, cfg.strategy, est, fits)
             result.evaluated.append(opt)
@@ -722,7 +727,7 @@ def _largest_micro(model, hardware, goals, setup: TrainingSetup) -> Optional[int
     for m in reversed(_micro_sizes(per_gpu)):
         alt = setup.model_copy(update={"per_device_train_batch_size": m, "gradient_accumulation_steps": max(1, per_gpu // m)})
         est = _estimate(model, alt, hardware, fast=True)
-        if _fits(est, hardware, goals) and (not alt.activation_offloading or est.host_ram_gib <= offload_ram_limit_gib(hardware)):
+        if _fits(est, hardware, goals) and (not alt.activation_offloading or _pinned_gib(est) <= offload_ram_limit_gib(hardware)):
             return m
     return None
 
@@ -761,7 +766,7 @@ def _lever_advice(model, hardware, goals, winner: _Option) -> list[str]:
                 slow = f", {100 * (1 - winner.thr.tokens_per_second / p_thr.tokens_per_second):.0f}% slower (PCIe)"
             out.append(f"Activation offloading (trl SFTConfig.activation_offloading, no extra dependency): "
                        f"-{p_est.device_total_gib - w_est.device_total_gib:.1f} GiB on the GPU (without it {_gib(p_est.device_total_gib)}: {verdict}), "
-                       f"+{w_est.host_ram_gib:.1f} GiB pinned host RAM (limit {limit:.0f} GiB: 60% of {ram}){slow}.")
+                       f"+{_pinned_gib(w_est):.1f} GiB pinned host RAM (limit {limit:.0f} GiB: 60% of {ram}){slow}.")
     except TunepilotError:
         return out
     return out

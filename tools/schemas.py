@@ -629,7 +629,7 @@ class MemoryEstimate(_Strict):
     peak_reserved_gib: float = Field(description="Peak of torch.cuda.max_memory_reserved per GPU (caching allocator), GiB.")
     device_total_gib: float = Field(description="What nvidia-smi shows per GPU at peak: reserved + CUDA context and library workspaces, GiB.")
     host_ram_gib: float = Field(default=0.0, description="Host RAM per node at its peak (the larger of loading and training), GiB: runtime per process, checkpoint copies while loading, offloaded states and pinned buffers; reclaimable page cache excluded.")
-    host_breakdown: dict[str, float] = Field(default_factory=dict, description="Host RAM per node by part at its peak moment, GiB (runtime, checkpoint_copies, adapters, fsdp_fp32_upcast, offloaded_params, master_weights, optimizer_states, gradients, pinned_buffers, dataloader_workers); sums to host_ram_gib.")
+    host_breakdown: dict[str, float] = Field(default_factory=dict, description="Host RAM per node by part at its peak moment, GiB (runtime, checkpoint_copies, adapters, fsdp_fp32_upcast, offloaded_params, master_weights, optimizer_states, gradients, pinned_buffers, dataloader_workers, activation_offload); sums to host_ram_gib.")
     host_phase: str = Field(default="", description="When host RAM peaks: 'loading' (from_pretrained and prepare) or 'training'.")
     host_page_cache_gib: float = Field(default=0.0, description="Reclaimable file-backed pages per node on top of host_ram_gib: the memory-mapped checkpoint and the tokenized dataset's Arrow cache, GiB.")
     host_ram_available_gib: Optional[float] = Field(default=None, description="Host RAM per node checked against (--host-ram or detected), GiB.")

@@ -243,6 +243,11 @@ def host_memory(model: ModelSpec, setup: TrainingSetup, step: StepMemory, *, off
         offload = offload_from_step(step, setup)
     loading = {"runtime": runtime, **_loading_parts(model, setup, step, ranks, notes)}
     training = {"runtime": runtime, **_training_parts(setup, offload, ranks, notes)}
+    if setup.activation_offloading and step.offload_host_bytes:
+        # trl's activation offloading: every process keeps its saved activations in (pinned) host RAM
+        training["activation_offload"] = int(step.offload_host_bytes) * ranks
+        notes.append(f"activation offloading: {step.offload_host_bytes / BYTES_PER_GIB:.2f} GiB of saved activations per "
+                     f"process in pinned host RAM (trl refuses to pin past 60% of the host's RAM)")
     if dataloader_workers:
         training["dataloader_workers"] = int(_const("host_dataloader_worker_gib") * BYTES_PER_GIB) * dataloader_workers * ranks
     else:
