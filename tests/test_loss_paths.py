@@ -109,3 +109,54 @@ def test_activation_offloading_device_bytes_equal_a_real_cpu_step_with_trls_hook
     if not ckpt:  # every block's saved activations left the device (with checkpointing the fused-head tile holds the peak)
         assert sim_on.peak_bytes < sim_off.peak_bytes
     assert sim_on.offload_traffic_bytes >= sim_on.offload_host_bytes
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
+def test_liger_layer_kernels_simulated_equals_real_cpu_step_and_save_activations(ckpt):
+    spec = tiny_spec(dict(TINY_LLAMA, vocab_size=512))
+    kw = dict(method="lora", gradient_checkpointing=ckpt, max_length=128, loss_impl="hf")
+    on, off = setup(**kw, use_liger_kernel=True), setup(**kw)
+    sim_on, sim_off = simulate(spec, on, extrapolate=False), simulate(spec, off, extrapolate=False)
+    assert sim_on.peak_bytes == pytest.approx(real_step(spec, on)["peak_bytes"], rel=0.01)
+    assert sim_on.peak_breakdown["activations"] < sim_off.peak_breakdown["activations"]
+    assert any("Liger kernels" in n for n in sim_on.notes)
+
+
+def test_liger_layer_stand_ins_equal_transformers_modules():
+    """The stand-ins' forward and backward equal transformers' LlamaRMSNorm, LlamaMLP and apply_rotary_pos_emb."""
+    import copy
+
+    import torch
+    import transformers
+    from transformers.models.llama import modeling_llama
+
+    from tools.memory import kernels
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    for module in (modeling_llama.LlamaRMSNorm(32), modeling_llama.LlamaMLP(cfg)):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_(0.0, 0.2)
+        ours = copy.deepcopy(module)
+        kernels.apply_liger_layer_kernels(ours)
+        x1 = torch.randn(2, 5, 32, requires_grad=True)
+        x2 = x1.detach().clone().requires_grad_(True)
+        y1, y2 = module(x1), ours(x2)
+        assert torch.allclose(y1, y2, atol=1e-5)
+        y1.square().sum().backward()
+        y2.square().sum().backward()
+        assert torch.allclose(x1.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    angles = torch.randn(2, 5, 4)
+    emb = torch.cat((angles, angles), dim=-1)  # rotary embeddings repeat their angles over the two halves
+    cos, sin = emb.cos(), emb.sin()
+    ref = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    q2, k2 = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    got = kernels.liger_rope(q2 * 1.0, k2 * 1.0, cos, sin)
+    assert torch.allclose(ref[0], got[0], atol=1e-5) and torch.allclose(ref[1], got[1], atol=1e-5)
+    qr, kr = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    r = modeling_llama.apply_rotary_pos_emb(qr, kr, cos, sin)
+    (r[0].square().sum() + r[1].square().sum()).backward()
+    (got[0].square().sum() + got[1].square().sum()).backward()
+    assert torch.allclose(qr.grad, q2.grad, atol=1e-4) and torch.allclose(kr.grad, k2.grad, atol=1e-4)

@@ -57,7 +57,8 @@ def test_step_flops_equal_flop_counter_mode_on_a_real_cpu_step(ckpt):
     from tools.memory import simulate
 
     spec = tiny_spec()
-    st = setup(method="full", attn_implementation="eager", dtype="fp32", bf16=False, gradient_checkpointing=ckpt)
+    # loss_impl=hf: the real step below computes transformers' own loss (model(labels=...))
+    st = setup(method="full", attn_implementation="eager", dtype="fp32", bf16=False, gradient_checkpointing=ckpt, loss_impl="hf")
     trace, counted = _real_step_traced(spec, st)
     assert counted > 0
     assert trace.total_flops() == counted

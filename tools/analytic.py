@@ -612,6 +612,12 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dic
     packed = setup.padding_free
     # trl's packing is padding-free: the batch is one row of T tokens, attention spans it
     block_saved, block_transient = _block_activation_bytes(model, setup, T, T if packed else seq, packed)
+    if setup.use_liger_kernel:
+        # Liger's RMSNorm keeps its bf16 input + fp32 rstd instead of the fp32 upcast (2h less per norm, two norms),
+        # its SwiGLU keeps gate and up but not silu(gate) (one [T, intermediate] less); RoPE saves the same cos/sin
+        inter = model.intermediate_size if not model.is_moe else 0
+        block_saved = max(0, block_saved - T * (2 * 2 * h + c * inter))
+        notes.append("Liger kernels: RMSNorm and SwiGLU save fewer activations per block")
     if setup.load_in_4bit:
         block_transient += max(lin.fan_in * lin.fan_out for lin in block_linears(model) if _is_peft_linear(lin)) * c
     # the residual stream has the embeddings' dtype: fp32 embeddings (fp32 load dtype, or peft's

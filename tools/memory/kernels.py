@@ -435,8 +435,6 @@ class _LigerRope(torch.autograd.Function):
             with unseen():
                 qp.copy_(_rope_ref(qp.transpose(1, 2), cos, sin).transpose(1, 2))
                 kp.copy_(_rope_ref(kp.transpose(1, 2), cos, sin).transpose(1, 2))
-        ctx.mark_dirty(*(t for t, p in ((q, qp), (k, kp)) if p.untyped_storage() is t.untyped_storage()
-                         or (not _fake(t) and p.data_ptr() == t.data_ptr())))
         ctx.save_for_backward(cos, sin)
         return qp.transpose(1, 2), kp.transpose(1, 2)
 
