@@ -785,7 +785,7 @@ def time_from_step(step, setup, hardware) -> StepTime:
         raise ValueError("this StepMemory carries no op trace (analytic tier)")
     counts = flash_causal(trace_from_list(step.op_trace), setup)
     params, grads = _collective_bytes(step, setup)
-    act = float(getattr(step, "offload_host_bytes", 0) or 0) if getattr(setup, "activation_offloading", False) else 0.0
+    act = float(getattr(step, "offload_traffic_bytes", 0) or getattr(step, "offload_host_bytes", 0) or 0) if getattr(setup, "activation_offloading", False) else 0.0
     return step_time(counts, setup, hardware, param_bytes=params, grad_bytes=grads,
                      trainable_params=float(step.trainable_parameters), num_params=float(step.num_parameters),
                      activation_offload_bytes=act)
