@@ -329,7 +329,24 @@ def _func_info(func) -> tuple:
     return info
 
 
+_FLOP_MEMO: dict = {}
+
+
 def _flops(func, name: str, args, kwargs, out) -> int:
+    """FLOPs of a matmul / attention op (torch's formulas), memoised by the op and its tensors' shapes."""
+    import torch
+
+    key = (func, tuple(a.shape if isinstance(a, torch.Tensor) else None for a in args),
+           tuple(o.shape for o in _tensors(out, [])) if out is not None else ())
+    f = _FLOP_MEMO.get(key)
+    if f is None:
+        if len(_FLOP_MEMO) > 20000:
+            _FLOP_MEMO.clear()
+        f = _FLOP_MEMO[key] = _flops_uncached(func, name, args, kwargs, out)
+    return f
+
+
+def _flops_uncached(func, name: str, args, kwargs, out) -> int:
     from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
     packet = func._overloadpacket
