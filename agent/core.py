@@ -57,7 +57,7 @@ class TurnResult:
     script: Optional[str] = None  # the last generated train.py text in this thread
     script_path: Optional[str] = None
     tool_calls: list[dict] = field(default_factory=list)  # this turn's steps, as passed to on_step
-    stopped: Optional[str] = None  # None, or why the turn ended early: "limit", "confirm" (waiting for a yes)
+    stopped: Optional[str] = None  # None, or why the turn ended early: "limit", "loop" (repeated calls), "confirm" (waiting for a yes)
     memory: Optional[dict] = None  # the memory estimate (per-GPU GiB, fits, headroom) of `setup`, when a tool made one
     summary: Optional[str] = None  # the engine's ready-to-quote summary of this turn's last setup tool
     pending: Optional[list[dict]] = None  # tool calls waiting for the person's yes (stopped == "confirm")
@@ -182,10 +182,14 @@ def _context_middleware(workdir: Path, allow_trial: bool, tool_limits: dict[str,
             used = sum(1 for m in turn if isinstance(m, ToolMessage) and m.name == name)
             limit = tool_limits.get(name, tool_limits.get("*", 0))
             if repeat is not None:
+                earlier_failed = repeat.status == "error" or _text(repeat.content).startswith("error:")
+                text = (render("repeated_failed_call", tool=name, error=_text(repeat.content)) if earlier_failed
+                        else render("repeated_call", tool=name) + "\n" + _text(repeat.content))
                 result = ToolMessage(
-                    content=render("repeated_call", tool=name) + "\n" + _text(repeat.content),
-                    tool_call_id=call_id, name=name, artifact=repeat.artifact, status=repeat.status,
-                    response_metadata={"tunepilot_seconds": 0.0, "tunepilot_repeat": True})
+                    content=text, tool_call_id=call_id, name=name, artifact=repeat.artifact, status=repeat.status,
+                    response_metadata={"tunepilot_seconds": 0.0, "tunepilot_repeat": True,
+                                       "tunepilot_fingerprint": fingerprint,
+                                       "tunepilot_fingerprint_after": (repeat.response_metadata or {}).get("tunepilot_fingerprint_after")})
             elif limit and used >= limit:
                 result = ToolMessage(content=render("tool_limit", tool=name, calls=used), tool_call_id=call_id,
                                      name=name, status="error", response_metadata={"tunepilot_seconds": 0.0})
@@ -225,6 +229,52 @@ def _argument_error(text: str, tool: str) -> str:
     body = body.replace("Please fix the error and try again.", "")
     problems = [" ".join(line.split()) for line in body.splitlines() if line.strip()]
     return f"error: {tool} arguments: {'; '.join(problems) or ' '.join(text.split())}. Fix them and call {tool} again."
+
+
+LOOP_NODE = "TunepilotLoopGuard"
+
+
+def _loop_guard():
+    """End the turn when the model asks again for calls it already made (three times, or once more after a failure)."""
+    from langchain.agents.middleware import after_model
+    from langchain_core.messages import AIMessage, ToolMessage
+
+    @after_model(can_jump_to=["end"], name=LOOP_NODE)
+    def tunepilot_loop_guard(state, runtime):
+        messages = list(state.get("messages", []) if isinstance(state, dict) else getattr(state, "messages", []))
+        if not messages or not isinstance(messages[-1], AIMessage) or not messages[-1].tool_calls:
+            return None
+        last = messages[-1]
+        turn = _turn_messages(messages[:-1])
+        base = _setup_key(messages[:-1])
+        done = [m for m in turn if isinstance(m, ToolMessage)]
+
+        def same_calls(tc) -> list:
+            fp = _fingerprint(tc.get("name", ""), tc.get("args") or {}, base)
+            return [m for m in done if fp in ((m.response_metadata or {}).get("tunepilot_fingerprint"),
+                                              (m.response_metadata or {}).get("tunepilot_fingerprint_after"))]
+
+        def failed(m) -> bool:
+            return m.status == "error" or _text(m.content).startswith("error:")
+
+        def looping(tc) -> bool:
+            prev = same_calls(tc)
+            return len(prev) >= 2 or (len(prev) >= 1 and any(failed(m) for m in prev))
+
+        if not all(looping(tc) for tc in last.tool_calls):
+            return None
+        errors = [_text(m.content) for tc in last.tool_calls for m in same_calls(tc) if failed(m)]
+        summaries = [m.artifact["summary"] for m in turn if isinstance(m, ToolMessage) and isinstance(m.artifact, dict)
+                     and m.artifact.get("summary") and m.status != "error"]
+        findings = "\n".join(f"- {x}" for x in dict.fromkeys(summaries))
+        error = errors[-1].removeprefix("error: ")[:300] if errors else ""
+        skipped = [ToolMessage(content="error: not run: the same call was already made in this answer", tool_call_id=tc["id"],
+                               name=tc.get("name"), status="error") for tc in last.tool_calls]
+        final = AIMessage(content=render("loop_stopped", error=error, findings=findings),
+                          response_metadata={"tunepilot_stopped": "loop"})
+        return {"jump_to": "end", "messages": [*skipped, final]}
+
+    return tunepilot_loop_guard
 
 
 def _trial_description(tool_call, state, runtime) -> str:
@@ -343,6 +393,7 @@ def build_agent(chat_model, *, checkpointer=None, max_model_calls: int = DEFAULT
         ToolErrorMiddleware(on_error=tool_error_observation),
         ModelCallLimitMiddleware(run_limit=max_model_calls, exit_behavior="end"),
         _trim_middleware(lambda: history_budget),
+        _loop_guard(),
     ]
     if consent:
         middleware.insert(0, HumanInTheLoopMiddleware(interrupt_on=consent, description_prefix="Confirm"))
@@ -578,6 +629,9 @@ def _drive(agent, thread_id: str, first_input: Any, *, on_step, allow_trial, on_
                 answer = _text(msg.content).strip()
             break
     summary = summaries[-1] if summaries else None
+    last_ai = next((m for m in reversed(state["messages"]) if isinstance(m, AIMessage)), None)
+    if stopped is None and last_ai is not None and (last_ai.response_metadata or {}).get("tunepilot_stopped") == "loop":
+        stopped = "loop"
     if stopped == "limit":
         findings = "\n".join(f"- {s}" for s in dict.fromkeys(summaries))
         answer = render("limit_reached", calls=max_calls, findings=findings)

@@ -94,6 +94,7 @@ def test_a_repeated_identical_call_gets_the_earlier_result_back(tmp_path, monkey
 
     runs = []
     real = estimator.estimate
+
     # counts the engine's top-level estimates (its advice makes nested ones with advice=False)
     def counted(*a, **k):
         if "advice" not in k:
@@ -102,29 +103,49 @@ def test_a_repeated_identical_call_gets_the_earlier_result_back(tmp_path, monkey
 
     monkeypatch.setattr(estimator, "estimate", counted)
     same = tool_call("estimate_memory", model=POLYGLOT, hardware="T4", seq_len=512, fast=True)
-    model = ScriptedChatModel(script=[same, same, same, lambda m: final(m[-1].content[:120])])
+    model = ScriptedChatModel(script=[same, same, lambda m: final(m[-1].content[:120])])
     agent = build_agent(model, workdir=tmp_path)
     result = run_turn(agent, "t", "how much memory?")
-    assert len(runs) == 1, "the engine ran once; the repeats were answered from the first result"
-    assert [s.get("repeat", False) for s in result.tool_calls] == [False, True, True]
+    assert len(runs) == 1, "the engine ran once; the repeat was answered from the first result"
+    assert [s.get("repeat", False) for s in result.tool_calls] == [False, True]
     assert result.answer.startswith("note: estimate_memory was already called with these same arguments")
     first, second = tool_outputs(model.seen[-1], "estimate_memory")[:2]
-    assert second.split("\n", 1)[1] == json.dumps(first) if isinstance(second, str) else False
+    assert second.split("\n", 1)[1] == json.dumps(first)
     # a new question may ask the same again: the guard is per turn
     model.script += [same, final("again")]
     run_turn(agent, "t", "and once more, fresh?")
     assert len(runs) == 2
 
 
+def test_a_model_that_keeps_repeating_a_call_is_stopped_with_the_findings(tmp_path):
+    same = tool_call("estimate_memory", model=POLYGLOT, hardware="T4", seq_len=512, fast=True)
+    model = ScriptedChatModel(script=[same], repeat_last=True)
+    result = run_turn(build_agent(model, workdir=tmp_path), "t", "how much memory?")
+    assert result.stopped == "loop" and model.calls == 3, "the third identical call ends the turn"
+    assert result.answer.startswith("I stopped: the model kept repeating the same tool call. What the tools found:")
+    assert result.summary and result.summary in result.answer
+    assert [s["status"] for s in result.tool_calls] == ["ok", "ok", "error"]  # the third was not run
+
+
+def test_a_repeated_failing_call_ends_the_turn_at_once(tmp_path):
+    bad = tool_call("estimate_memory", model=POLYGLOT, hardware="1/1 NVIDIA RTX 9999", seq_len=512, fast=True)
+    model = ScriptedChatModel(script=[bad], repeat_last=True)
+    result = run_turn(build_agent(model, workdir=tmp_path), "t", "how much memory?")
+    assert result.stopped == "loop" and model.calls == 2
+    assert "which failed with: unknown GPU" in result.answer and "tunepilot plan MODEL --gpu GPU" in result.answer
+    assert [s["status"] for s in result.tool_calls] == ["error", "error"]
+
+
 def test_a_changed_setup_is_not_a_repeat(tmp_path):
     est = tool_call("estimate_memory", fast=True)
     model = ScriptedChatModel(script=[
-        tool_call("estimate_memory", model=POLYGLOT, hardware="T4", seq_len=512, fast=True), est, est,
+        tool_call("estimate_memory", model=POLYGLOT, hardware="T4", seq_len=512, fast=True), est,
         tool_call("estimate_memory", fast=True, setup={"r": 64}), est, est, final("ok"),
     ])
     result = run_turn(build_agent(model, workdir=tmp_path, tool_limits={"estimate_memory": 9}), "t", "compare")
-    # the 3rd call repeats the 2nd (same arguments, same setup); the 5th follows a new setup (r=64), so it runs
-    assert [s.get("repeat", False) for s in result.tool_calls] == [False, False, True, False, False, True]
+    # the 2nd call has other arguments; the 4th has the 2nd's, but after a new setup (r=64), so it runs; the 5th repeats it
+    assert [s.get("repeat", False) for s in result.tool_calls] == [False, False, False, False, True]
+    assert result.stopped is None and result.answer == "ok"
 
 
 def test_per_tool_limit_per_turn_then_the_answer_still_has_the_findings(tmp_path):

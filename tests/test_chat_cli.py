@@ -90,16 +90,17 @@ def test_ask_streams_sse_answers_and_prints_the_engines_numbers_under_a_poor_ans
 
 
 def test_ask_json_reports_a_stopped_turn_and_exits_non_zero(tmp_path):
-    # a model that calls tools forever: the call limit ends the turn
+    # a model that repeats the same call forever: the loop guard ends the turn on the third one
     loop = [stub_tool_call("lookup_model", model=f"{POLYGLOT}") for _ in range(3)]
     with OpenAIStub(loop) as stub:
         r = _cli("ask", "loop", "--json", "--llm", "openai:stub-model", "--base-url", stub.base_url, home=tmp_path)
+        assert len(stub.requests) == 3
     assert r.returncode == 1, (r.stdout, r.stderr)
     out = json.loads(r.stdout)
-    assert out["stopped"] == "limit" and out["answer"].startswith("I stopped after 12 model calls")
+    assert out["stopped"] == "loop" and out["answer"].startswith("I stopped: the model kept repeating the same tool call")
     assert "memory" in out and out["memory"] is None
     steps = out["tool_calls"]
-    assert steps[0]["status"] == "ok" and all(s.get("repeat") or s["status"] == "error" for s in steps[1:])
+    assert [s["status"] for s in steps] == ["ok", "ok", "error"] and steps[1].get("repeat")
 
 
 def test_ask_never_starts_a_trial_without_allow_trial(tmp_path):

@@ -330,7 +330,7 @@ class _ToolArgs(BaseModel):
         return {k: v for k, v in data.items() if not (isinstance(v, str) and v.strip().lower() in ("", "null", "none"))}
 
 
-_SETUP_DESC = "Optional knobs to change, by TrainingSetup field name (see system prompt); omit to keep the current setup."
+_SETUP_DESC = "Only knobs the user named, by TrainingSetup field name (see system prompt); usually omit it."
 _MODEL_DESC = "Hugging Face model id or catalog name, as the user wrote it."
 _HW_DESC = "The user's GPUs as they wrote them (count and name), or 'local' to detect this machine's."
 
@@ -344,7 +344,38 @@ def _hardware(text: str) -> HardwareSpec:
         except gpus.NoGPUError:
             raise TunepilotError("hardware 'local': this machine has no GPU; ask the user which GPUs they will train on "
                                  "and pass them as hardware, as the user writes them") from None
-    return gpus.parse_hardware(text)
+    try:
+        return gpus.parse_hardware(text)
+    except gpus.UnknownGPUError:
+        found = _gpu_inside(text)
+        if found is None:
+            raise
+        return found
+
+
+def _gpu_inside(text: str) -> HardwareSpec | None:
+    """A catalog GPU named somewhere inside a string a model wrote ('1/1 NVIDIA RTX 4090', 'an A10G (24GB)')."""
+    from tools import gpus
+
+    norm = re.sub(r"[^a-z0-9]+", " ", text.lower())
+    squeezed = norm.replace(" ", "")
+    names = []
+    for g in gpus.gpu_catalog():
+        for name in [g.name, *g.aliases]:
+            key = re.sub(r"[^a-z0-9]+", "", name.lower())
+            if len(key) >= 3 and not key.isdigit() and key in squeezed:
+                names.append((len(key), name))
+            elif key.isdigit() and len(key) >= 3 and re.search(rf"\b{key}\b", norm):
+                names.append((len(key), name))
+    if not names:
+        return None
+    name = max(names)[1]
+    count = re.search(r"(\d{1,3})\s*(?:x|×|\*)\s*\D|(\d{1,3})\s*(?:gpus?|cards?)\b", text, re.IGNORECASE)
+    n = int(count.group(1) or count.group(2)) if count else 1
+    try:
+        return gpus.parse_hardware(f"{n}x {name}" if n > 1 else name)
+    except gpus.UnknownGPUError:
+        return None
 
 
 _EXAMPLE = re.compile(r"\b(like|e\.g\.|such as)\s+'[^']+'(?:(?:,\s*|\s+or\s+|,\s*or\s+)(?:a [\w ]+? like\s+)?'[^']+')*")
@@ -412,14 +443,13 @@ def resolve_setup(args: Any, ctx: ToolContext | None = None) -> tuple[TrainingSe
     ctx = ctx or current_context()
     notes: list[str] = []
     setup_id = getattr(args, "setup_id", None)
-    if setup_id:
-        found = find_setup(ctx.messages, setup_id)
-        if found is None:
-            raise TunepilotError(f"setup_id {setup_id!r} is unknown in this conversation: use a setup_id a tool returned "
-                                 "here, or omit setup_id to use the current setup")
+    found = find_setup(ctx.messages, setup_id) if setup_id else None
+    if found is not None:
         base = found[0]
     else:
         base = session_state(ctx.messages)["setup"]
+        if setup_id:  # a weak model passes a tool name or a made-up id: go on from the current setup, and say so
+            notes.append(f"setup_id {setup_id!r} is unknown here: " + ("used the latest setup" if base else "no setup yet"))
     model = getattr(args, "model", None)
     ref = model or (base.model_id if base else None)
     if not ref:
@@ -642,7 +672,12 @@ def plan_training_tool(**kw) -> tuple[str, dict]:
         seq_len = min(2048, spec.max_position_embeddings or 2048)
         notes.append(f"seq_len not given: assumed {seq_len}")
     check_seq_len(spec, seq_len)
-    dataset = check_dataset(args.dataset, spec.model_id) if args.dataset else None
+    dataset = None
+    if args.dataset:  # a plan is still worth having: a bad dataset becomes a placeholder and a note
+        try:
+            dataset = check_dataset(args.dataset, spec.model_id)
+        except TunepilotError as e:
+            notes.append(f"{e}; the script has a placeholder dataset")
     if args.dataset_tokens is not None and args.dataset_tokens < 50 * seq_len:
         notes.append(f"dataset_tokens={args.dataset_tokens} is only {args.dataset_tokens / seq_len:.0f} sequences of {seq_len} tokens: "
                      "if that number counts examples, pass dataset_examples instead")
