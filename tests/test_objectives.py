@@ -293,3 +293,16 @@ def test_missing_column_is_a_data_error_naming_it(tmp_path, assets):
                        dataset=str(assets["prompts"]))
     assert not report.ok and report.error_kind == "data_error"
     assert "'chosen'" in report.error_message and "'rejected'" in report.error_message
+
+
+def test_agent_plan_tool_keeps_the_objective(tmp_path, monkeypatch):
+    """The agent's plan_training takes the objective in its `setup` object ("I want to DPO my SFT model")."""
+    monkeypatch.chdir(tmp_path)
+    from tools.agent_tools import plan_training_tool
+
+    _, art = plan_training_tool(model="meta-llama/Llama-3.1-8B", hardware="A100 80GB", seq_len=1024,
+                                setup={"objective": "grpo", "num_generations": 4, "use_vllm": True})
+    best = TrainingSetup.model_validate(art["setup"])
+    assert (best.objective, best.num_generations, best.use_vllm) == ("grpo", 4, True)
+    with pytest.raises(Exception, match="plan_training searches r"):
+        plan_training_tool(model="meta-llama/Llama-3.1-8B", hardware="A100 80GB", setup={"objective": "dpo", "r": 8})

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from tools.schemas import (
+    OBJECTIVE_FIELDS,
     HardwareSpec,
     MemoryEstimate,
     ModelSpec,
@@ -650,6 +651,36 @@ class PlanArgs(_ToolArgs):
     dataset_examples: Optional[int] = Field(default=None, ge=1, description="Number of training examples, when the user gave one (for time).")
     dataset_tokens: Optional[int] = Field(default=None, ge=1, description="Total training tokens, only when the user gave tokens (for time).")
     method: Literal["auto", "full", "lora", "qlora"] = Field(default="auto", description="The method the user asked for, else auto.")
+    # the objective (issue 15) rides in `setup` like every knob: {"objective": "dpo"} or {"objective": "grpo",
+    # "num_generations": 8, "use_vllm": true}; kept out of the argument schema (few arguments, one setup object)
+    objective: SkipJsonSchema[str] = "sft"
+    objective_knobs: SkipJsonSchema[dict] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_from_setup(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        setup = data.pop("setup", None)
+        if isinstance(setup, str):
+            try:
+                setup = json.loads(setup)
+            except ValueError:
+                raise ValueError("setup must be an object of knobs, e.g. {\"objective\": \"dpo\"}") from None
+        knobs = dict(setup or {})
+        for key in OBJECTIVE_FIELDS + ("objective",):
+            if key in data and key not in cls.model_fields:
+                knobs[key] = data.pop(key)
+        if "objective" in knobs:
+            data["objective"] = knobs.pop("objective")
+        extra = [k for k in knobs if k not in OBJECTIVE_FIELDS]
+        if extra:
+            raise ValueError(f"setup: plan_training searches {', '.join(extra)} itself; give only objective knobs "
+                             f"({', '.join(OBJECTIVE_FIELDS)}), or use estimate_memory for one specific setup")
+        if knobs:
+            data["objective_knobs"] = knobs
+        return data
     effective_batch: Optional[int] = Field(default=None, ge=1, le=65536, description="Sequences per optimizer step, only if the user gave it (default 16).")
     goal: Literal["speed", "balanced", "quality"] = Field(default="balanced", description="What the user values most.")
     price_per_gpu_hour: Optional[float] = Field(default=None, ge=0, description="Price of one GPU-hour, if the user gave one (for cost).")
@@ -685,6 +716,7 @@ def plan_training_tool(**kw) -> tuple[str, dict]:
         seq_len=seq_len, dataset_tokens=args.dataset_tokens, dataset_examples=args.dataset_examples,
         effective_batch=args.effective_batch or 16, method=args.method, num_train_epochs=args.num_train_epochs,
         price_per_gpu_hour=args.price_per_gpu_hour, quality=args.quality or args.goal, confirm=args.exact,
+        objective=args.objective, objective_knobs=args.objective_knobs,
     )
     result: Plan = make_plan(spec, hw, goals)
     best_setup = None

@@ -790,6 +790,26 @@ def _objective_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: d
     h, inter = model.hidden_size, model.intermediate_size
     c = DTYPE_BYTES[setup.compute_dtype]
     seq = setup.max_length
+    if setup.objective != "reward":
+        # trl's fused LM head (CUDA path) instead of the full logits: the labelled positions' hidden states (compact
+        # copy, saved), one [min(N, 4096), 32768] tile buffer, fp32 per-token statistics; in backward an fp32
+        # gradient of the hidden states and its cast. N = completion tokens of the micro-batch.
+        labelled = rows * (setup.max_completion_length if setup.objective == "grpo" else max(1, seq - setup.prompt_length))
+        fused = labelled * h * (2 * c + 4) + min(labelled, 4096) * 32768 * c + 8 * labelled * 4
+        best_total, best_bd, best_phase = -1, bd, base.peak_phase
+        for name, (ph, parts) in inner.items():
+            cand = dict.fromkeys(STEP_CATEGORIES, 0)
+            cand.update(parts)
+            if cand.get("logits_loss"):
+                cand["logits_loss"] = fused
+            if sum(cand.values()) > best_total:
+                best_total, best_bd, best_phase = sum(cand.values()), cand, ph
+        if inner:
+            bd, base = best_bd, base.model_copy(update={"peak_phase": best_phase})
+            for name, (ph, parts) in list(inner.items()):
+                if parts.get("logits_loss"):
+                    parts["logits_loss"] = fused
+        notes.append(f"trl's fused LM head on {labelled:,} completion tokens: {fused / 2**30:.2f} GiB (no full logits)")
     ref_weights = base.weights_bytes + (base.adapter_bytes if setup.method == "full" else 0) if setup.reference_mode == "copy" else 0
     block_transient = rows * seq * (3 * inter + 4 * h) * c  # one block's no-grad forward: MLP gate/up/act and attention in/out
     phase = base.peak_phase

@@ -535,6 +535,8 @@ def estimate_throughput(
     ($TUNEPILOT_HOME/calibration.jsonl) scale the result, and the estimate says so.
     """
     _check_inputs(dataset_tokens, price_per_gpu_hour)
+    if setup.objective != "sft":
+        return _objective_throughput(model, setup, hardware, dataset_tokens, price_per_gpu_hour, calibrate)
     from tools.memory.timing import time_analytic, time_from_step
 
     if step is not None and getattr(step, "op_trace", None) is not None:
@@ -579,6 +581,31 @@ def estimate_throughput(
         gpu_hours=gpu_hours, cost=cost, notes=notes, step_seconds=step_s, time_breakdown=breakdown,
         time_model=OP_ROOFLINE, calibrated=calibrated,
     )
+
+
+def _objective_throughput(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec, dataset_tokens, price_per_gpu_hour,
+                          calibrate: bool) -> ThroughputEstimate:
+    """A preference / RL step (issue 15): the op-roofline time of the same trained rows as an SFT step (DPO / reward:
+    chosen + rejected rows), times the objective's stated factor (`_objective_time_factor`: reference forwards,
+    KL rows, GRPO's generation at the decode-rate model and its scoring forwards). Tokens are trained tokens."""
+    rows = setup.per_device_train_batch_size * (2 if setup.objective in ("dpo", "reward") else 1)
+    sft = setup.model_copy(update={"objective": "sft", "per_device_train_batch_size": rows})
+    base = estimate_throughput(model, sft, hardware, calibrate=calibrate)
+    fpt = base.flops_per_token
+    flops_per_s = base.tokens_per_second * fpt / max(1, setup.num_gpus)
+    factor, more = _objective_time_factor(model, setup, hardware, fpt, flops_per_s)
+    tps = base.tokens_per_second / factor
+    notes = [f"{setup.objective}: the SFT step of the same {rows} row(s) per micro-batch, x{factor:.2f}"] + more + list(base.notes)
+    time_epoch, total_hours, gpu_hours, cost = _hours(tps, setup, dataset_tokens, price_per_gpu_hour, notes)
+    step_s = None if base.step_seconds is None else base.step_seconds * factor
+    breakdown = {k: dict(v) for k, v in (base.time_breakdown or {}).items()}
+    if step_s is not None and base.step_seconds is not None and "by_phase" in breakdown:
+        # reference forwards / generation / scoring, as one phase of the step
+        breakdown["by_phase"]["generation" if setup.objective == "grpo" else "reference"] = round(step_s - base.step_seconds, 6)
+    return base.model_copy(update={
+        "tokens_per_second": tps, "time_per_epoch_hours": time_epoch, "total_hours": total_hours, "gpu_hours": gpu_hours,
+        "cost": cost, "notes": notes, "step_seconds": step_s, "time_breakdown": breakdown, "mfu": base.mfu / factor,
+    })
 
 
 def flat_estimate_throughput(
