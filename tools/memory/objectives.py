@@ -90,6 +90,7 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, cuda_path: bool |
         extra = {"reference_model": list(ref.parameters()) + list(ref.buffers())} if ref is not None else {}
         measured = _step.measure(prep, optimizer, tracker, extra=extra)
         del kept
+        _labelled(None)
     prep.notes.extend(_step._kernel_notes(setup))
     prep.notes.extend(notes(setup))
     return _step.RunResult(
@@ -122,14 +123,58 @@ def notes(setup: TrainingSetup) -> list[str]:
 
 
 def _head_path(cuda_path: bool | None):
-    """trl's CUDA path of the fused head (tools.memory.kernels) when available; the CPU path otherwise."""
+    """trl's CUDA path of the fused head (tools.memory.kernels.trl_cuda_path: only labelled positions are projected,
+    Triton folds in place), with the number of labelled positions known from the batch; the CPU path otherwise."""
+    import contextlib
+
     if cuda_path is False:
         return nullcontext()
     try:
-        from tools.memory.kernels import trl_cuda_path  # noqa: PLC0415 - optional: the loss-path stand-ins
+        from tools.memory.kernels import trl_cuda_path  # noqa: PLC0415 - the loss-path stand-ins
     except ImportError:
         return nullcontext()
-    return trl_cuda_path()
+
+    @contextlib.contextmanager
+    def ctx():
+        with trl_cuda_path(), _KnownCountMaskIndex():
+            yield
+
+    return ctx()
+
+
+class _Labelled:
+    """Labelled positions per fused-head call of the current forward (prompt tokens carry label -100)."""
+
+    count: int | None = None
+
+
+def _labelled(n: int | None) -> None:
+    _Labelled.count = n
+
+
+def _known_count_mask_index():
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    class KnownCountMaskIndex(torch.overrides.TorchFunctionMode):
+        """`x[mask]` on fake tensors with a boolean label mask whose number of true positions the batch fixes
+        (the completion tokens): a compact copy of that many rows, as CUDA's `hidden_states[mask]` makes."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            n = _Labelled.count
+            if n is not None and func is torch.Tensor.__getitem__ and len(args) == 2:
+                x, idx = args
+                if (isinstance(idx, FakeTensor) and idx.dtype == torch.bool and isinstance(x, torch.Tensor)
+                        and 0 < idx.ndim <= x.ndim and tuple(idx.shape) == tuple(x.shape[: idx.ndim])):
+                    return x.flatten(0, idx.ndim - 1)[:n].clone()
+            return func(*args, **kwargs)
+
+    return KnownCountMaskIndex()
+
+
+def _KnownCountMaskIndex():  # noqa: N802 - used like a class
+    return _known_count_mask_index()
 
 
 # --------------------------------------------------------------------------------------
@@ -261,6 +306,7 @@ def _dpo(prep, ref, setup: TrainingSetup, tracker, kept) -> _step.ForwardOutput:
     completion_mask = batch["completion_mask"]
     shift_mask = completion_mask[..., 1:]
     labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+    _labelled(2 * b * (setup.max_length - setup.prompt_length))  # labels[:, 1:] != -100: the completion tokens
     outputs = prep.pm(**kwargs, labels=labels, fused_lm_head=True)
     seq_len = shift_mask.size(1)
     per_token = outputs.log_probs[:, -seq_len:]
@@ -294,6 +340,7 @@ def _kto(prep, ref, setup: TrainingSetup, tracker, kept) -> _step.ForwardOutput:
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     kl_labels = kl["input_ids"].masked_fill(kl["completion_mask"] == 0, -100)
     calculate_kl = setup.effective_loss_type == "kto"
+    _labelled(b * (setup.max_length - setup.prompt_length))
     if calculate_kl:
         with torch.no_grad():
             kl_logps = prep.pm(**_fwd_kwargs(kl), labels=kl_labels, fused_lm_head=True).log_probs.sum(-1)
@@ -358,6 +405,7 @@ def generate_and_score(prep: _step.Prepared, ref, setup: TrainingSetup, tracker,
     labels = kept["prompt_completion_ids"].masked_fill(kept["attention_mask"] == 0, -100)
     labels[:, :-c] = -100
     micro = setup.per_device_train_batch_size
+    _labelled(min(micro, local) * c)  # the completion tokens of one scoring chunk
     if _needs_old_logps(setup):
         with torch.no_grad(), amp:
             parts = []
@@ -442,6 +490,7 @@ def _grpo(prep, ref, setup: TrainingSetup, tracker, kept) -> _step.ForwardOutput
     mask = kept["completion_mask"][:b]
     labels = ids.masked_fill(kept["attention_mask"][:b] == 0, -100)
     labels[:, :-c] = -100
+    _labelled(b * c)
     outputs = prep.pm(input_ids=ids, use_cache=False, labels=labels, fused_lm_head=True)
     logps = outputs.log_probs[:, -c:]
     entropies = outputs.entropy[:, -c:]

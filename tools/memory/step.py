@@ -150,7 +150,7 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
     if setup.objective != "sft" and forward is None:
         from tools.memory import objectives
 
-        return objectives.run(model, setup, depth)
+        return objectives.run(model, setup, depth, cuda_path=cuda_loss)
     import torch
 
     from tools.memory import loss as loss_paths
