@@ -18,6 +18,10 @@ zero_grad(set_to_none=False)): they are estimated with every gradient allocated 
 
     .venv/bin/python bench/bench_accuracy.py            # both tiers (the simulator takes a while)
     .venv/bin/python bench/bench_accuracy.py --fast     # analytic tier only
+    .venv/bin/python bench/bench_accuracy.py --only sharded   # the ZeRO/FSDP/offload rows only
+
+Single-GPU rows and sharded rows (ZeRO, FSDP, CPU offload: simulated per rank over a fake process
+group, tools/memory/distributed.py) are summarised apart.
 """
 
 from __future__ import annotations
@@ -121,6 +125,12 @@ def predicted_gib(est, row: dict) -> float:
     return est.peak_reserved_gib + ctx + est.breakdown.get("nccl_buffers", 0.0)
 
 
+def is_sharded(row: dict) -> bool:
+    """A row measured under ZeRO/FSDP sharding or CPU offload (reported apart from single-GPU rows)."""
+    extra = row.get("extra") or ""
+    return any(k in extra for k in ("fsdp=", "zero_stage=", "offload="))
+
+
 def rule_a(n_params: int, method: str) -> float:
     if method == "full":
         return 16.0 * n_params / BYTES_PER_GIB
@@ -147,11 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--csv", type=Path, default=Path(__file__).with_name("measurements.csv"))
     ap.add_argument("--fast", action="store_true", help="analytic tier only (no simulator)")
+    ap.add_argument("--only", choices=("all", "single", "sharded"), default="all",
+                    help="rows to run: single-GPU (one replica), sharded (ZeRO/FSDP/offload), or all")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     from tools.estimator import estimate
 
     rows = load_rows(args.csv)
+    if args.only != "all":
+        rows = [r for r in rows if is_sharded(r) == (args.only == "sharded")]
     cols = ["simulated", "analytic", "rule A", "rule B"]
     errs: dict[str, dict[str, list[float]]] = {c: {} for c in cols}
     print(f"{'row':30s} {'qty':12s} {'measured':>9s} {'simulated':>15s} {'analytic':>15s} {'rule A':>15s} {'rule B':>15s}")
@@ -164,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         preds["simulated"] = None if args.fast else predicted_gib(estimate(spec, st, advice=False), row)
         est_a = estimate(spec, st, fast=True, advice=False)
         preds["analytic"] = predicted_gib(est_a, row)
-        preds["rule A"] = rule_a(spec.num_parameters, row["method"])
-        preds["rule B"] = rule_b(spec.num_parameters, row["method"])
+        # the rules of thumb for a sharded run: the per-model figure divided by the GPUs (what people do)
+        n = int(row["num_gpus"]) if is_sharded(row) else 1
+        preds["rule A"] = rule_a(spec.num_parameters, row["method"]) / n
+        preds["rule B"] = rule_b(spec.num_parameters, row["method"]) / n
         cells = []
         for c in cols:
             p = preds[c]
@@ -173,14 +189,21 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(f"{'-':>15s}")
                 continue
             e = pct(p, meas)
+            group = "sharded" if is_sharded(row) else "single"
             errs[c].setdefault(row["method"], []).append(e)
             errs[c].setdefault("all", []).append(e)
+            errs[c].setdefault(f"[{group}]", []).append(e)
             cells.append(f"{p:7.2f} {e:+6.1f}%")
         print(f"{row['id']:30s} {row['quantity']:12s} {meas:9.2f} " + " ".join(cells), flush=True)
     print(f"\nabsolute error on {len(rows)} published measurements (GiB; {time.perf_counter() - t0:.0f} s)")
     for c in cols:
         for method, e in sorted(errs[c].items()):
-            print(f"  {c:10s} {method:6s} {summary(e)}")
+            if not method.startswith("["):
+                print(f"  {c:10s} {method:9s} {summary(e)}")
+    for group in ("single", "sharded"):
+        print(f"\n{group}-GPU rows" if group == "single" else "\nsharded rows (ZeRO / FSDP / CPU offload; rules of thumb divided by the GPUs)")
+        for c in cols:
+            print(f"  {c:10s} {summary(errs[c].get(f'[{group}]', []))}")
     return 0
 
 

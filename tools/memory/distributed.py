@@ -42,6 +42,7 @@ from tools.memory.segments import SHARDED_CATEGORIES
 _MESHES: dict[int, object] = {}
 
 TAG_ALL_GATHER, TAG_REDUCE_SCATTER = SHARDED_CATEGORIES
+SHARDED_MIN_BLOCKS = 3  # a sharded step is simulated at >= 3 blocks (tools.memory.extrapolate.depths_to_simulate)
 HOST_TAG = "host"  # a storage counted in host RAM (its device record has 0 bytes)
 
 

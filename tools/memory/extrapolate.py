@@ -13,7 +13,7 @@ import math
 from typing import TYPE_CHECKING
 
 from tools.memory.build import DEPTH_KEYS, layer_types
-from tools.memory.segments import PHASE_OF_SEGMENT
+from tools.memory.segments import PHASE_OF_SEGMENT, SHARDED_CATEGORIES
 from tools.schemas import ModelSpec, StepMemory
 
 if TYPE_CHECKING:
@@ -65,7 +65,11 @@ OFFLOAD_STASH_BLOCKS = 6
 
 def depths_to_simulate(model: ModelSpec, extrapolate: bool = True, *, min_blocks: int = 1) -> tuple[int, list[int]]:
     """(full depth, the depths to simulate): [prefix+n*period, prefix+(n+1)*period] with the smallest n that has at
-    least `min_blocks` blocks (1 by default), or [full] when that is not shallower."""
+    least `min_blocks` blocks (1 by default), or [full] when that is not shallower.
+
+    A sharded step (FSDP/ZeRO, tools.memory.distributed) asks for 3 blocks: from three units on its
+    backward peak is the same kind of moment at every depth (the same units in flight, FSDP's prefetch
+    of the next unit, one more block of sharded gradients per block); shallower, the slope is off."""
     total = num_layers(model)
     prefix, period = layer_period(model)
     n = max(1, -(-min_blocks // period))
@@ -94,8 +98,11 @@ def combine(runs: list[RunResult], depths: list[int], total: int) -> StepMemory:
         def ext(x: int, y: int) -> int:
             return max(0, round(x + (y - x) * steps))
 
+        # FSDP's gathered parameters and reduce-scatter buffers belong to the units in flight, not to the
+        # depth: they take the deeper run's value instead of a slope
         segs = {
-            seg: {c: ext(a.segments[seg][c], b.segments[seg].get(c, 0)) for c in a.segments[seg]}
+            seg: {c: (b.segments[seg].get(c, 0) if c in SHARDED_CATEGORIES else ext(a.segments[seg][c], b.segments[seg].get(c, 0)))
+                  for c in a.segments[seg]}
             for seg in a.segments if seg in b.segments
         }
     best = max(segs, key=lambda seg: sum(segs[seg].values()))

@@ -61,8 +61,11 @@ def simulate(model: ModelSpec, setup: TrainingSetup, *, extrapolate: bool = True
     try:
         # the dry run patches a few library functions process-wide while it runs
         with _LOCK, QuietTransformers():
-            total, depths = depths_to_simulate(
-                model, extrapolate, min_blocks=OFFLOAD_STASH_BLOCKS if setup.activation_offloading else 1)
+            from tools.memory.distributed import SHARDED_MIN_BLOCKS, plan_for
+
+            min_blocks = max(OFFLOAD_STASH_BLOCKS if setup.activation_offloading else 1,
+                             SHARDED_MIN_BLOCKS if plan_for(setup) else 1)
+            total, depths = depths_to_simulate(model, extrapolate, min_blocks=min_blocks)
             with progress.status(f"simulating {'+'.join(str(d) for d in depths)} of {total} blocks of {model.model_id} "
                                  f"({setup.method}, b={setup.per_device_train_batch_size}, seq {setup.max_length:,})"):
                 runs = _run_depths(model, setup, depths)
