@@ -60,7 +60,7 @@ class ShardPlan:
     def label(self) -> str:
         if self.engine == "zero":
             return f"DeepSpeed ZeRO-{self.zero_stage}"
-        return f"FSDP2 {'full_shard' if self.reshard_after_forward else 'shard_grad_op'}"
+        return f"{self.engine.upper()} {'full_shard' if self.reshard_after_forward else 'shard_grad_op'}"
 
 
 def plan_for(setup) -> ShardPlan | None:
@@ -74,9 +74,11 @@ def plan_for(setup) -> ShardPlan | None:
     if setup.fsdp != "none":
         if setup.num_gpus == 1 and setup.offload == "none":
             return None
-        if setup.fsdp_version == 1:
-            return None  # FSDP1: not run under the fake group (see README); tools.estimator's model
-        return ShardPlan("fsdp2", setup.num_gpus, setup.fsdp == "full_shard", setup.offload != "none")
+        # FSDP1 (FullyShardedDataParallel) refuses to run without an accelerator device, so it cannot
+        # run on this CPU build under the fake group: its memory is modelled by the FSDP2 step of the same
+        # units (per-unit all-gather of the flat parameter, sharded fp32 state and gradients), labelled
+        engine = "fsdp1" if setup.fsdp_version == 1 else "fsdp2"
+        return ShardPlan(engine, setup.num_gpus, setup.fsdp == "full_shard", setup.offload != "none")
     if setup.zero_stage:
         if setup.num_gpus == 1 and setup.offload == "none":
             return None
@@ -90,6 +92,9 @@ def shard(prep, setup, mesh, plan: ShardPlan, ledger) -> list[str]:
     offload_params = plan.offload and (plan.engine != "zero" or setup.offload == "all")
     notes = shard_fsdp2(prep.pm, prep.base, setup, mesh, reshard_after_forward=plan.reshard_after_forward,
                         offload_params=offload_params)
+    if plan.engine == "fsdp1":
+        notes[-1] = ("FSDP1 (fsdp_version 1) modelled by the FSDP2 step of the same units: FullyShardedDataParallel "
+                     "needs an accelerator device and cannot run on this CPU-only torch; " + notes[-1])
     if plan.engine == "zero":
         notes[-1] = (f"DeepSpeed ZeRO-{plan.zero_stage} simulated through the partitioning it shares with FSDP2 "
                      f"({'full shard' if plan.reshard_after_forward else 'gathered 16-bit parameters kept through backward'}): "
