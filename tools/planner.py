@@ -1020,6 +1020,9 @@ def plan(model: ModelSpec, hardware: HardwareSpec, goals: PlanGoals) -> Plan:
         else:
             advice.append(_rejected_reason(model, hardware, goals, m, search))
     if hardware.num_gpus > 1:
+        engine = _engine_reason(model, hardware, goals, winner, ranked)
+        if engine:
+            advice.append(engine)
         advice.extend(_strategy_advice(selected, ranked, winner))
     advice.extend(_lever_advice(model, hardware, goals, winner))
     extra = _quant_variants_advice(model, hardware, goals, winner)
@@ -1058,6 +1061,58 @@ def _short_why(o: _Option, winner: _Option) -> str:
             else f"{-slower:.0f}% faster than the winner, ranked lower for quality" if slower <= -0.5
             else "as fast as the winner")
     return f"best {name} / {o.strategy.label}: {pace}"
+
+
+def _engine(setup: TrainingSetup) -> str:
+    if setup.fsdp != "none":
+        name = f"FSDP{setup.fsdp_version} {setup.fsdp}"
+    elif setup.zero_stage:
+        name = f"DeepSpeed ZeRO-{setup.zero_stage}"
+    else:
+        name = "DDP"
+    return name + (f" + {setup.offload} offload" if setup.offload != "none" else "")
+
+
+_PART = {
+    "weights": "the weights", "adapters": "the adapters", "gradients": "the gradients", "optimizer_state": "the optimizer states",
+    "fsdp_all_gather": "the gathered weights of the units in flight", "fsdp_reduce_scatter": "the reduce-scatter buffers",
+    "zero_buckets": "DeepSpeed's communication buckets", "zero_param_partition": "DeepSpeed's 16-bit parameter partitions",
+    "zero1_full_gradients": "ZeRO-1's full gradients", "zero_buffers": "the sharding buffers",
+    "activations": "the activations", "temporaries": "the step temporaries", "allocator_overhead": "the allocator's reserve",
+}
+
+
+def _engine_reason(model, hardware, goals, winner: _Option, ranked: list[_Option]) -> Optional[str]:
+    """Which engine (DDP, ZeRO-n, FSDP) the winner uses and why, against the best other engine for the
+    same method: both estimated at the winner's setup with the winner's tier (the simulated sharded
+    step when the winner was confirmed), so only the engine differs."""
+    mine = _engine(winner.setup)
+    rival = next((o for o in ranked if o.method == winner.method and _engine(o.setup) != mine), None)
+    if rival is None:
+        return f"Engine: {mine}, the only multi-GPU engine that fits {_METHOD_NAME.get(winner.method, winner.method)} here."
+    swap = {k: getattr(rival.setup, k) for k in ("zero_stage", "fsdp", "fsdp_version", "offload", "bnb_4bit_quant_storage")}
+    try:
+        alt = TrainingSetup.model_validate(winner.setup.model_copy(update=swap).model_dump())
+        alt_est = _estimate(model, alt, hardware, fast=winner.est.tier != "simulated")
+    except (TunepilotError, ValueError):
+        return None
+    w, r = winner.est.device_total_gib, alt_est.device_total_gib
+    other = _engine(alt)
+    diffs = {k: alt_est.breakdown.get(k, 0.0) - winner.est.breakdown.get(k, 0.0)
+             for k in set(alt_est.breakdown) | set(winner.est.breakdown) if k not in ("cuda_context", "nccl_buffers", "cublas_workspace")}
+    tier = "simulated" if winner.est.tier == "simulated" else "analytic"
+    if r > w:
+        k = max(diffs, key=diffs.get)
+        why = (f"{_PART.get(k, k)} take {alt_est.breakdown.get(k, 0.0):.1f} GiB per GPU under {other} "
+               f"and {winner.est.breakdown.get(k, 0.0):.1f} GiB under {mine}")
+        return (f"Engine: {mine}: {100 * (r - w) / r:.0f}% less per GPU than {other} here ({w:.1f} vs {r:.1f} GiB, {tier}, "
+                f"same setup otherwise) because {why}.")
+    k = min(diffs, key=diffs.get)
+    faster = (rival.time() / winner.time() - 1) * 100 if winner.time() else 0.0
+    why = (f"it needs {100 * (w - r) / max(w, 1e-9):.0f}% more per GPU than {other} ({w:.1f} vs {r:.1f} GiB, {tier}: "
+           f"{_PART.get(k, k)} {winner.est.breakdown.get(k, 0.0):.1f} vs {alt_est.breakdown.get(k, 0.0):.1f} GiB) but fits")
+    pace = f" and the best {other} setup is {faster:.0f}% slower" if faster >= 0.5 else ""
+    return f"Engine: {mine}: {why}{pace}."
 
 
 def _strategy_advice(selected: list[_Option], ranked: list[_Option], winner: _Option) -> list[str]:
