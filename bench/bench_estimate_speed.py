@@ -1,6 +1,7 @@
 """Speed of `tunepilot estimate`: cold CLI (a fresh process, what a person waits for) and warm in-process.
 
     .venv/bin/python bench/bench_estimate_speed.py [--model meta-llama/Llama-2-70b-hf] [--repeat 3]
+    .venv/bin/python bench/bench_estimate_speed.py --model meta-llama/Llama-3.1-70B --method qlora --num-gpus 2 --fsdp
 
 Targets: simulated tier 70B <= 10 s cold and <= 1 s warm; --fast <= 1 s cold (it must not import torch).
 Cold runs disable the simulator's in-process cache by construction (new process each time).
@@ -39,13 +40,23 @@ def main() -> int:
     ap.add_argument("--model", default="meta-llama/Llama-2-70b-hf")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--method", default=None, help="full|lora|qlora|... (default: the CLI's default setup)")
+    ap.add_argument("--num-gpus", type=int, default=None, help="GPUs (with --fsdp or --zero: the sharded dry run)")
+    ap.add_argument("--fsdp", nargs="?", const="full_shard", default=None, help="FSDP mode (bare: full_shard)")
+    ap.add_argument("--zero", type=int, default=None, help="DeepSpeed ZeRO stage")
     a = ap.parse_args()
     extra = ["--method", a.method] if a.method else []
+    if a.num_gpus:
+        extra += ["--num-gpus", str(a.num_gpus)]
+    if a.fsdp:
+        extra += ["--fsdp", a.fsdp]
+    if a.zero is not None:
+        extra += ["--zero", str(a.zero)]
+    a.model_label = a.model + (" " + " ".join(extra) if extra else "")
 
     fast_med, fast_all = cold([a.model, *extra, "--fast", "--json"], a.repeat)
-    print(f"cold  --fast     {a.model}: {fast_med:6.2f} s  (runs {', '.join(f'{t:.2f}' for t in fast_all)})  target <= 1 s")
+    print(f"cold  --fast     {a.model_label}: {fast_med:6.2f} s  (runs {', '.join(f'{t:.2f}' for t in fast_all)})  target <= 1 s")
     sim_med, sim_all = cold([a.model, *extra, "--json"], a.repeat)
-    print(f"cold  simulated  {a.model}: {sim_med:6.2f} s  (runs {', '.join(f'{t:.2f}' for t in sim_all)})  target <= 10 s")
+    print(f"cold  simulated  {a.model_label}: {sim_med:6.2f} s  (runs {', '.join(f'{t:.2f}' for t in sim_all)})  target <= 10 s")
 
     import warnings
 
@@ -59,6 +70,14 @@ def main() -> int:
     fields = {"method": a.method} if a.method else {}
     if a.method == "qlora":
         fields.update(load_in_4bit=True, bnb_4bit_compute_dtype="bf16")  # as the CLI sets it
+    if a.num_gpus:
+        fields["num_gpus"] = a.num_gpus
+    if a.fsdp:
+        fields["fsdp"] = a.fsdp
+    if a.zero is not None:
+        fields["zero_stage"] = a.zero
+    if a.method == "qlora" and (a.fsdp or a.zero == 3):
+        fields["bnb_4bit_quant_storage"] = "bf16"  # as the CLI sets it under FSDP / ZeRO-3
     st = TrainingSetup(model_id=spec.model_id, **fields)
     t = time.perf_counter()
     estimate(spec, st)  # imports torch/transformers/peft and runs the dry run once
