@@ -282,7 +282,13 @@ _FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided
          "set_", "resize_", "_has_compatible_shallow_copy_type", "is_same_size", "sym_size", "sym_stride", "sym_numel",
          "sym_storage_offset", "_to_copy_meta", "record_stream", "_version", "is_nonzero", "equal"}
 _NORM_WORDS = ("norm", "softmax", "nll_loss", "cross_entropy", "rsqrt", "var_mean", "logsumexp")
-_MATMUL = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_int_mm", "addbmm", "mv", "dot", "addmv", "_addmm_activation"}
+_MATMUL = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_int_mm", "addbmm", "mv", "dot", "addmv", "_addmm_activation",
+           "addmm_", "baddbmm_", "addbmm_", "addmv_"}
+# matmuls whose two matrix operands are args[0], args[1] / args[1], args[2]: FLOPs 2 x (elements of the
+# first operand) x (columns of the second), which is torch's formula for mm/addmm/bmm/baddbmm and also
+# covers the overloads it has no formula for (in place, out=, out_dtype=)
+_MM_OPERANDS = {"mm": (0, 1), "bmm": (0, 1), "addmm": (1, 2), "addmm_": (1, 2), "baddbmm": (1, 2), "baddbmm_": (1, 2),
+                "addbmm": (1, 2), "addbmm_": (1, 2), "_addmm_activation": (1, 2)}
 _ATTN_FWD = {"_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
              "_flash_attention_forward", "_efficient_attention_forward"}
@@ -348,6 +354,12 @@ def _flops(func, name: str, args, kwargs, out) -> int:
 
 def _flops_uncached(func, name: str, args, kwargs, out) -> int:
     from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+    ops = _MM_OPERANDS.get(name)
+    if ops is not None and len(args) > ops[1]:
+        a, b = args[ops[0]], args[ops[1]]
+        if hasattr(a, "shape") and hasattr(b, "shape") and a.dim() >= 2 and b.dim() >= 2:
+            return 2 * a.numel() * int(b.shape[-1])
 
     packet = func._overloadpacket
     f = flop_registry.get(packet)
@@ -464,6 +476,9 @@ def op_records(func, args, kwargs, out, phase: str) -> tuple:
     if kind == "matmul":
         flops = _flops(func, name, args, kwargs, out)
         tile = _tile(args, out)
+        ops = _MM_OPERANDS.get(name)
+        if ops is not None and len(args) > ops[0] and hasattr(args[ops[0]], "dtype"):
+            dtype = _dtype_key(args[ops[0]].dtype)  # the tensor cores run at the inputs' dtype (out_dtype=fp32 accumulates)
     elif kind in ("attention_fwd", "attention_bwd"):
         flops = _flops(func, name, args, kwargs, out)
         causal = _causal(name, args, kwargs)

@@ -249,7 +249,7 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
         n_lab = setup.num_labels
         _matmul(head, "forward", dt, es, B, d, n_lab)
         _matmul(head, "backward", dt, es, B, n_lab, d)
-    else:
+    elif getattr(setup, "loss_impl", "hf") == "hf":
         _matmul(head, "forward", dt, es, T, d, V)
         _matmul(head, "backward", dt, es, T, V, d)
         if full:
@@ -260,6 +260,16 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
         head.mem("backward", "fp32", T * V * 4, 1, "nll_loss_backward", "norm_softmax")
         head.mem("backward", "fp32", T * V * 12, 1, "_log_softmax_backward_data", "norm_softmax")
         head.mem("backward", dt, T * V * (4 + es), 1, "_to_copy")
+    else:
+        # fused heads (trl's chunked log-probs, Liger, CCE): the logits exist one tile at a time; the
+        # backward recomputes each tile's logits, then the input gradient and (trained head) the weight's
+        _matmul(head, "forward", dt, es, T, d, V)
+        _matmul(head, "backward", dt, es, T, d, V)
+        _matmul(head, "backward", dt, es, T, V, d)
+        if full:
+            _matmul(head, "backward", dt, es, d, T, V)
+        head.mem("forward", dt, T * V * es * 2, 1, "logits_tile")
+        head.mem("backward", dt, T * V * es * 4, 2, "logits_tile")
     # final norm
     head.mem("forward", "fp32", T * d * 40, 7, "rms_norm")
     head.mem("backward", "fp32", T * d * 60, 10, "rms_norm")
