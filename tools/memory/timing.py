@@ -848,7 +848,13 @@ def time_analytic(model, setup, hardware) -> StepTime:
 
     counts = analytic_counts(model, setup)
     params, grads, trainable = analytic_collective_bytes(model, setup)
+    act = 0.0
+    if getattr(setup, "activation_offloading", False):
+        # the same PCIe traffic the traced step is charged (the saved activations, to the host and back)
+        from tools.analytic import analytic_step_memory
+
+        act = float(analytic_step_memory(model, setup).offload_traffic_bytes or 0)
     st = step_time(counts, setup, hardware, param_bytes=params, grad_bytes=grads, trainable_params=trainable,
-                   num_params=float(model.num_parameters))
+                   num_params=float(model.num_parameters), activation_offload_bytes=act)
     st.notes.insert(0, "op records written down from the model's shapes (analytic tier, tools/memory/timing_analytic.py)")
     return st
