@@ -376,6 +376,7 @@ def build_agent(chat_model, *, checkpointer=None, max_model_calls: int = DEFAULT
     from langgraph.checkpoint.memory import InMemorySaver
 
     from agent.prompt_budget import ANSWER_RESERVE_TOKENS, first_prompt_tokens
+    from agent.text_tool_calls import text_tool_calls_middleware
     from tools.agent_tools import CONSENT_TOOLS, TOOLS
 
     if max_model_calls < 1:
@@ -390,6 +391,7 @@ def build_agent(chat_model, *, checkpointer=None, max_model_calls: int = DEFAULT
                for name in CONSENT_TOOLS if any(getattr(t, "name", "") == name for t in tool_list)}
     middleware = [
         _context_middleware(workdir, allow_trial, {**DEFAULT_TOOL_LIMITS, **(tool_limits or {})}),
+        text_tool_calls_middleware(),  # a tool call the model wrote as text becomes a real one
         ToolErrorMiddleware(on_error=tool_error_observation),
         ModelCallLimitMiddleware(run_limit=max_model_calls, exit_behavior="end"),
         _trim_middleware(lambda: history_budget),

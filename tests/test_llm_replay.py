@@ -1,0 +1,89 @@
+"""Real local-model conversations, replayed: the real ChatOpenAI client and the real agent loop parse real output.
+
+tests/recordings/*.json are real HTTP exchanges with Qwen2.5-Coder-1.5B-Instruct under
+llama.cpp's llama-server (how each was made: its "meta" and tests/recordings/README.md;
+regenerate with bench/record_llm.py). A loopback stub serves the recorded responses in order
+(tests/_llm_replay.py); tunepilot's agent runs its real tools on them. The tests check that
+every recorded reply is parsed into the calls the model made (structured `tool_calls`, tool
+calls written as text, plain answers), the tool results go back to the model, and the turn
+ends with the model's answer. Tool schema text may change freely (the stub matches tools by
+name); a broken parser fails here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent.core import build_agent, run_turn
+from agent.llm import make_chat_model
+from agent.text_tool_calls import find_text_tool_calls
+from tests._llm_replay import RECORDINGS, ReplayServer, load
+
+NAMES = sorted(p.stem for p in RECORDINGS.glob("*.json"))
+
+
+def _expected(server: ReplayServer, tool_names: set[str]) -> tuple[list[tuple[str, dict]], str]:
+    """The calls the recorded replies make (structured, or written as text) and the final answer text."""
+    calls, answer = [], ""
+    for reply in server.replies:
+        if reply["tool_calls"]:
+            calls += [(c["name"], json.loads(c["arguments"] or "{}")) for c in reply["tool_calls"]]
+        else:
+            found = find_text_tool_calls(reply["content"] or "", tool_names)
+            calls += [(c["name"], c["args"]) for c in found.calls]
+            answer = found.text if found.found else (reply["content"] or "")
+    return calls, answer.strip()
+
+
+def _replay(name: str, tmp_path, *, stream: bool = False):
+    rec = load(name)
+    with ReplayServer(rec) as server:
+        model = make_chat_model(f"openai:{rec['meta']['model']}", base_url=server.base_url, api_key="local")
+        agent = build_agent(model, workdir=tmp_path)
+        tokens: list[str] = []
+        result = run_turn(agent, f"replay-{name}", rec["question"], on_token=tokens.append if stream else None)
+    offered = {(t.get("function") or {}).get("name") for t in server.requests[0].get("tools") or []}
+    return rec, server, result, offered, tokens
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recorded_conversation_replays_through_the_real_client_and_agent(name, tmp_path):
+    rec, server, result, offered, _ = _replay(name, tmp_path)
+    assert server.problems == []
+    assert len(server.requests) == len(server.replies), "the agent did not consume every recorded reply"
+    calls, answer = _expected(server, offered)
+    assert [s["tool"] for s in result.tool_calls] == [n for n, _a in calls]
+    for step, (_n, args) in zip(result.tool_calls, calls):
+        assert step["args"] == {k: v for k, v in args.items() if v is not None}
+    assert answer and answer in result.answer
+    assert result.stopped is None
+
+
+def test_the_recordings_cover_structured_text_and_plain_replies():
+    kinds = set()
+    for name in NAMES:
+        rec = load(name)
+        assert rec["meta"]["model"] and rec["meta"]["date"] and rec["meta"]["command"], f"{name}: how it was made is missing"
+        server = ReplayServer(rec)
+        offered = {(t.get("function") or {}).get("name") for t in server.exchanges[0]["request"].get("tools") or []}
+        for reply in server.replies:
+            if reply["tool_calls"]:
+                kinds.add("structured")
+            elif find_text_tool_calls(reply["content"] or "", offered).calls:
+                kinds.add("text call")
+            elif (reply["content"] or "").strip():
+                kinds.add("plain")
+    assert kinds == {"structured", "text call", "plain"}
+
+
+def test_a_recording_replays_as_a_stream_too(tmp_path):
+    """The same real replies served as SSE chunks (the client streams when tokens are shown)."""
+    name = next(n for n in NAMES if any(e["response"] and '"tool_calls"' in e["response"] for e in load(n)["exchanges"]))
+    rec, server, result, offered, tokens = _replay(name, tmp_path, stream=True)
+    assert server.problems == []
+    assert all(r.get("stream") for r in server.requests)
+    calls, answer = _expected(server, offered)
+    assert [s["tool"] for s in result.tool_calls] == [n for n, _a in calls]
+    assert answer in result.answer and answer.split()[0] in "".join(tokens)
