@@ -310,8 +310,11 @@ def score(q: Question, *, out: Optional[dict], stdout: str, stderr: str, rc: Opt
             if out.get(k) is not None:
                 tool_texts.append(json.dumps(out[k]))
     answer = (out or {}).get("answer") or ""
+    # what the person sees: the model's words, plus the engine's summary block when the CLI adds one
+    summary = (out or {}).get("summary") if isinstance((out or {}).get("summary"), str) else ""
+    visible = answer if not summary or summary.strip() in answer else f"{answer}\n\n{summary}"
     tnums = tool_numbers(tool_texts)
-    claims = claimed_numbers(answer, q.text)
+    claims = claimed_numbers(visible, q.text)
     ungrounded = [c["text"] for c in claims if not grounded(c, tnums)]
     # how it ended
     max_repeat = 0
@@ -344,7 +347,7 @@ def score(q: Question, *, out: Optional[dict], stdout: str, stderr: str, rc: Opt
     # engine verdict: the last "fits" any tool reported
     fits = re.findall(r'"fits"\s*:\s*(true|false)', "\n".join(tool_texts))
     engine_fits = (fits[-1] == "true") if fits else None
-    v = verdict(answer)
+    v = verdict(visible)
     contradicts = engine_fits is not None and v["any"] and (
         (engine_fits and v["negative"] and not v["positive"]) or (not engine_fits and v["positive"] and not v["negative"]))
     ratio = hangul_ratio(answer)
@@ -365,7 +368,7 @@ def score(q: Question, *, out: Optional[dict], stdout: str, stderr: str, rc: Opt
         "verdict": v, "engine_fits": engine_fits, "contradicts": contradicts,
         "request": kept, "hangul_ratio": ratio, "language_ok": lang_ok,
         "max_identical_calls": max_repeat, "trials_run_unconfirmed": len(trials_run), "trials": [t[:200] for t in trials],
-        "answer": answer, "stderr_tail": (stderr or "")[-600:],
+        "answer": answer, "summary": summary or None, "stderr_tail": (stderr or "")[-600:],
         "text_tool_calls": sum(1 for r in replies if not r.get("tool_calls") and re.search(r'"name"\s*:', r.get("content") or "")),
     }
 
@@ -386,8 +389,11 @@ def table(results: list[dict]) -> str:
             tools = tools[:67] + "..."
         verdict_cell = ("contradicts" if r["contradicts"] else "yes") if r["verdict"]["any"] else "no"
         kept = "yes" if r["request"]["kept"] else "no: " + "; ".join(r["request"]["problems"])[:80]
+        if not r["tools"]:
+            kept = "- (no tool called)"
+        lang = f"{r['hangul_ratio']:.2f} {'ok' if r['language_ok'] else 'WRONG'}" if r["answer"] else "- (no answer)"
         rows.append(f"| {r['qid']} | {r['ended']} | {'**yes**' if r['answered'] else 'no'} | {tools} | {ok}/{len(n['claimed'])} | "
-                    f"{verdict_cell} | {kept} | {r['hangul_ratio']:.2f} {'ok' if r['language_ok'] else 'WRONG'} | "
+                    f"{verdict_cell} | {kept} | {lang} | "
                     f"{r['trials_run_unconfirmed']} | {r['model_calls']} | {r['prompt_tokens_first'] or '-'}/{r['prompt_tokens_max'] or '-'} | {r['wall_s']} |")
     total = len(results)
     summary = (f"\nanswered with the engine's verdict and numbers: {sum(r['answered'] for r in results)}/{total}; "
@@ -409,8 +415,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ask-args", default="", help="extra `tunepilot ask` arguments, e.g. '--llm-timeout 600'")
     ap.add_argument("--record-dir", default="", help="where each question's HTTP exchanges go, as QID.json (default: OUT without .json + .exchanges/)")
     ap.add_argument("--repo", default=str(ROOT), help="the tunepilot checkout whose `ask` to run (default: this one), e.g. a snapshot of main")
+    ap.add_argument("--table", default="", help="only print the table of a results JSON written before (no server needed)")
     ap.add_argument("--label", default="", help="a name for this run in the JSON (e.g. before/after)")
     args = ap.parse_args(argv)
+    if args.table:
+        data = json.loads(Path(args.table).read_text())
+        print(f"{data.get('label') or args.table} ({data.get('model')}, {data.get('date')}, timeout {data.get('timeout_s')} s)\n")
+        print(table(data["results"]))
+        return 0
     wanted = [w.strip() for w in args.questions.split(",") if w.strip()]
     qs = [q for q in QUESTIONS if not wanted or any(q.qid.startswith(w) for w in wanted)]
     if not qs:
