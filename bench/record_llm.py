@@ -42,6 +42,33 @@ def _server_info(base_url: str) -> dict:
         return {}
 
 
+def _in_process(args, proxy) -> tuple[dict, list[dict]]:
+    """The real agent (build_agent + run_turn) with a subset of its tools, through the proxy."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT))
+    from agent.core import build_agent, run_turn
+    from agent.llm import make_chat_model
+    from tools.agent_tools import TOOLS
+
+    wanted = [t.strip() for t in args.tools.split(",") if t.strip()]
+    tools = [t for t in TOOLS if t.name in wanted]
+    if len(tools) != len(wanted):
+        raise SystemExit(f"error: --tools {args.tools!r}: the agent's tools are {', '.join(t.name for t in TOOLS)}")
+    try:
+        model = make_chat_model(f"openai:{args.model}", base_url=proxy.base_url, api_key="local",
+                                timeout=args.llm_timeout, max_retries=0)
+    except TypeError:  # a later make_chat_model without these keywords
+        model = make_chat_model(f"openai:{args.model}", base_url=proxy.base_url, api_key="local")
+    agent = build_agent(model, tools=tools, workdir=tempfile.mkdtemp(prefix="record-llm-"))
+    t0 = time.perf_counter()
+    turn = run_turn(agent, "record", args.question)
+    time.sleep(0.5)
+    exchanges = [e for e in proxy.take() if str(e.get("path", "")).rstrip("/").endswith("chat/completions")]
+    return {"ended": turn.stopped or "ok", "tools": [s["tool"] for s in turn.tool_calls], "answer": turn.answer,
+            "wall_s": round(time.perf_counter() - t0, 1)}, exchanges
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base-url", required=True)
@@ -51,14 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--ask-args", default="")
     ap.add_argument("--server-note", default="", help="how the server was started (template, flags)")
+    ap.add_argument("--tools", default="", help="run the agent in this process offering only these tools (comma-separated), "
+                    "to keep the prompt small on a slow machine; default: `tunepilot ask` with every tool")
+    ap.add_argument("--llm-timeout", type=float, default=1800, help="chat-model read timeout for --tools runs, seconds")
     ap.add_argument("--out-dir", default=str(ROOT / "tests" / "recordings"))
     args = ap.parse_args(argv)
     q = Question(args.name, "recording", args.question, "ko" if any("\uac00" <= ch <= "\ud7a3" for ch in args.question) else "en",
                  model="", gpu="")
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     with RecordingProxy(args.base_url) as proxy:
-        result, exchanges = run_question(q, proxy=proxy, upstream=args.base_url, model=args.model, timeout=args.timeout,
-                                         ask_args=shlex.split(args.ask_args), python=sys.executable)
+        if args.tools:
+            result, exchanges = _in_process(args, proxy)
+        else:
+            result, exchanges = run_question(q, proxy=proxy, upstream=args.base_url, model=args.model, timeout=args.timeout,
+                                             ask_args=shlex.split(args.ask_args), python=sys.executable)
     summary = []
     for e in exchanges:
         r = response_message(e)
@@ -70,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             "base_url": args.base_url, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python bench/record_llm.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
             "tunepilot_commit": commit, "ended": result["ended"], "tools": result["tools"],
+            "offered_tools": args.tools or "all (tunepilot ask)",
         },
         "question": args.question,
         "summary": summary,
