@@ -18,7 +18,8 @@ score is computed from what really went over the wire:
   the tool arguments, and no call names another model or GPU;
 - language: Hangul share of the answer's letters (Korean questions need >= 0.3, English ~0);
 - ended: "ok", "timeout" (the per-question --timeout, or the chat model's own), "limit" (the
-  model-call limit), "loop" (the same call with the same arguments 3+ times), "error";
+  model-call limit), "loop" (the same call with the same arguments 3+ times), "asks-yes" (the
+  turn paused for the person's yes to a trial), "error";
 - unconfirmed trial: a `run_trial` that ran although nobody said yes (the benchmark never does);
 - wall seconds, model calls, prompt tokens (first request, by the server's own tokenizer via
   llama-server's /apply-template + /tokenize, else usage.prompt_tokens), max prompt tokens.
@@ -329,6 +330,8 @@ def score(q: Question, *, out: Optional[dict], stdout: str, stderr: str, rc: Opt
         ended = "timeout"
     elif stopped == "limit" or limit_text in answer:
         ended = "limit"
+    elif stopped == "confirm":  # paused for the person's yes to a trial: consent works, the answer is not final
+        ended = "asks-yes"
     elif max_repeat >= 3:
         ended = "loop"
     elif rc not in (0, None) or out is None:

@@ -20,6 +20,7 @@ from agent.core import build_agent, run_turn
 from agent.llm import make_chat_model
 from agent.text_tool_calls import find_text_tool_calls
 from tests._llm_replay import RECORDINGS, ReplayServer, load
+from tools.agent_tools import TOOLS
 
 NAMES = sorted(p.stem for p in RECORDINGS.glob("*.json"))
 
@@ -37,11 +38,20 @@ def _expected(server: ReplayServer, tool_names: set[str]) -> tuple[list[tuple[st
     return calls, answer.strip()
 
 
+def _offered(rec: dict) -> list[str]:
+    """The tool names the recorded conversation offered the model (its first request's `tools`)."""
+    return [(t.get("function") or {}).get("name") for t in rec["exchanges"][0]["request"].get("tools") or []]
+
+
 def _replay(name: str, tmp_path, *, stream: bool = False):
     rec = load(name)
+    names = _offered(rec)
+    tools = [t for t in TOOLS if t.name in names]
+    missing = set(names) - {t.name for t in tools}
+    assert not missing, f"{name}: tools {sorted(missing)} no longer exist: regenerate it with bench/record_llm.py (see its meta.command)"
     with ReplayServer(rec) as server:
         model = make_chat_model(f"openai:{rec['meta']['model']}", base_url=server.base_url, api_key="local")
-        agent = build_agent(model, workdir=tmp_path)
+        agent = build_agent(model, workdir=tmp_path, tools=tools)
         tokens: list[str] = []
         result = run_turn(agent, f"replay-{name}", rec["question"], on_token=tokens.append if stream else None)
     offered = {(t.get("function") or {}).get("name") for t in server.requests[0].get("tools") or []}
@@ -67,7 +77,7 @@ def test_the_recordings_cover_structured_text_and_plain_replies():
         rec = load(name)
         assert rec["meta"]["model"] and rec["meta"]["date"] and rec["meta"]["command"], f"{name}: how it was made is missing"
         server = ReplayServer(rec)
-        offered = {(t.get("function") or {}).get("name") for t in server.exchanges[0]["request"].get("tools") or []}
+        offered = set(_offered(rec))
         for reply in server.replies:
             if reply["tool_calls"]:
                 kinds.add("structured")
@@ -87,3 +97,18 @@ def test_a_recording_replays_as_a_stream_too(tmp_path):
     calls, answer = _expected(server, offered)
     assert [s["tool"] for s in result.tool_calls] == [n for n, _a in calls]
     assert answer in result.answer and answer.split()[0] in "".join(tokens)
+
+
+def test_a_real_fenced_json_call_runs_the_tool_and_odd_json_gets_a_clear_line(tmp_path):
+    """The model's own chat template: it wrote ```json {"name": "lookup_model", ...}``` as text, then a bare
+    call to a tool it was not offered. The first runs as a real call; the second is not run and says so."""
+    rec, server, result, offered, _ = _replay("text-call-lookup", tmp_path)
+    assert not server.replies[0]["tool_calls"] and server.replies[0]["content"].lstrip().startswith("```json")
+    assert server.problems == []
+    sent = [m for m in server.requests[1]["messages"] if m.get("role") == "assistant"][-1]
+    assert [(tc["function"]["name"], json.loads(tc["function"]["arguments"])) for tc in sent["tool_calls"]] == \
+        [("lookup_model", {"model": "Qwen/Qwen2.5-14B"})]
+    tool_result = [m for m in server.requests[1]["messages"] if m.get("role") == "tool"][-1]
+    assert json.loads(tool_result["content"])["num_parameters"] > 14e9
+    assert [s["tool"] for s in result.tool_calls] == ["lookup_model"] and result.tool_calls[0]["status"] == "ok"
+    assert "'parse_hardware'" in result.answer and "nothing ran" in result.answer
