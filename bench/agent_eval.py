@@ -326,7 +326,8 @@ def score(q: Question, *, out: Optional[dict], stdout: str, stderr: str, rc: Opt
         max_repeat = max(max_repeat, seen[key])
     stopped = (out or {}).get("stopped")
     limit_text = "model calls without reaching an answer"
-    if killed or _TIMEOUT.search(stderr or "") or any(e.get("aborted") for e in exchanges) and not out:
+    hung_up = any(e.get("aborted") and not e.get("error") for e in exchanges)  # the client gave up waiting
+    if killed or _TIMEOUT.search(stderr or "") or (hung_up and not out):
         ended = "timeout"
     elif stopped == "limit" or limit_text in answer:
         ended = "limit"
