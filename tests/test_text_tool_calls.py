@@ -18,6 +18,31 @@ TOOLS = {"lookup_model", "parse_hardware", "estimate_memory", "plan_training", "
          "write_training_script", "run_trial", "web_search"}
 
 
+# REAL: Qwen2.5-Coder-1.5B under llama-server with the model's own chat template (tests/recordings/text-call-lookup.json)
+REAL_FENCED = '```json\n{\n  "name": "lookup_model",\n  "arguments": {\n    "model": "Qwen/Qwen2.5-14B"\n  }\n}\n```'
+REAL_ODD = ('fits / does not fit\n\n{"name": "parse_hardware", "arguments": {"model": "Qwen/Qwen2.5-14B"}}\n```\n{\n  "type": "string",'
+            '\n  "value": "local"\n}\n```')
+
+
+def test_real_fenced_json_reply_becomes_a_call():
+    found = find_text_tool_calls(REAL_FENCED, TOOLS)
+    assert found.calls == [{"name": "lookup_model", "args": {"model": "Qwen/Qwen2.5-14B"}}]
+    assert found.text == "" and found.problems == []
+    msg = recover_tool_calls(AIMessage(content=REAL_FENCED, id="run-1"), TOOLS)
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("lookup_model", {"model": "Qwen/Qwen2.5-14B"})]
+    assert msg.id == "run-1" and msg.tool_calls[0]["id"].startswith("call_text_") and msg.content == ""
+
+
+def test_real_odd_reply_with_a_bare_call_to_a_tool_not_offered():
+    offered = {"lookup_model"}
+    found = find_text_tool_calls(REAL_ODD, offered)
+    assert found.calls == [] and len(found.problems) == 1 and "'parse_hardware'" in found.problems[0]
+    assert found.text.startswith("fits / does not fit") and '"value": "local"' in found.text  # the rest is kept
+    # were parse_hardware a tool, the same text would run it
+    assert find_text_tool_calls(REAL_ODD, offered | {"parse_hardware"}).calls == [
+        {"name": "parse_hardware", "args": {"model": "Qwen/Qwen2.5-14B"}}]
+
+
 def test_fenced_json_call_becomes_a_tool_call():
     text = ('```json\n{"name": "plan_training", "arguments": {"model": "meta-llama/Llama-3.1-8B", "gpu": "RTX 4090", '
             '"seq_len": 1024}}\n```')
