@@ -226,7 +226,7 @@ def request_kept(q: Question, calls: list[dict]) -> dict:
         lo, hi = q.seq_len
         seqs = [v for k, v in pairs if ("seq" in k or "max_length" in k) and isinstance(v, int)]
         if not any(lo <= s <= hi for s in seqs):
-            problems.append(f"no tool call uses seq_len {lo if lo == hi else f'{lo}-{hi}'} (got {seqs or 'none'})")
+            problems.append(f"no tool call uses seq_len {lo if lo == hi else f'{lo}-{hi}'} (got {sorted(set(seqs)) or 'none'})")
     return {"kept": not problems, "problems": problems}
 
 
@@ -235,7 +235,7 @@ def request_kept(q: Question, calls: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------------
 
 _CONSENT = re.compile(r"(?i)not permitted|not allowed|needs? (?:the user's |your )?(?:yes|consent|permission|confirmation)|--allow-trial|declined|consent|confirm")
-_TIMEOUT = re.compile(r"(?i)did not answer in time|timed? ?out|timeout")
+_TIMEOUT = re.compile(r"(?i)did not answer in time|timed out|read timeout")  # the final error, not a progress hint
 
 
 def _request_messages(ex: dict) -> list[dict]:
@@ -273,7 +273,8 @@ def run_question(q: Question, *, proxy: RecordingProxy, upstream: str, model: st
     except ValueError:
         out = None
     result = score(q, out=out, stdout=stdout, stderr=stderr, rc=proc.returncode, killed=killed, wall=wall,
-                   exchanges=exchanges, upstream=upstream) | {"command": cmd[1:], "home": home}
+                   exchanges=exchanges, upstream=upstream) | {"command": cmd[1:], "home": home, "ask_json": out,
+                                                             "killed": killed, "stderr": (stderr or "")[-4000:]}
     return result, exchanges
 
 
@@ -325,11 +326,11 @@ def score(q: Question, *, out: Optional[dict], stdout: str, stderr: str, rc: Opt
         seen[key] = seen.get(key, 0) + 1
         max_repeat = max(max_repeat, seen[key])
     stopped = (out or {}).get("stopped")
-    limit_text = "model calls without reaching an answer"
+    limit_text = re.compile(r"(?i)stopped after \d+ model calls")
     hung_up = any(e.get("aborted") and not e.get("error") for e in exchanges)  # the client gave up waiting
     if killed or _TIMEOUT.search(stderr or "") or (hung_up and not out):
         ended = "timeout"
-    elif stopped == "limit" or limit_text in answer:
+    elif stopped == "limit" or limit_text.search(answer):
         ended = "limit"
     elif stopped == "confirm":  # paused for the person's yes to a trial: consent works, the answer is not final
         ended = "asks-yes"
@@ -339,8 +340,8 @@ def score(q: Question, *, out: Optional[dict], stdout: str, stderr: str, rc: Opt
         ended = "error"
     else:
         ended = "ok"
-    if ended == "limit" and max_repeat >= 3:
-        ended = "limit+loop"
+    if ended in ("limit", "timeout") and max_repeat >= 3:
+        ended += "+loop"
     # trials nobody confirmed
     trials = []
     for tid, text in outputs.items():
@@ -388,7 +389,13 @@ def table(results: list[dict]) -> str:
     for r in results:
         n = r["numbers"]
         ok = len(n["claimed"]) - len(n["ungrounded"])
-        tools = ", ".join(r["tools"]) or "-"
+        runs: list[list] = []
+        for t in r["tools"]:
+            if runs and runs[-1][0] == t:
+                runs[-1][1] += 1
+            else:
+                runs.append([t, 1])
+        tools = ", ".join(t if n == 1 else f"{t} x{n}" for t, n in runs) or "-"
         if len(tools) > 70:
             tools = tools[:67] + "..."
         verdict_cell = ("contradicts" if r["contradicts"] else "yes") if r["verdict"]["any"] else "no"
@@ -401,12 +408,34 @@ def table(results: list[dict]) -> str:
                     f"{r['trials_run_unconfirmed']} | {r['model_calls']} | {r['prompt_tokens_first'] or '-'}/{r['prompt_tokens_max'] or '-'} | {r['wall_s']} |")
     total = len(results)
     summary = (f"\nanswered with the engine's verdict and numbers: {sum(r['answered'] for r in results)}/{total}; "
-               f"timeouts: {sum(r['ended'] == 'timeout' for r in results)}; "
-               f"limit/loops: {sum(r['ended'] in ('limit', 'loop', 'limit+loop') for r in results)}; "
+               f"timeouts: {sum(r['ended'].startswith('timeout') for r in results)}; "
+               f"limit/loops: {sum(('limit' in r['ended'] or 'loop' in r['ended']) for r in results)}; "
                f"unconfirmed trials: {sum(r['trials_run_unconfirmed'] for r in results)}; "
                f"errors: {sum(r['ended'] == 'error' for r in results)}; "
                f"wall: {sum(r['wall_s'] for r in results):.0f} s")
     return "\n".join(rows) + summary
+
+
+def rescore(path: Path, record_dir: Optional[Path], upstream: str) -> int:
+    data = json.loads(path.read_text())
+    record_dir = record_dir or path.with_suffix(".exchanges")
+    by_id = {q.qid: q for q in QUESTIONS}
+    for i, r in enumerate(data["results"]):
+        q = by_id[r["qid"]]
+        ex_file = record_dir / f"{q.qid}.json"
+        exchanges = json.loads(ex_file.read_text())["exchanges"] if ex_file.exists() else []
+        out = r.get("ask_json")
+        if out is None and r.get("answer"):  # runs before ask_json was kept: the answer, calls from the exchanges
+            out = {"answer": r["answer"], "summary": r.get("summary"), "tool_calls": None}
+        stderr = r.get("stderr", r.get("stderr_tail", ""))
+        killed = r.get("killed", r["wall_s"] >= data.get("timeout_s", 1e9) - 1)
+        new = score(q, out=out, stdout="", stderr=stderr, rc=r.get("rc"), killed=killed, wall=r["wall_s"],
+                    exchanges=exchanges, upstream=upstream)
+        keep = {k: r[k] for k in ("qid", "journey", "question", "command", "home") if k in r}
+        data["results"][i] = keep | new | {"ask_json": r.get("ask_json"), "killed": killed, "stderr": stderr}
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    print(table(data["results"]))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,9 +448,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ask-args", default="", help="extra `tunepilot ask` arguments, e.g. '--llm-timeout 600'")
     ap.add_argument("--record-dir", default="", help="where each question's HTTP exchanges go, as QID.json (default: OUT without .json + .exchanges/)")
     ap.add_argument("--repo", default=str(ROOT), help="the tunepilot checkout whose `ask` to run (default: this one), e.g. a snapshot of main")
+    ap.add_argument("--rescore", default="", help="score a results JSON again from its saved ask output and exchanges "
+                    "(--record-dir, default next to it) and rewrite it: for a scorer fix, no model calls")
     ap.add_argument("--table", default="", help="only print the table of a results JSON written before (no server needed)")
     ap.add_argument("--label", default="", help="a name for this run in the JSON (e.g. before/after)")
     args = ap.parse_args(argv)
+    if args.rescore:
+        return rescore(Path(args.rescore), Path(args.record_dir) if args.record_dir else None, args.base_url)
     if args.table:
         data = json.loads(Path(args.table).read_text())
         print(f"{data.get('label') or args.table} ({data.get('model')}, {data.get('date')}, timeout {data.get('timeout_s')} s)\n")
