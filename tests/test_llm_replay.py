@@ -67,8 +67,11 @@ def test_recorded_conversation_replays_through_the_real_client_and_agent(name, t
     assert [s["tool"] for s in result.tool_calls] == [n for n, _a in calls]
     for step, (_n, args) in zip(result.tool_calls, calls):
         assert step["args"] == {k: v for k, v in args.items() if v is not None}
-    assert answer and answer in result.answer
-    assert result.stopped is None
+    if rec["meta"]["ended"] == "limit":  # the real model kept calling tools until the model-call limit
+        assert result.stopped == "limit" and len(server.requests) == result.tool_calls.__len__()
+    else:
+        assert result.stopped is None
+        assert answer and answer in result.answer
 
 
 def test_the_recordings_cover_structured_text_and_plain_replies():
@@ -88,15 +91,16 @@ def test_the_recordings_cover_structured_text_and_plain_replies():
     assert kinds == {"structured", "text call", "plain"}
 
 
-def test_a_recording_replays_as_a_stream_too(tmp_path):
+@pytest.mark.parametrize("name", NAMES)
+def test_recorded_conversation_replays_as_a_stream_too(name, tmp_path):
     """The same real replies served as SSE chunks (the client streams when tokens are shown)."""
-    name = next(n for n in NAMES if any(e["response"] and '"tool_calls"' in e["response"] for e in load(n)["exchanges"]))
     rec, server, result, offered, tokens = _replay(name, tmp_path, stream=True)
     assert server.problems == []
-    assert all(r.get("stream") for r in server.requests)
+    assert server.requests and all(r.get("stream") for r in server.requests)
     calls, answer = _expected(server, offered)
     assert [s["tool"] for s in result.tool_calls] == [n for n, _a in calls]
-    assert answer in result.answer and answer.split()[0] in "".join(tokens)
+    if rec["meta"]["ended"] != "limit":
+        assert answer in result.answer and answer.split()[0] in "".join(tokens)
 
 
 def test_a_real_fenced_json_call_runs_the_tool_and_odd_json_gets_a_clear_line(tmp_path):
