@@ -10,6 +10,7 @@ bisected to 1k steps) come from the analytic tier, as the planner searches.
 
     python bench/bench_loss_paths.py            # simulated peaks (a few minutes on 2 cores)
     python bench/bench_loss_paths.py --fast     # analytic only (seconds)
+    python bench/bench_loss_paths.py --fast --all-offload   # offloading rows for every loss path
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fast", action="store_true", help="analytic tier for the peaks too")
     ap.add_argument("--gpu", default="RTX 4090")
+    ap.add_argument("--all-offload", action="store_true", help="activation offloading rows for every loss path (default: trl_fused only)")
     args = ap.parse_args(argv)
     hw = parse_hardware(args.gpu)
     usable = hw.gpu.memory_gib * (1 - MARGIN)
@@ -82,6 +84,8 @@ def main(argv=None) -> int:
         for seq in SEQS:
             for loss in LOSS_IMPLS:
                 for offload in (False, True):
+                    if offload and loss != "trl_fused" and not args.all_offload:
+                        continue  # the script's default loss with offloading; --all-offload for every path
                     t0 = time.perf_counter()
                     e = estimate(spec, setup_for(model_id, loss, seq, 1, offload), hw, fast=args.fast, advice=False)
                     secs = time.perf_counter() - t0

@@ -183,6 +183,13 @@ GRID = [
     ("llama", dict(method="lora", packing=True, gradient_checkpointing=True, max_length=512, per_device_train_batch_size=4)),
     ("mixtral", dict(method="lora", lora_dropout=0.0, gradient_checkpointing=True)),
     ("mixtral", dict(method="lora", lora_dropout=0.0, gradient_checkpointing=False)),
+    # loss paths (issue 12): transformers' full logits, Liger's chunks, CCE; Liger's layer kernels; trl's offloading
+    ("llama", dict(method="lora", loss_impl="hf", gradient_checkpointing=False, max_length=256)),
+    ("llama", dict(method="full", loss_impl="liger", max_length=256)),
+    ("llama", dict(method="lora", loss_impl="cce", gradient_checkpointing=False, max_length=256)),
+    ("llama", dict(method="lora", use_liger_kernel=True, gradient_checkpointing=False, max_length=256)),
+    ("llama", dict(method="lora", activation_offloading=True, gradient_checkpointing=False, max_length=512)),
+    ("llama", dict(method="qlora", activation_offloading=True, max_length=512)),
 ]
 
 
