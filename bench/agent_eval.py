@@ -332,6 +332,8 @@ def score(q: Question, *, out: Optional[dict], stdout: str, stderr: str, rc: Opt
         ended = "timeout"
     elif stopped == "limit" or limit_text.search(answer):
         ended = "limit"
+    elif stopped == "loop":  # the agent's repeat guard ended the turn with what the tools found
+        ended = "loop"
     elif stopped == "confirm":  # paused for the person's yes to a trial: consent works, the answer is not final
         ended = "asks-yes"
     elif max_repeat >= 3:
@@ -361,10 +363,10 @@ def score(q: Question, *, out: Optional[dict], stdout: str, stderr: str, rc: Opt
     first_body = exchanges[0]["request"] if exchanges and isinstance(exchanges[0].get("request"), dict) else None
     usage_prompt = [((r.get("usage") or {}).get("prompt_tokens")) for r in replies]
     first_tokens = (prompt_tokens(upstream, first_body) if (upstream and first_body) else None) or (usage_prompt[0] if usage_prompt else None)
-    answered = (ended == "ok" and bool(calls) and v["any"] and not contradicts and bool(claims) and not ungrounded
-                and kept["kept"] and lang_ok)
+    shown = (bool(calls) and v["any"] and not contradicts and bool(claims) and not ungrounded and kept["kept"] and lang_ok)
+    answered = ended == "ok" and shown
     return {
-        "answered": answered, "ended": ended, "rc": rc, "wall_s": round(wall, 1),
+        "answered": answered, "engine_answer_shown": shown, "ended": ended, "rc": rc, "wall_s": round(wall, 1),
         "tools": [c["tool"] for c in calls], "tool_status": [c.get("status") for c in calls],
         "model_calls": len(exchanges), "aborted_calls": sum(1 for e in exchanges if e.get("aborted")),
         "prompt_tokens_first": first_tokens, "prompt_tokens_max": max([p for p in usage_prompt if p] or [0]) or None,
@@ -383,9 +385,9 @@ def score(q: Question, *, out: Optional[dict], stdout: str, stderr: str, rc: Opt
 # ------------------------------------------------------------------------------------------
 
 def table(results: list[dict]) -> str:
-    head = ("| question | ended | answered | tools | numbers ok/claimed | verdict | request kept | lang | "
+    head = ("| question | ended | answered | engine verdict+numbers shown | tools | numbers ok/claimed | verdict | request kept | lang | "
             "unconfirmed trials | model calls | prompt tok (first/max) | wall s |")
-    rows = [head, "|" + "---|" * 12]
+    rows = [head, "|" + "---|" * 13]
     for r in results:
         n = r["numbers"]
         ok = len(n["claimed"]) - len(n["ungrounded"])
@@ -403,11 +405,13 @@ def table(results: list[dict]) -> str:
         if not r["tools"]:
             kept = "- (no tool called)"
         lang = f"{r['hangul_ratio']:.2f} {'ok' if r['language_ok'] else 'WRONG'}" if r["answer"] else "- (no answer)"
-        rows.append(f"| {r['qid']} | {r['ended']} | {'**yes**' if r['answered'] else 'no'} | {tools} | {ok}/{len(n['claimed'])} | "
+        rows.append(f"| {r['qid']} | {r['ended']} | {'**yes**' if r['answered'] else 'no'} | "
+                    f"{'yes' if r.get('engine_answer_shown') else 'no'} | {tools} | {ok}/{len(n['claimed'])} | "
                     f"{verdict_cell} | {kept} | {lang} | "
                     f"{r['trials_run_unconfirmed']} | {r['model_calls']} | {r['prompt_tokens_first'] or '-'}/{r['prompt_tokens_max'] or '-'} | {r['wall_s']} |")
     total = len(results)
-    summary = (f"\nanswered with the engine's verdict and numbers: {sum(r['answered'] for r in results)}/{total}; "
+    summary = (f"\nanswered with the engine's verdict and numbers: {sum(r['answered'] for r in results)}/{total} "
+               f"(shown, however the turn ended: {sum(bool(r.get('engine_answer_shown')) for r in results)}/{total}); "
                f"timeouts: {sum(r['ended'].startswith('timeout') for r in results)}; "
                f"limit/loops: {sum(('limit' in r['ended'] or 'loop' in r['ended']) for r in results)}; "
                f"unconfirmed trials: {sum(r['trials_run_unconfirmed'] for r in results)}; "
