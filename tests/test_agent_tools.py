@@ -135,9 +135,14 @@ def test_knobs_at_the_top_level_and_old_names_are_accepted(tmp_path):
     b = json.loads(_invoke("estimate_memory", ctx, model=POLYGLOT, hardware="T4", setup={"rank": 8, "micro_batch": 2}, seq_len=256, fast=True).content)
     assert a["setup"]["r"] == b["setup"]["r"] == 8 and a["setup"]["micro_batch"] == b["setup"]["micro_batch"] == 2
     assert a["setup_id"] == b["setup_id"] and a["memory"] == b["memory"]
-    # a knob nobody knows is refused with the list of real ones
+    # a knob nobody knows is left out, and the result says so with the list of real ones
+    c = json.loads(_invoke("estimate_memory", ctx, model=POLYGLOT, hardware="T4", setup={"warp_speed": 9, "r": 8}, seq_len=256,
+                           fast=True).content)
+    assert c["setup"]["r"] == 8 and "warp_speed" not in c["setup"]
+    assert any("ignored unknown knob(s) 'warp_speed'" in n and "per_device_train_batch_size" in n for n in c["assumptions"])
+    # where there is no result to carry the note, it is still an error naming the knob
     with pytest.raises(TunepilotError, match="unknown knob 'warp_speed'.*per_device_train_batch_size"):
-        _invoke("estimate_memory", ctx, model=POLYGLOT, setup={"warp_speed": 9})
+        agent_tools.normalise_knobs({"warp_speed": 9})
 
 
 def test_user_errors_raise_tunepilot_errors_naming_the_field(tmp_path):

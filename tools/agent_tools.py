@@ -275,15 +275,27 @@ def is_knob(key: str) -> bool:
     return name in TrainingSetup.model_fields or name in _SPECIAL_KNOBS
 
 
-def normalise_knobs(setup: dict | None) -> dict:
-    """`setup` with aliases mapped to TrainingSetup names; an unknown knob is an error that lists the common ones."""
+def normalise_knobs(setup: dict | None, notes: list[str] | None = None) -> dict:
+    """`setup` with aliases mapped to TrainingSetup names.
+
+    An unknown knob is an error that lists the common ones; with `notes`, it is left out and the note says
+    so (a weak model invents knobs such as 'quantization' and, refused, retries the same call until a
+    guard stops the turn: measured with the local 1.5B model in bench/agent_eval.py)."""
     out: dict[str, Any] = {}
+    unknown: list[str] = []
     for key, value in (setup or {}).items():
         name = _knob_name(key)
         if name not in TrainingSetup.model_fields and name not in _SPECIAL_KNOBS:
-            raise TunepilotError(
-                f"setup: unknown knob {key!r}; setup takes TrainingSetup fields by name, e.g. {', '.join(COMMON_KNOBS)}")
+            unknown.append(str(key))
+            continue
         out[name] = value
+    if unknown:
+        listed = ", ".join(repr(k) for k in unknown)
+        if notes is None:
+            raise TunepilotError(
+                f"setup: unknown knob {listed}; setup takes TrainingSetup fields by name, e.g. {', '.join(COMMON_KNOBS)}")
+        notes.append(f"setup: ignored unknown knob(s) {listed} (setup takes TrainingSetup fields by name, "
+                     f"e.g. {', '.join(COMMON_KNOBS)})")
     return out
 
 
@@ -461,7 +473,7 @@ def resolve_setup(args: Any, ctx: ToolContext | None = None) -> tuple[TrainingSe
     if not same_model and base is not None and not getattr(args, "hardware", None) and base.gpu:
         fields["gpu"] = base.gpu
         fields["num_gpus"] = base.num_gpus
-    knobs = normalise_knobs(getattr(args, "setup", None))
+    knobs = normalise_knobs(getattr(args, "setup", None), notes)
     hardware_text = getattr(args, "hardware", None) or knobs.pop("hardware", None) or knobs.pop("gpu", None)
     knobs.pop("model", None)
     hardware = None
