@@ -361,3 +361,51 @@ def test_activation_offload_costs_pcie_time():
     assert off.by_phase["offload"] > 0 and base.by_phase["offload"] == 0
     # 20 GB there and back over PCIe 4.0 (~22 GB/s achievable) cannot hide under ~0.03 s of compute
     assert off.step_seconds > base.step_seconds + 1.0
+
+
+def test_sharded_step_collectives_move_the_whole_model():
+    """The sharded dry run holds rank 0's shards; the all-gather / reduce-scatter still move every
+    parameter and gradient: the collective sizes equal those of the unsharded step of the same setup."""
+    from tools.memory import simulate
+
+    spec = tiny_spec()
+    for kw in (dict(method="full", dtype="bf16", bf16=False), dict(method="full"), dict(method="lora", dtype="bf16", bf16=False)):
+        st = setup(num_gpus=2, fsdp="full_shard", **kw)
+        sharded = simulate(spec, st)
+        assert sharded.world_size == 2
+        unsharded = simulate(spec, setup(**kw))
+        got = timing._collective_bytes(sharded, st)
+        want = timing._collective_bytes(unsharded, st)
+        assert got[0] == pytest.approx(want[0], rel=0.02), kw
+        assert got[1] == pytest.approx(want[1], rel=0.02), kw
+
+
+def test_paged_optimizer_pages_over_pcie_only_when_states_do_not_fit():
+    """paged_adamw_*: the states that do not fit beside the step migrate in and out over PCIe every
+    optimizer step (2x the overflow at the pinned-copy rate); when they fit, nothing is charged."""
+    from types import SimpleNamespace
+
+    gib = 1 << 30
+    st = setup(method="full", optim="paged_adamw_32bit")
+    hw = parse_hardware("RTX 4090")  # 24 GiB
+    fits = SimpleNamespace(peak_bytes=10 * gib, optimizer_bytes=4 * gib, allocator_overhead_bytes=0)
+    over = SimpleNamespace(peak_bytes=60 * gib, optimizer_bytes=50 * gib, allocator_overhead_bytes=0)
+    assert timing.paged_overflow(fits, st, hw) == 0
+    ov = timing.paged_overflow(over, st, hw)
+    assert ov == pytest.approx(60 * gib + timing.PAGED_RESERVE_BYTES - hw.gpu.memory_gib * gib)
+    # at most the states themselves page
+    huge = SimpleNamespace(peak_bytes=200 * gib, optimizer_bytes=50 * gib, allocator_overhead_bytes=0)
+    assert timing.paged_overflow(huge, st, hw) == 50 * gib
+    # not paged: never
+    assert timing.paged_overflow(over, setup(method="full", optim="adamw_torch"), hw) == 0
+    counts = {("forward", "matmul", "bf16", 10**12, 10**8, 1.0, False, "mm"): 1.0,
+              ("backward", "matmul", "bf16", 2 * 10**12, 2 * 10**8, 1.0, False, "mm"): 1.0}
+    kw = dict(param_bytes=1e9, grad_bytes=1e9, trainable_params=1e8, num_params=1e9)
+    base = timing.step_time(counts, st, hw, **kw)
+    paged = timing.step_time(counts, st, hw, paged_overflow_bytes=ov, **kw)
+    want = 2 * ov / (hw.gpu.pcie_gbs * timing.PCIE_EFF * 1e9)
+    assert paged.step_seconds - base.step_seconds == pytest.approx(want, rel=1e-6)
+    assert any("paged optimizer" in n for n in paged.notes)
+    # a wider PCIe link is never slower
+    h100 = parse_hardware("H100 SXM 80GB")
+    assert timing.step_time(counts, st, h100, paged_overflow_bytes=ov, **kw).step_seconds < paged.step_seconds

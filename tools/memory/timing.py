@@ -113,6 +113,15 @@ OFFLOAD_OVERLAP = 0.50
 # bandwidth available to it.
 HOST_OPTIMIZER_BYTES_PER_PARAM = 16.0
 HOST_MEMORY_GBS = 40.0
+# Paged optimizers (bitsandbytes paged_adamw_*: states in CUDA unified memory). When the states do not
+# fit beside everything else, the driver migrates the non-resident pages to the GPU for the update
+# and evicts them again when the next forward allocates: 2x the overflow crosses PCIe per optimizer
+# step. bitsandbytes prefetches the pages of each state before its update (cudaMemPrefetchAsync),
+# which migrates at close to the copy rate (NVIDIA, "Maximizing Unified Memory Performance in CUDA",
+# 2017: prefetching reaches near the PCIe copy bandwidth, on-demand faults far less): taken at the
+# pinned-copy rate (PCIE_EFF). The CUDA context and the allocator's slack also take device memory:
+# PAGED_RESERVE_BYTES (assumed 1 GiB) are not available to the pages.
+PAGED_RESERVE_BYTES = 1 << 30
 
 PHASES = ("forward", "recompute", "backward", "optimizer")
 OP_CLASSES = ("matmul", "attention", "elementwise", "norm_softmax", "optimizer", "dequant")
@@ -664,12 +673,14 @@ def _exposed(comm: float, compute: float, overlap: float = COMM_OVERLAP) -> floa
 
 
 def step_time(counts: dict[Record, float], setup, hardware, *, param_bytes: float, grad_bytes: float,
-              trainable_params: float, num_params: float, activation_offload_bytes: float = 0.0) -> StepTime:
+              trainable_params: float, num_params: float, activation_offload_bytes: float = 0.0,
+              paged_overflow_bytes: float = 0.0) -> StepTime:
     """Time of one optimizer step of `setup` on `hardware` from a (full-depth) trace of one micro-batch step.
 
     param_bytes: bytes of the (unsharded) model weights as the collectives move them; grad_bytes:
     bytes of all gradients of one replica as they are reduced. The trace is of one replica's step;
-    ZeRO/FSDP shard the optimizer work by the world size.
+    ZeRO/FSDP shard the optimizer work by the world size. paged_overflow_bytes: bytes of a paged
+    optimizer's states that do not fit in GPU memory (they migrate in and out once per optimizer step).
     """
     rates = gpu_rates(hardware.gpu)
     # per phase: GPU time by op class, host dispatch time, FLOPs
@@ -730,6 +741,11 @@ def step_time(counts: dict[Record, float], setup, hardware, *, param_bytes: floa
         offload_micro += exposed
         notes.append(f"activation offload: {activation_offload_bytes / 1e9:.2f} GB to the host and back per micro-batch "
                      f"({t:.3f} s over PCIe, {exposed:.3f} s exposed)")
+    if paged_overflow_bytes > 0:
+        t = 2 * pcie_seconds(paged_overflow_bytes, hardware.gpu)
+        offload_step += t
+        notes.append(f"paged optimizer: {paged_overflow_bytes / 1e9:.1f} GB of its states do not fit in GPU memory and "
+                     f"migrate in and out over PCIe every optimizer step ({t:.2f} s)")
     opt = phase_t["optimizer"] * opt_scale
     comm_micro = comm_step = 0.0
     if n > 1:
@@ -787,15 +803,29 @@ def _collective_bytes(step, setup) -> tuple[float, float]:
     ZeRO-3/FSDP all-gather the parameters in the compute dtype under mixed precision (FSDP
     MixedPrecision param_dtype, DeepSpeed's bf16/fp16 partitions), else as stored (4-bit packed
     weights for QLoRA); gradients are reduced in the compute dtype under mixed precision.
+    A sharded dry run (`step.world_size` > 1) holds rank 0's shards: its weight and gradient bytes
+    are 1/world_size of what the collectives gather and reduce, so they are scaled back up.
     """
     mixed = setup.bf16 or setup.fp16
     quant = setup.load_in_4bit or setup.load_in_8bit
+    ws = max(1, int(getattr(step, "world_size", 1) or 1))
     if mixed and not quant:
         params = 2.0 * step.num_parameters
     else:
-        params = float(step.weights_bytes + step.adapter_bytes)
-    grads = 2.0 * step.trainable_parameters if mixed else float(step.gradient_bytes)
+        params = float(step.weights_bytes + step.adapter_bytes) * ws
+    grads = 2.0 * step.trainable_parameters if mixed else float(step.gradient_bytes) * ws
     return params, grads
+
+
+def paged_overflow(step, setup, hardware) -> float:
+    """Bytes of a paged optimizer's states that do not fit in one GPU's memory beside the rest of the
+    step (0 for other optimizers): the peak live bytes plus the allocator's overhead plus
+    PAGED_RESERVE_BYTES over the GPU's memory, at most the states themselves."""
+    if not str(setup.optim).startswith("paged_"):
+        return 0.0
+    cap = float(hardware.gpu.memory_gib) * (1 << 30)
+    need = float(step.peak_bytes) + float(getattr(step, "allocator_overhead_bytes", 0) or 0) + PAGED_RESERVE_BYTES
+    return float(min(float(step.optimizer_bytes), max(0.0, need - cap)))
 
 
 def flash_causal(counts: dict[Record, float], setup) -> dict[Record, float]:
@@ -820,7 +850,7 @@ def time_from_step(step, setup, hardware) -> StepTime:
     act = float(getattr(step, "offload_traffic_bytes", 0) or getattr(step, "offload_host_bytes", 0) or 0) if getattr(setup, "activation_offloading", False) else 0.0
     return step_time(counts, setup, hardware, param_bytes=params, grad_bytes=grads,
                      trainable_params=float(step.trainable_parameters), num_params=float(step.num_parameters),
-                     activation_offload_bytes=act)
+                     activation_offload_bytes=act, paged_overflow_bytes=paged_overflow(step, setup, hardware))
 
 
 def analytic_collective_bytes(model, setup) -> tuple[float, float, float]:
@@ -848,13 +878,17 @@ def time_analytic(model, setup, hardware) -> StepTime:
 
     counts = analytic_counts(model, setup)
     params, grads, trainable = analytic_collective_bytes(model, setup)
-    act = 0.0
-    if getattr(setup, "activation_offloading", False):
-        # the same PCIe traffic the traced step is charged (the saved activations, to the host and back)
+    act = paged = 0.0
+    if getattr(setup, "activation_offloading", False) or str(setup.optim).startswith("paged_"):
+        # the same PCIe traffic the traced step is charged (the saved activations to the host and back;
+        # a paged optimizer's states that do not fit)
         from tools.analytic import analytic_step_memory
 
-        act = float(analytic_step_memory(model, setup).offload_traffic_bytes or 0)
+        mem = analytic_step_memory(model, setup)
+        if getattr(setup, "activation_offloading", False):
+            act = float(mem.offload_traffic_bytes or 0)
+        paged = paged_overflow(mem, setup, hardware)
     st = step_time(counts, setup, hardware, param_bytes=params, grad_bytes=grads, trainable_params=trainable,
-                   num_params=float(model.num_parameters), activation_offload_bytes=act)
+                   num_params=float(model.num_parameters), activation_offload_bytes=act, paged_overflow_bytes=paged)
     st.notes.insert(0, "op records written down from the model's shapes (analytic tier, tools/memory/timing_analytic.py)")
     return st
