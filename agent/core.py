@@ -30,6 +30,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -122,6 +123,22 @@ def _turn_messages(messages: list) -> list:
     return list(messages)
 
 
+def _person_text(messages: list) -> str:
+    """The person's message of the current turn."""
+    for m in reversed(messages):
+        if getattr(m, "type", "") == "human":
+            return _text(m.content)
+    return ""
+
+
+@lru_cache(maxsize=64)
+def person_request(text: str):
+    """What the person's message states (agent.request.read_request), read once per message."""
+    from agent.request import read_request
+
+    return read_request(text)
+
+
 def _fingerprint(name: str, args: dict, base: str) -> str:
     """Same tool, same arguments, same setup to start from: the same result (the engine is deterministic)."""
     import hashlib
@@ -142,6 +159,7 @@ def _context_middleware(workdir: Path, allow_trial: bool, tool_limits: dict[str,
     from langchain.agents.middleware import wrap_tool_call
     from langchain_core.messages import AIMessage, ToolMessage
 
+    from agent.request import SETUP_TOOLS, correct_args
     from tools.agent_tools import ToolContext, tool_context
 
     @wrap_tool_call
@@ -174,6 +192,12 @@ def _context_middleware(workdir: Path, allow_trial: bool, tool_limits: dict[str,
         try:
             turn = _turn_messages(seen)
             args = call.get("args") or {}
+            fixes: list[str] = []
+            if name in SETUP_TOOLS:  # the person's own figures where the call lost or changed them
+                first = not any(isinstance(m, ToolMessage) and m.name in SETUP_TOOLS and m.status != "error" for m in turn)
+                args, fixes = correct_args(name, args, person_request(_person_text(seen)), first=first)
+                if fixes:
+                    request = request.override(tool_call={**call, "args": args})
             fingerprint = _fingerprint(name, args, _setup_key(seen))
             # a call repeats an earlier one when it starts from the same setup, or from the setup that one
             # produced (setting the same fields again gives the same setup: the same result)
@@ -203,6 +227,10 @@ def _context_middleware(workdir: Path, allow_trial: bool, tool_limits: dict[str,
                 t0 = time.perf_counter()
                 with tool_context(ctx):
                     result = handler(request)
+                if isinstance(result, ToolMessage) and fixes:
+                    result.content = _with_note(_text(result.content), fixes)
+                    result.response_metadata = {**(result.response_metadata or {}), "tunepilot_args": args,
+                                                "tunepilot_corrected": fixes}
                 if isinstance(result, ToolMessage):
                     result.response_metadata = {**(result.response_metadata or {}), "tunepilot_fingerprint": fingerprint,
                                                 "tunepilot_fingerprint_after": _fingerprint(name, args, _setup_key(seen + [result])),
@@ -220,6 +248,19 @@ def _context_middleware(workdir: Path, allow_trial: bool, tool_limits: dict[str,
     return tunepilot_tool_context
 
 
+def _with_note(content: str, fixes: list[str]) -> str:
+    """A tool result with the arguments tunepilot put back from the person's message (a key of its JSON when it is JSON)."""
+    import json as _json
+
+    try:
+        obj = _json.loads(content)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict):
+        return _json.dumps({**obj, "from_your_message": fixes}, separators=(", ", ": "), ensure_ascii=False)
+    return content + "\nnote: " + "; ".join(fixes)
+
+
 def _argument_error(text: str, tool: str) -> str:
     """ToolNode's argument-validation message, as one 'error:' line naming each field with its full reason."""
     if "with error:" not in text:  # e.g. a tool name the model made up
@@ -229,6 +270,91 @@ def _argument_error(text: str, tool: str) -> str:
     body = body.replace("Please fix the error and try again.", "")
     problems = [" ".join(line.split()) for line in body.splitlines() if line.strip()]
     return f"error: {tool} arguments: {'; '.join(problems) or ' '.join(text.split())}. Fix them and call {tool} again."
+
+
+def _answer_middleware():
+    """Once the tools have answered, the model only writes the answer; a poor answer gives way to the engine's
+    (agent/answer.py). And when the model answers a question naming a model and GPUs without asking the engine,
+    tunepilot asks it itself (plan_training) so the answer carries the engine's verdict and numbers."""
+    import uuid
+
+    from langchain.agents.middleware import ModelResponse, wrap_model_call
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from agent.answer import (EXTRA_ROUNDS, answer_instruction, answer_ready, engine_answer, engine_results, redundant_call,
+                              reply_problems, rounds_after_ready)
+
+    def parts(response) -> list:
+        return list(response.result) if isinstance(response, ModelResponse) else [response]
+
+    def rebuilt(response, message):
+        if isinstance(response, ModelResponse):
+            msgs = list(response.result)
+            idx = max(i for i, m in enumerate(msgs) if isinstance(m, AIMessage))
+            msgs[idx] = message
+            return ModelResponse(result=msgs, structured_response=response.structured_response)
+        return message
+
+    def offered(request, name: str) -> bool:
+        return any((t.get("name") if isinstance(t, dict) else getattr(t, "name", "")) == name for t in request.tools or [])
+
+    def checked(response, ai, turn, req, reply: str, problems: list[str]):
+        meta = dict(ai.response_metadata or {})
+        if problems:
+            engine = engine_answer(turn, req)
+            if engine:
+                meta |= {"tunepilot_answer": "engine", "tunepilot_answer_why": problems, "tunepilot_model_text": reply[:4000]}
+                return rebuilt(response, AIMessage(content=engine, id=ai.id, response_metadata=meta))
+        meta["tunepilot_answer"] = "model"
+        return rebuilt(response, AIMessage(content=reply, id=ai.id, response_metadata=meta))
+
+    def answer_now(request, handler, messages, turn, req):
+        response = handler(request.override(tools=[], tool_choice=None,
+                                                        messages=[*messages, HumanMessage(content=answer_instruction(req))]))
+        ai = next((m for m in reversed(parts(response)) if isinstance(m, AIMessage)), None)
+        if ai is None:
+            return response
+        reply = _text(ai.content).strip()
+        asked_tool = ai.tool_calls or (ai.response_metadata or {}).get("tunepilot_text_tool_calls")
+        problems = ["the model asked for another tool"] if asked_tool else reply_problems(reply, turn, req)
+        return checked(response, ai, turn, req, reply, problems)
+
+    @wrap_model_call
+    def tunepilot_answer_phase(request, handler):
+        """Answer from the tool results once they hold the answer; route to plan_training when the model did not."""
+        messages = list(request.messages)
+        turn = _turn_messages(messages)
+        req = person_request(_person_text(messages))
+        ready = bool(request.tools) and answer_ready(turn, req)
+        response = handler(request)
+        ai = next((m for m in reversed(parts(response)) if isinstance(m, AIMessage)), None)
+        if ai is None:
+            return response
+        if ready:
+            if ai.tool_calls:
+                keep = [tc for tc in ai.tool_calls if not redundant_call(tc, turn, req)]
+                if keep and rounds_after_ready(turn, req) < EXTRA_ROUNDS:
+                    return rebuilt(response, ai.model_copy(update={"tool_calls": keep}) if len(keep) != len(ai.tool_calls) else ai)
+                return answer_now(request, handler, messages, turn, req)  # every call would repeat what the tools said
+            reply = _text(ai.content).strip()
+            return checked(response, ai, turn, req, reply, reply_problems(reply, turn, req))
+        routed_before = any(getattr(m, "type", "") == "tool" and m.name == "plan_training" for m in turn)
+        if (not ai.tool_calls and req.model and req.hardware and offered(request, "plan_training")
+                and not engine_results(turn) and not routed_before):
+            args = {"model": req.model, "hardware": req.hardware}
+            if req.seq_len:
+                args["seq_len"] = req.seq_len
+            if req.examples:
+                args["dataset_examples"] = req.examples
+            if req.method:
+                args["method"] = req.method
+            call = {"name": "plan_training", "args": args, "id": f"call_route_{uuid.uuid4().hex[:12]}", "type": "tool_call"}
+            meta = {**(ai.response_metadata or {}), "tunepilot_routed": "plan_training",
+                    "tunepilot_model_text": _text(ai.content)[:4000]}
+            return rebuilt(response, AIMessage(content="", tool_calls=[call], id=ai.id, response_metadata=meta))
+        return response
+
+    return tunepilot_answer_phase
 
 
 LOOP_NODE = "TunepilotLoopGuard"
@@ -365,12 +491,16 @@ DEFAULT_TOOL_LIMITS = {"*": 4, "estimate_memory": 6, "run_trial": 1, "plan_train
 
 def build_agent(chat_model, *, checkpointer=None, max_model_calls: int = DEFAULT_MAX_MODEL_CALLS,
                 workdir: str | Path | None = None, allow_trial: bool = True, tools: list | None = None,
-                context_tokens: int | None = None, tool_limits: dict[str, int] | None = None):
+                context_tokens: int | None = None, tool_limits: dict[str, int] | None = None, answer_phase: bool = True):
     """The compiled tunepilot agent for a LangChain chat model (threads kept by `checkpointer`, in memory by default).
 
     `run_trial` pauses for the person's yes (HumanInTheLoopMiddleware; `run_turn(confirm=...)`);
     repeated identical calls get their earlier result back; each tool has a per-turn call limit;
-    the history is trimmed to `context_tokens` (the server's context, when known)."""
+    the history is trimmed to `context_tokens` (the server's context, when known). With `answer_phase`
+    (the default) the model answers once the tool results hold the answer (one more tool round allowed),
+    a reply with numbers no tool produced gives way to the engine's answer, and a question naming a model
+    and GPUs that the model answered without a tool is routed to plan_training (agent/answer.py);
+    answer_phase=False leaves only the guards (used to test them alone)."""
     from langchain.agents import create_agent
     from langchain.agents.middleware import HumanInTheLoopMiddleware, ModelCallLimitMiddleware, ToolErrorMiddleware
     from langgraph.checkpoint.memory import InMemorySaver
@@ -391,6 +521,7 @@ def build_agent(chat_model, *, checkpointer=None, max_model_calls: int = DEFAULT
                for name in CONSENT_TOOLS if any(getattr(t, "name", "") == name for t in tool_list)}
     middleware = [
         _context_middleware(workdir, allow_trial, {**DEFAULT_TOOL_LIMITS, **(tool_limits or {})}),
+        *([_answer_middleware()] if answer_phase else []),  # tools answered: the model writes the answer; routing fallback
         text_tool_calls_middleware(),  # a tool call the model wrote as text becomes a real one
         ToolErrorMiddleware(on_error=tool_error_observation),
         ModelCallLimitMiddleware(run_limit=max_model_calls, exit_behavior="end"),
@@ -582,12 +713,16 @@ def _drive(agent, thread_id: str, first_input: Any, *, on_step, allow_trial, on_
                         elif isinstance(msg, ToolMessage):
                             name, args, t0 = pending.pop(msg.tool_call_id, (msg.name or "?", {}, time.perf_counter()))
                             meta = msg.response_metadata or {}
+                            if isinstance(meta.get("tunepilot_args"), dict):  # what ran: the person's figures put back
+                                args = _short_args(meta["tunepilot_args"])
                             seconds = meta.get("tunepilot_seconds", time.perf_counter() - t0)
                             failed = msg.status == "error" or _text(msg.content).startswith("error:")
                             step = {"tool": name, "args": args, "seconds": round(float(seconds), 2),
                                     "status": "error" if failed else "ok"}
                             if meta.get("tunepilot_repeat"):
                                 step["repeat"] = True
+                            if meta.get("tunepilot_corrected"):
+                                step["corrected"] = list(meta["tunepilot_corrected"])
                             if failed:
                                 step["error"] = _text(msg.content)[:300]
                             art = msg.artifact if isinstance(msg.artifact, dict) else {}

@@ -26,6 +26,7 @@ ENV_TIMEOUT = "TUNEPILOT_LLM_TIMEOUT"
 ENV_RETRIES = "TUNEPILOT_LLM_RETRIES"
 ENV_TEMPERATURE = "TUNEPILOT_LLM_TEMPERATURE"
 ENV_CONTEXT = "TUNEPILOT_LLM_CONTEXT"
+ENV_MAX_TOKENS = "TUNEPILOT_LLM_MAX_TOKENS"
 LOCAL_DUMMY_KEY = "not-needed"
 # A local server on a CPU or a small GPU can take minutes to read a long prompt, and resending
 # the prompt to a server that is still busy with it only doubles the wait: long read timeout, no resend.
@@ -35,6 +36,9 @@ REMOTE_TIMEOUT_S = 120.0
 REMOTE_RETRIES = 2
 CONNECT_TIMEOUT_S = 10.0
 DEFAULT_TEMPERATURE = 0.1
+# A reply is a tool call or an answer of a few paragraphs; a small local model that starts an
+# essay at ~5 tokens/s would otherwise hold the turn for minutes (0 = no cap)
+LOCAL_MAX_TOKENS = 768
 # OpenAI reasoning models accept only their default temperature
 _NO_TEMPERATURE_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 
@@ -47,11 +51,13 @@ class LLMSettings:
     max_retries: int
     temperature: Optional[float]
     local: bool
+    max_tokens: Optional[int] = None  # cap on one reply's tokens (local servers: LOCAL_MAX_TOKENS)
 
     def describe(self) -> str:
         where = "local server" if self.local else "remote API"
         temp = "server default" if self.temperature is None else f"{self.temperature:g}"
-        return f"{where}: timeout {self.timeout:g} s, {self.max_retries} retries, temperature {temp}"
+        cap = f", at most {self.max_tokens} tokens a reply" if self.max_tokens else ""
+        return f"{where}: timeout {self.timeout:g} s, {self.max_retries} retries, temperature {temp}{cap}"
 
 
 def is_local_url(url: str | None) -> bool:
@@ -95,11 +101,17 @@ def llm_settings(*, base_url: str | None = None, timeout: float | None = None, m
         raise TunepilotError(f"--temperature / {ENV_TEMPERATURE}: give a value from 0 to 2, got {temperature:g}")
     if temperature is None and not model_name.lower().startswith(_NO_TEMPERATURE_PREFIXES):
         temperature = DEFAULT_TEMPERATURE
+    max_tokens = _env_number(ENV_MAX_TOKENS, int, None)
+    if max_tokens is not None and max_tokens < 0:
+        raise TunepilotError(f"{ENV_MAX_TOKENS}: give 0 (no cap) or more tokens, got {max_tokens}")
+    if max_tokens is None:
+        max_tokens = LOCAL_MAX_TOKENS if local else 0
     return LLMSettings(
         timeout=float(timeout if timeout is not None else (LOCAL_TIMEOUT_S if local else REMOTE_TIMEOUT_S)),
         max_retries=int(max_retries if max_retries is not None else (LOCAL_RETRIES if local else REMOTE_RETRIES)),
         temperature=temperature,
         local=local,
+        max_tokens=max_tokens or None,
     )
 
 
@@ -193,6 +205,8 @@ def _openai(name: str, *, base_url: str | None, api_key: str | None, settings: L
     kwargs = {"model": name, "base_url": base_url, "api_key": key, "timeout": timeout, "max_retries": settings.max_retries}
     if settings.temperature is not None:
         kwargs["temperature"] = settings.temperature
+    if settings.max_tokens:
+        kwargs["max_tokens"] = settings.max_tokens
     return ChatOpenAI(**kwargs)
 
 

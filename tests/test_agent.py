@@ -158,20 +158,20 @@ def test_tool_errors_come_back_as_observations_and_the_model_recovers(tmp_path):
         return tool_call("estimate_memory", model=LLAMA, hardware="RTX 4090", fast=True)
 
     model = ScriptedChatModel(script=[
-        tool_call("estimate_memory", model=LLAMA, hardware="RTX 9999 Hyper", fast=True),
-        recover,
         tool_call("make_peft_config", model=LLAMA, r=0),  # bad argument: TrainingSetup's own validation
         tool_call("plan_everything", model=LLAMA),  # a tool the model made up
-        tool_call("estimate_memory", setup={"offload": "all", "zero_stage": 0}, fast=True),  # an inconsistent setup
+        tool_call("estimate_memory", model=LLAMA, setup={"offload": "all", "zero_stage": 0}, fast=True),  # an inconsistent setup
+        tool_call("estimate_memory", model=LLAMA, hardware="RTX 9999 Hyper", fast=True),
+        recover,
         lambda m: final("fixed: " + m[-5].content[:60]),
     ])
     _, result, steps = _run(model, "plan for my 9999", workdir=tmp_path)
-    assert [s["status"] for s in steps] == ["error", "ok", "error", "error", "error"]
-    assert steps[3]["error"].startswith("error: plan_everything is not a valid tool") and "plan_training" in steps[3]["error"]
-    assert steps[2]["error"] == "error: invalid setup: r: Input should be greater than or equal to 1"
+    assert [s["status"] for s in steps] == ["error", "error", "error", "error", "ok"]
+    assert steps[1]["error"].startswith("error: plan_everything is not a valid tool") and "plan_training" in steps[1]["error"]
+    assert steps[0]["error"] == "error: invalid setup: r: Input should be greater than or equal to 1"
     # the reason of a refusal reaches the model in full
-    assert steps[4]["error"] == "error: invalid setup: offload: CPU offload needs zero_stage 1-3 or fsdp"
-    assert result.answer.startswith("fixed: error: invalid setup: r:")
+    assert steps[2]["error"] == "error: invalid setup: offload: CPU offload needs zero_stage 1-3 or fsdp"
+    assert result.answer.startswith("fixed: error: invalid setup: offload:")
 
 
 def test_a_bug_in_a_tool_stops_the_turn_but_not_the_thread(tmp_path):

@@ -104,7 +104,7 @@ def test_a_repeated_identical_call_gets_the_earlier_result_back(tmp_path, monkey
     monkeypatch.setattr(estimator, "estimate", counted)
     same = tool_call("estimate_memory", model=POLYGLOT, hardware="T4", seq_len=512, fast=True)
     model = ScriptedChatModel(script=[same, same, lambda m: final(m[-1].content[:120])])
-    agent = build_agent(model, workdir=tmp_path)
+    agent = build_agent(model, workdir=tmp_path, answer_phase=False)
     result = run_turn(agent, "t", "how much memory?")
     assert len(runs) == 1, "the engine ran once; the repeat was answered from the first result"
     assert [s.get("repeat", False) for s in result.tool_calls] == [False, True]
@@ -120,7 +120,7 @@ def test_a_repeated_identical_call_gets_the_earlier_result_back(tmp_path, monkey
 def test_a_model_that_keeps_repeating_a_call_is_stopped_with_the_findings(tmp_path):
     same = tool_call("estimate_memory", model=POLYGLOT, hardware="T4", seq_len=512, fast=True)
     model = ScriptedChatModel(script=[same], repeat_last=True)
-    result = run_turn(build_agent(model, workdir=tmp_path), "t", "how much memory?")
+    result = run_turn(build_agent(model, workdir=tmp_path, answer_phase=False), "t", "how much memory?")
     assert result.stopped == "loop" and model.calls == 3, "the third identical call ends the turn"
     assert result.answer.startswith("I stopped: the model kept repeating the same tool call. What the tools found:")
     assert result.summary and result.summary in result.answer
@@ -142,7 +142,7 @@ def test_a_changed_setup_is_not_a_repeat(tmp_path):
         tool_call("estimate_memory", model=POLYGLOT, hardware="T4", seq_len=512, fast=True), est,
         tool_call("estimate_memory", fast=True, setup={"r": 64}), est, est, final("ok"),
     ])
-    result = run_turn(build_agent(model, workdir=tmp_path, tool_limits={"estimate_memory": 9}), "t", "compare")
+    result = run_turn(build_agent(model, workdir=tmp_path, tool_limits={"estimate_memory": 9}, answer_phase=False), "t", "compare")
     # the 2nd call has other arguments; the 4th has the 2nd's, but after a new setup (r=64), so it runs; the 5th repeats it
     assert [s.get("repeat", False) for s in result.tool_calls] == [False, False, False, False, True]
     assert result.stopped is None and result.answer == "ok"
@@ -154,7 +154,7 @@ def test_per_tool_limit_per_turn_then_the_answer_still_has_the_findings(tmp_path
         return tool_call("estimate_memory", model=POLYGLOT, hardware="T4", seq_len=256 + 64 * n, fast=True)
 
     model = ScriptedChatModel(script=[vary], repeat_last=True)
-    agent = build_agent(model, workdir=tmp_path, max_model_calls=6, tool_limits={"estimate_memory": 3})
+    agent = build_agent(model, workdir=tmp_path, max_model_calls=6, tool_limits={"estimate_memory": 3}, answer_phase=False)
     result = run_turn(agent, "t", "keep estimating")
     statuses = [s["status"] for s in result.tool_calls]
     assert statuses[:3] == ["ok"] * 3 and set(statuses[3:]) == {"error"}
@@ -201,7 +201,7 @@ def test_a_setup_id_from_an_earlier_plan_is_accepted(tmp_path):
         tool_call("plan_training", model=POLYGLOT, hardware="T4", seq_len=256, exact=False),
         script_first_plan, final("ok"),
     ])
-    result = run_turn(build_agent(model, workdir=tmp_path), "t", "two plans, script the first")
+    result = run_turn(build_agent(model, workdir=tmp_path, answer_phase=False), "t", "two plans, script the first")
     assert result.setup.max_length == 512
 
 

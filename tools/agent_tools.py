@@ -667,6 +667,8 @@ class PlanArgs(_ToolArgs):
     # "num_generations": 8, "use_vllm": true}; kept out of the argument schema (few arguments, one setup object)
     objective: SkipJsonSchema[str] = "sft"
     objective_knobs: SkipJsonSchema[dict] = {}
+    # set by the agent when the person's message names two or more methods ("LoRA or QLoRA?"): one plan each
+    compare_methods: SkipJsonSchema[list[Literal["full", "lora", "qlora"]]] = []
 
     @model_validator(mode="before")
     @classmethod
@@ -707,6 +709,8 @@ def plan_training_tool(**kw) -> tuple[str, dict]:
     from tools.planner import plan as make_plan
 
     args = PlanArgs(**kw)
+    if args.compare_methods:
+        return _compare_plans(kw, [m for m in dict.fromkeys(args.compare_methods)])
     spec = lookup_model(args.model)
     hw = _hardware(args.hardware)
     notes: list[str] = []
@@ -791,6 +795,43 @@ def plan_training_tool(**kw) -> tuple[str, dict]:
     return _dumps(_compact(out)), artifact
 
 
+def _compare_plans(kw: dict, methods: list[str]) -> tuple[str, dict]:
+    """One plan per method the person named; the result is the best of them (fits, then fastest) with each one's summary."""
+    from tools.models import lookup_model
+
+    plans = []
+    for method in methods:
+        text, artifact = plan_training_tool(**{**kw, "method": method, "compare_methods": []})
+        plans.append((method, json.loads(text), artifact))
+
+    def rank(item):
+        _m, out, _a = item
+        tps = ((out.get("time") or {}).get("tokens_per_second") or 0) if isinstance(out.get("time"), dict) else 0
+        return (not out.get("fits"), -tps)
+
+    best_method, best, artifact = min(plans, key=rank)
+    if best.get("fits") and artifact.get("setup") and plans[-1][0] != best_method:  # the last plan wrote train.py: write the best's
+        setup = TrainingSetup.model_validate(artifact["setup"])
+        _setup, script = _write_script(setup, lookup_model(setup.model_id), [])
+        best |= {"script": script["script_path"], "launch_command": script["launch_command"]}
+        artifact |= {k: script[k] for k in ("script", "script_path", "files", "launch_command") if k in script}
+    compared = []
+    for method, out, _a in plans:
+        time = out.get("time") if isinstance(out.get("time"), dict) else {}
+        memory = out.get("memory") if isinstance(out.get("memory"), dict) else {}
+        row = {"method": method, "fits": out.get("fits"), "per_gpu_total_gib": memory.get("per_gpu_total_gib"),
+               "tokens_per_second": time.get("tokens_per_second"), "hours_per_epoch": time.get("hours_per_epoch"),
+               "r": (out.get("setup") or {}).get("r")}
+        compared.append({k: v for k, v in row.items() if v not in (None, "")})
+    best["compared"] = compared
+    line = "; ".join(f"{c['method']}: {'fits' if c.get('fits') else 'does not fit'}"
+                     + (f", {c['per_gpu_total_gib']} GiB per GPU" if c.get("per_gpu_total_gib") is not None else "")
+                     + (f", {c['tokens_per_second']} tokens/s" if c.get("tokens_per_second") else "") for c in compared)
+    best["summary"] = f"{best.get('summary', '')} Compared ({', '.join(methods)}): {line}; recommended: {best_method}."
+    artifact = {**artifact, "summary": best["summary"]}
+    return _dumps(_compact(best)), artifact
+
+
 class EstimateArgs(_ToolArgs):
     model: Optional[str] = Field(default=None, description="Model id; omit to keep the current setup's model.")
     hardware: Optional[str] = Field(default=None, description="GPUs as the user wrote them; omit to keep the current setup's.")
@@ -808,11 +849,36 @@ def estimate_memory_tool(**kw) -> tuple[str, dict]:
     sid = setup_id_of(setup)
     summary = summary_text(setup, memory)
     out = {"setup_id": sid, "summary": summary, "setup": _setup_view(setup), "memory": memory}
+    if hw is not None and memory.get("fits") is False:
+        fix = _smallest_fix(spec, setup, hw, fast=args.fast)
+        if fix is not None:
+            out["smallest_fix"] = fix
+            summary += f" Smallest change that fits: {'; '.join(fix['changes'])}: {fix['per_gpu_total_gib']} GiB per GPU" \
+                       f" (headroom {fix['headroom_gib']} GiB, setup_id {fix['setup_id']})."
+            out["summary"] = summary
     if hw is None:
         out["note"] = "no GPU given: memory only, no fit verdict; pass hardware to check it"
     if notes:
         out["assumptions"] = notes
     return _dumps(_compact(out)), {"setup": setup.model_dump(mode="json"), "setup_id": sid, "memory": memory, "summary": summary}
+
+
+def _smallest_fix(spec: ModelSpec, setup: TrainingSetup, hw: HardwareSpec, *, fast: bool) -> dict | None:
+    """The OOM rescue of a setup that does not fit (tools.rescue), as the model should quote it."""
+    from tools.rescue import smallest_fix
+
+    try:
+        fix = smallest_fix(spec, setup, hw, fast=fast)
+    except TunepilotError:
+        return None
+    if fix is None:
+        return None
+    e = fix.estimate
+    view = {"changes": fix.changes, "setup_id": setup_id_of(fix.setup), "setup": fix.setup.short(),
+            "per_gpu_total_gib": _gib(e.device_total_gib), "headroom_gib": _gib(e.headroom_gib), "fits": e.fits}
+    if fix.notes:
+        view["notes"] = fix.notes
+    return view
 
 
 class PeftConfigArgs(_ToolArgs):

@@ -86,7 +86,36 @@ def _catalog_match(ref: str) -> ModelSpec | None:
         if len(hits) > 1:
             ids = ", ".join(m.model_id for m in hits)
             raise ModelNotFoundError(f"model {ref!r} is ambiguous: it could be {ids}; give the full Hub id")
+        return _base_model_match(key, entries)
     return None
+
+
+_VERSION_SUFFIX = re.compile(r"^(?:v\d+(?:\.\d+)*|hf|base)?$")
+_TUNED = re.compile(r"(?i)instruct|chat|\bit\b|-it$|coder|math|vision|\bvl\b")
+
+
+def _base_model_match(key: str, entries) -> ModelSpec | None:
+    """A name as people write it ("mistral-7b", "llama 3.1 8b") -> the one base model it names, else None.
+
+    Punctuation and case are ignored; what may follow the name is only a version / "hf" / "base" suffix
+    ("Mistral-7B" -> mistralai/Mistral-7B-v0.1), never a tuned variant (Instruct, Chat, Coder)."""
+    want = _norm(key)
+    if len(want) < 4 or not any(c.isdigit() for c in want):
+        return None
+    exact = [m for m in entries if _norm(m.model_id.split("/", 1)[-1]) == want]
+    if len(exact) == 1:
+        return exact[0].model_copy(deep=True)
+    base = []
+    for m in entries:
+        short = m.model_id.split("/", 1)[-1]
+        if _TUNED.search(short):
+            continue
+        parts = re.split(r"[-_]", short)
+        for i in range(1, len(parts) + 1):  # the name up to some dash, then only a version suffix
+            if _norm("-".join(parts[:i])) == want and all(_VERSION_SUFFIX.match(p.lower()) for p in parts[i:]):
+                base.append(m)
+                break
+    return base[0].model_copy(deep=True) if len(base) == 1 else None
 
 
 def suggest(ref: str, n: int = 3) -> list[str]:
