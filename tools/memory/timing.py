@@ -52,18 +52,41 @@ MAMF_BY_GPU: dict[str, float] = {
 }
 MAMF_SOURCE = ("MAMF table (Stas Bekman, ml-engineering, compute/accelerator/README.md): BF16 matmul A100 SXM 271.2/312, "
                "A100 PCIe 252.9/312, H100 SXM 794.5/989 (H200 the same), GH200 828.6/989, B200 1745/2250, MI300X 668.4/1300")
-# GPUs the MAMF table has no row for: the class default (assumed, stated): power-limited boards
-# (PCIe Hopper, workstation/consumer Ampere and Ada) at the A100 PCIe's 81% rounded down; 70-75 W
-# cards (T4, L4) throttle their clocks under sustained tensor load; MI300X as measured.
+# A second, independent set of measurements: the torch-performance-test-data table (zzc0721 on GitHub,
+# database.md: torch.matmul of square bf16/fp16/fp32 matrices up to 10240, best size, one row per
+# contributed machine). Where it has a GPU the MAMF table lacks, its median over the machines is used
+# (TFLOPs measured / dense spec TFLOPs of the catalog):
+#   RTX 4090 bf16 170.06, 173.31, 162.39, 163.09 -> 166.6 / 165.2;  RTX 3090 76.34, 76.68, 76.58 -> 76.58 / 71;
+#   RTX 5090 236.03, 242.18 -> 239.1 / 209.5;  RTX A6000 123.34 / 154.8;  L40S 269.15 / 362.05;
+#   T4 fp16 41.91, 42.71 -> 42.31 / 65;  V100S fp16 88.92 / 130 (the Volta class below).
+# GeForce boards exceed their spec-sheet rate: NVIDIA rates them at the base boost clock and GPU Boost
+# runs them above it while power allows; professional and datacenter boards at a fixed power limit
+# fall short of theirs (A6000 80%, L40S 74%).
+MEASURED_MATMUL_EFF: dict[str, float] = {
+    "NVIDIA RTX 4090": 166.6 / 165.2,
+    "NVIDIA RTX 3090": 76.58 / 71.0,
+    "NVIDIA RTX 5090": 239.1 / 209.5,
+    "NVIDIA RTX A6000": 123.34 / 154.8,
+    "NVIDIA L40S": 269.15 / 362.05,
+    "NVIDIA T4": 42.31 / 65.0,
+}
+MEASURED_SOURCE = ("torch-performance-test-data (github.com/zzc0721/torch-performance-test-data, database.md): torch.matmul "
+                   "bf16 (fp16 on T4/V100) best of square sizes <= 10240, median over contributed machines")
+# GPUs neither table has a row for: the class default (stated): GeForce boards at the lowest GeForce
+# ratio measured there (RTX 4060 Ti 16GB bf16 42.65 / 44.1 = 0.97); workstation/pro Ampere at the
+# A6000's, pro Ada at the L40S's; PCIe Hopper below the SXM part (75%, assumed); Volta at the V100S's;
+# 70-75 W cards (L4) throttle their clocks under sustained tensor load (55%, assumed); MI300X as measured.
+GEFORCE_MATMUL_EFF = 0.97
 MATMUL_EFF_BY_CLASS: dict[str, float] = {
-    "blackwell": 1745.0 / 2250, "hopper": 0.75, "ampere_dc": 252.9 / 312, "ampere": 0.80, "ada": 0.80,
-    "blackwell_consumer": 0.80, "volta": 0.80, "turing": 0.75, "low_power": 0.55, "pascal": 0.60,
-    "cdna3": 668.4 / 1300, "generic": 0.70,
+    "blackwell": 1745.0 / 2250, "hopper": 0.75, "ampere_dc": 252.9 / 312, "ampere": 123.34 / 154.8,
+    "ada": 269.15 / 362.05, "blackwell_consumer": GEFORCE_MATMUL_EFF, "volta": 88.92 / 130, "turing": 0.75,
+    "low_power": 0.55, "pascal": 0.60, "cdna3": 668.4 / 1300, "generic": 0.70,
 }
 # Non-tensor-core FP32 (fp32 training without TF32, which PyTorch leaves off for matmuls): SGEMM
-# reaches most of the FP32 rate on datacenter parts; GA10x/AD10x/GB20x count a second FP32 datapath
-# that GEMMs rarely fill (half of it shared with INT32), taken as 60%.
-FP32_MATMUL_EFF: dict[str, float] = {"ampere": 0.60, "ada": 0.60, "blackwell_consumer": 0.60}
+# reaches most of the FP32 rate on datacenter parts (A100 19.18 / 19.5, V100S 13.55 / 16.4 in the table
+# above: 0.85 taken); GA10x/AD10x/GB20x count a second FP32 datapath that GEMMs rarely fill (half of it
+# shared with INT32): RTX 4090 55 / 82.6, RTX 3090 24.6 / 35.6, RTX 5090 68 / 104.8 measured -> 0.65.
+FP32_MATMUL_EFF: dict[str, float] = {"ampere": 0.65, "ada": 0.65, "blackwell_consumer": 0.65}
 FP32_MATMUL_EFF_DEFAULT = 0.85
 
 # Flash attention (PyTorch SDPA's flash kernels = FlashAttention-2; transformers' flash_attention_2):
@@ -165,6 +188,13 @@ def gpu_class(gpu) -> str:
     return "pascal"
 
 
+def is_geforce(gpu) -> bool:
+    """A GeForce board (RTX 2060..5090): rated at its base boost clock, runs above it under load."""
+    import re
+
+    return bool(re.match(r"^NVIDIA RTX [2-5]0[5-9]0\b", gpu.name or ""))
+
+
 @dataclass(frozen=True)
 class GpuRates:
     """What one GPU achieves per op class (FLOP/s and byte/s), derived from the catalog and the factors above."""
@@ -196,6 +226,10 @@ def gpu_rates(gpu) -> GpuRates:
         bf16 = fp16
     if gpu.name in MAMF_BY_GPU:
         eff, src = MAMF_BY_GPU[gpu.name], "measured MAMF"
+    elif gpu.name in MEASURED_MATMUL_EFF:
+        eff, src = MEASURED_MATMUL_EFF[gpu.name], "measured torch.matmul (torch-performance-test-data)"
+    elif is_geforce(gpu):
+        eff, src = GEFORCE_MATMUL_EFF, "GeForce default (boost above the spec clock)"
     else:
         eff, src = MATMUL_EFF_BY_CLASS.get(cls, MATMUL_EFF_BY_CLASS["generic"]), f"class {cls} default"
     fwd, bwd = ATTENTION_EFF_BY_CLASS.get(cls, ATTENTION_EFF_BY_CLASS["generic"])
