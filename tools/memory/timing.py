@@ -77,6 +77,11 @@ MEASURED_SOURCE = ("torch-performance-test-data (github.com/zzc0721/torch-perfor
 # A6000's, pro Ada at the L40S's; PCIe Hopper below the SXM part (75%, assumed); Volta at the V100S's;
 # 70-75 W cards (L4) throttle their clocks under sustained tensor load (55%, assumed); MI300X as measured.
 GEFORCE_MATMUL_EFF = 0.97
+# Datacenter boards whose FP16/BF16 tensor rate with FP32 accumulate is half the FP16-accumulate rate,
+# like GeForce (L40 datasheet: 181.05 vs 362.1 dense): training GEMMs draw about half the tensor-core
+# power of a full-rate part at the same clock, so the board's power limit does not pull its clock below
+# the rated boost (unlike the full-rate L40S, 74% measured): taken at the GeForce ratio (assumed).
+HALF_RATE_ACCUMULATE = {"NVIDIA L40"}
 MATMUL_EFF_BY_CLASS: dict[str, float] = {
     "blackwell": 1745.0 / 2250, "hopper": 0.75, "ampere_dc": 252.9 / 312, "ampere": 123.34 / 154.8,
     "ada": 269.15 / 362.05, "blackwell_consumer": GEFORCE_MATMUL_EFF, "volta": 88.92 / 130, "turing": 0.75,
@@ -230,6 +235,8 @@ def gpu_rates(gpu) -> GpuRates:
         eff, src = MEASURED_MATMUL_EFF[gpu.name], "measured torch.matmul (torch-performance-test-data)"
     elif is_geforce(gpu):
         eff, src = GEFORCE_MATMUL_EFF, "GeForce default (boost above the spec clock)"
+    elif gpu.name in HALF_RATE_ACCUMULATE:
+        eff, src = GEFORCE_MATMUL_EFF, "half-rate FP32-accumulate part, not power-bound (GeForce ratio, assumed)"
     else:
         eff, src = MATMUL_EFF_BY_CLASS.get(cls, MATMUL_EFF_BY_CLASS["generic"]), f"class {cls} default"
     fwd, bwd = ATTENTION_EFF_BY_CLASS.get(cls, ATTENTION_EFF_BY_CLASS["generic"])
