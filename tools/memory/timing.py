@@ -106,8 +106,11 @@ ATTENTION_EFF_BY_CLASS: dict[str, tuple[float, float]] = {
     "generic": (0.40, 0.30),
 }
 # Memory-bound kernels (elementwise, norms, softmax, reductions, casts, optimizer updates, 4-bit
-# dequantisation): a well-written streaming kernel reaches ~80% of the spec bandwidth (assumed;
-# copy kernels in published STREAM-style GPU benchmarks land at 80-90%).
+# dequantisation): device-local copies reach ~90% of the spec bandwidth (RTX 4090: 918-924 GB/s of
+# 1008 on the diagonal of p2pBandwidthLatencyTest, tinygrad/open-gpu-kernel-modules issue #6, and
+# 921 GB/s in clpeak, krrishnarraj/clpeak issue #106; A800 PCIe 1727 of 1935 GB/s,
+# mli/transformers-benchmarks issue #4); PyTorch's elementwise, reduction and broadcast kernels stream
+# less regularly than a copy: taken as 80% (assumed).
 MEMORY_EFF = 0.80
 # The shortest a kernel takes on the GPU (launch latency and ramp-up), assumed 3 us.
 LAUNCH_FLOOR_S = 3e-6
@@ -126,7 +129,10 @@ MIN_TILE = 16
 # (nccl-tests all_reduce on NVLink A100/H100 nodes reach ~75-80% of it; PCIe peer copies ~70%).
 NVLINK_EFF = 0.80
 PCIE_EFF = 0.70
-# GeForce cards have no PCIe peer-to-peer: NCCL stages through host memory (two PCIe hops).
+# GeForce cards have no PCIe peer-to-peer: NCCL stages through host memory (two PCIe hops). Measured:
+# 3x RTX 4090 on PCIe 4.0 x16, p2pBandwidthLatencyTest bidirectional 25.6-26.2 GB/s with P2P disabled
+# (~13 GB/s per direction, vs 41.4 with the P2P-enabled driver; tinygrad/open-gpu-kernel-modules
+# issue #6): half the P2P rate.
 NO_P2P_FACTOR = 0.5
 # Between nodes: one 200 Gb/s InfiniBand HDR NIC per GPU (25 GB/s), when nothing else is known.
 INTERNODE_GBS = 25.0
