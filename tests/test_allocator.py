@@ -182,3 +182,56 @@ def test_replay_extrapolated_from_two_depths_tracks_the_full_depth_replay(method
     ext, full = simulate(m, s), simulate(m, s, extrapolate=False)
     assert ext.peak_bytes == full.peak_bytes
     assert ext.allocator_overhead_bytes == pytest.approx(full.allocator_overhead_bytes, rel=tol)
+
+
+def test_fsdp_all_gather_buffers_get_the_copy_in_streams_pool(monkeypatch):
+    """FSDP2 allocates its flat all-gather input/output under all_gather_copy_in_stream (torch's
+    _fsdp_collectives.foreach_all_gather): the replay gives them that stream's pool, which the default
+    stream never reuses, while the breakdown still counts them as fsdp_all_gather."""
+    import tools.memory.extrapolate as X
+    from tools.memory import simulate
+    from tools.models import lookup_model
+    from tools.schemas import TrainingSetup
+
+    seen = []
+    orig = X.combine
+
+    def spy(runs, *a, **k):
+        seen.extend(r.allocator for r in runs)
+        return orig(runs, *a, **k)
+
+    monkeypatch.setattr("tools.memory.runner.combine", spy)
+    m = lookup_model("HuggingFaceTB/SmolLM2-135M", hub=False)
+    s = TrainingSetup(model_id=m.model_id, max_length=256, per_device_train_batch_size=2, method="lora",
+                      num_gpus=2, fsdp="full_shard", seed=11)  # seed: a fresh cache key
+    step = simulate(m, s)
+    assert step.world_size == 2 and step.peak_breakdown.get("fsdp_all_gather", 0) > 0
+    assert not any("@" in k for k in step.peak_breakdown)
+    # one decoder block all-gathered in bf16 (MixedPrecisionPolicy param_dtype): 2 B per parameter
+    h, i, kv = m.hidden_size, m.intermediate_size, m.num_key_value_heads * (m.hidden_size // m.num_attention_heads)
+    block = 2 * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h)
+    for al in seen:
+        pool = al["by_stream"].get("all_gather_copy_in", 0)
+        assert pool >= block  # at least the unit in flight, in its own segments
+        assert al["reserved"] >= al["by_stream"]["default"] + pool
+
+
+@pytest.mark.parametrize("method", [
+    "lora",
+    # known gap: the per-block growth of the cached bytes seen between 3 and 4 blocks (6 MiB) is a third
+    # of what 30 blocks hold (13.5 MiB per block: the sharded gradients' 20 MiB segments on the
+    # reduce-scatter stream fill in steps); the extension reads -35%
+    pytest.param("full", marks=pytest.mark.xfail(strict=True, reason="two-depth extension of a stepwise pool")),
+])
+def test_sharded_replay_extrapolated_tracks_the_full_depth_replay(method):
+    """Sharded runs replay 3 and 4 blocks; the extension stays within 25% of a replay of all 30 blocks
+    (a one-block jump of the cached bytes is not extended over the remaining blocks)."""
+    from tools.memory import simulate
+    from tools.models import lookup_model
+    from tools.schemas import TrainingSetup
+
+    m = lookup_model("HuggingFaceTB/SmolLM2-135M", hub=False)
+    s = TrainingSetup(model_id=m.model_id, max_length=512, per_device_train_batch_size=2, method=method,
+                      num_gpus=2, fsdp="full_shard")
+    ext, full = simulate(m, s), simulate(m, s, extrapolate=False)
+    assert ext.allocator_overhead_bytes == pytest.approx(full.allocator_overhead_bytes, rel=0.25)

@@ -42,6 +42,15 @@ from tools.memory.segments import SHARDED_CATEGORIES
 _MESHES: dict[int, object] = {}
 
 TAG_ALL_GATHER, TAG_REDUCE_SCATTER = SHARDED_CATEGORIES
+# FSDP2's foreach_all_gather allocates its flat all_gather_input/output under
+# `device_handle.stream(all_gather_copy_in_stream)` (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py):
+# those blocks come from, and go back to, the copy-in stream's pool of the caching allocator, which the
+# default stream never reuses; the replay (tools.memory.allocator.stream_of) reads the stream after '@'
+TAG_ALL_GATHER_COPY_IN = TAG_ALL_GATHER + "@all_gather_copy_in"
+# foreach_reduce allocates the reduce-scatter input (the padded unsharded gradients, copied in) on the
+# current stream and only then enters `device_handle.stream(reduce_scatter_stream)` for the output (the
+# sharded gradients) and what follows; plain TAG_REDUCE_SCATTER maps to the reduce-scatter stream
+TAG_REDUCE_SCATTER_INPUT = TAG_REDUCE_SCATTER + "@default"
 SHARDED_MIN_BLOCKS = 3  # a sharded step is simulated at >= 3 blocks (tools.memory.extrapolate.depths_to_simulate)
 HOST_TAG = "host"  # a storage counted in host RAM (its device record has 0 bytes)
 
@@ -402,11 +411,24 @@ class FsdpLedger:
             (_fsdp_param, "alloc_storage", alloc_storage),
             (_fsdp_param, "free_storage", free_storage),
             (_fsdp_param_group, "alloc_storage", alloc_storage),
-            (_fsdp_param_group, "foreach_all_gather", wrap(_fsdp_param_group.foreach_all_gather, TAG_ALL_GATHER)),
+            (_fsdp_param_group, "foreach_all_gather",
+             wrap(_fsdp_param_group.foreach_all_gather, TAG_ALL_GATHER_COPY_IN)),
             (_fsdp_param_group, "foreach_all_gather_copy_out",
              wrap(_fsdp_param_group.foreach_all_gather_copy_out, TAG_ALL_GATHER)),
-            (_fsdp_param_group, "foreach_reduce", wrap(_fsdp_param_group.foreach_reduce, TAG_REDUCE_SCATTER)),
+            (_fsdp_param_group, "foreach_reduce", wrap(_fsdp_param_group.foreach_reduce, TAG_REDUCE_SCATTER_INPUT)),
         ]
+        from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+        orig_copy_in = _fsdp_collectives.foreach_reduce_scatter_copy_in
+
+        def reduce_scatter_copy_in(*a, **k):
+            # the input is allocated (current stream) and filled; the rest of foreach_reduce runs in the
+            # reduce-scatter stream
+            out = orig_copy_in(*a, **k)
+            ledger._tag_override = TAG_REDUCE_SCATTER
+            return out
+
+        patches.append((_fsdp_collectives, "foreach_reduce_scatter_copy_in", reduce_scatter_copy_in))
         # DTensor's sharding propagation runs each new op once on fake arguments made in the active
         # fake mode (ours): metadata, not memory, so the counter must not see it
         from torch.distributed.tensor import _sharding_prop

@@ -480,8 +480,10 @@ def measure(prep: Prepared, optimizer, tracker, *, extra: dict[str, list] | None
                 cat = "activations"
             elif r.tag in ("forward-head", "backward-loss"):
                 cat = "logits_loss"
-            elif r.tag in SHARDED_CATEGORIES:
-                cat = r.tag  # FSDP's all-gather / reduce-scatter buffers (tools.memory.distributed)
+            elif r.tag.split("@", 1)[0] in SHARDED_CATEGORIES:
+                # FSDP's all-gather / reduce-scatter buffers (tools.memory.distributed); "@stream" names
+                # the CUDA stream they are allocated on (the allocator replay's pools), not a category
+                cat = r.tag.split("@", 1)[0]
             else:
                 cat = "temporaries"
             breakdown[cat] += r.nbytes
