@@ -112,15 +112,43 @@ def redundant_call(call: dict, turn: list, req: Request) -> bool:
         if not written:
             return False
         dataset = args.get("dataset")
+        if dataset:
+            from tools.agent_tools import check_dataset
+
+            try:
+                dataset = check_dataset(str(dataset))
+            except Exception:  # noqa: BLE001 - not a file nor a Hub id: the script would keep its placeholder
+                dataset = None
         return not args.get("force") and not (dataset and dataset not in {(a.get("setup") or {}).get("dataset") for a in written})
     return False
 
 
-def answer_instruction(req: Request) -> str:
-    lang = "Korean" if req.language == "ko" else "the person's language"
-    return ("The tool results above answer the question. Now write the answer for the person in " + lang + ": the verdict "
-            "first, then the setup, memory per GPU, time when given, and the next command. Quote the numbers exactly as "
-            "the tools wrote them (the `summary` line); add no other numbers. Do not call any tool.")
+def answer_system(req: Request) -> str:
+    """The system prompt of the answer call: no tools, only the writing job."""
+    lang = "Korean (한국어)" if req.language == "ko" else "English" if req.language == "en" else "the person's language"
+    return ("You are tunepilot, a fine-tuning engineer. Write the answer to the person's question from the engine results "
+            f"below, in {lang}, as plain text (no JSON, no code block, no tool call). Start with the verdict (it fits / it does "
+            "not fit), then the setup, the memory per GPU with its headroom, the time when given, and the next command. "
+            "Copy every number exactly as the results write it; add no other number. Keep it under 150 words.")
+
+
+def answer_prompt(turn: list, req: Request) -> str:
+    """The person's question and this turn's engine results, compactly: what the answer call reads."""
+    lines = [f"Question: {req.text.strip()}", "", "Engine results:"]
+    for name, result, art in engine_results(turn):
+        summary = result.get("summary") or art.get("summary")
+        if summary:
+            lines.append(f"- {name}: {summary}")
+        fix = result.get("smallest_fix")
+        if isinstance(fix, dict) and not (summary and "Smallest change" in summary):
+            lines.append(f"- smallest change that fits: {'; '.join(fix.get('changes') or [])}: {fix.get('per_gpu_total_gib')} GiB per GPU")
+        if result.get("assumptions"):
+            lines.append("- assumptions: " + "; ".join(str(a) for a in result["assumptions"][:4]))
+        if name == "write_training_script" and result.get("launch_command"):
+            lines.append(f"- next command: {result['launch_command']} (script {result.get('path')})")
+        if name == "run_trial" and result.get("verdict"):
+            lines.append(f"- trial: {result['verdict']}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------

@@ -279,9 +279,9 @@ def _answer_middleware():
     import uuid
 
     from langchain.agents.middleware import ModelResponse, wrap_model_call
-    from langchain_core.messages import AIMessage, HumanMessage
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
-    from agent.answer import (EXTRA_ROUNDS, answer_instruction, answer_ready, engine_answer, engine_results, redundant_call,
+    from agent.answer import (EXTRA_ROUNDS, answer_prompt, answer_system, answer_ready, engine_answer, engine_results, redundant_call,
                               reply_problems, rounds_after_ready)
 
     def parts(response) -> list:
@@ -309,13 +309,13 @@ def _answer_middleware():
         return rebuilt(response, AIMessage(content=reply, id=ai.id, response_metadata=meta))
 
     def answer_now(request, handler, messages, turn, req):
-        response = handler(request.override(tools=[], tool_choice=None,
-                                                        messages=[*messages, HumanMessage(content=answer_instruction(req))]))
+        response = handler(request.override(tools=[], tool_choice=None, system_message=SystemMessage(content=answer_system(req)),
+                                            messages=[HumanMessage(content=answer_prompt(turn, req))]))
         ai = next((m for m in reversed(parts(response)) if isinstance(m, AIMessage)), None)
         if ai is None:
             return response
         reply = _text(ai.content).strip()
-        asked_tool = ai.tool_calls or (ai.response_metadata or {}).get("tunepilot_text_tool_calls")
+        asked_tool = ai.tool_calls or "tunepilot_text_tool_calls" in (ai.response_metadata or {})
         problems = ["the model asked for another tool"] if asked_tool else reply_problems(reply, turn, req)
         return checked(response, ai, turn, req, reply, problems)
 
@@ -326,6 +326,8 @@ def _answer_middleware():
         turn = _turn_messages(messages)
         req = person_request(_person_text(messages))
         ready = bool(request.tools) and answer_ready(turn, req)
+        if ready and rounds_after_ready(turn, req) >= EXTRA_ROUNDS:  # its extra round is spent: answer now
+            return answer_now(request, handler, messages, turn, req)
         response = handler(request)
         ai = next((m for m in reversed(parts(response)) if isinstance(m, AIMessage)), None)
         if ai is None:
@@ -333,7 +335,7 @@ def _answer_middleware():
         if ready:
             if ai.tool_calls:
                 keep = [tc for tc in ai.tool_calls if not redundant_call(tc, turn, req)]
-                if keep and rounds_after_ready(turn, req) < EXTRA_ROUNDS:
+                if keep:
                     return rebuilt(response, ai.model_copy(update={"tool_calls": keep}) if len(keep) != len(ai.tool_calls) else ai)
                 return answer_now(request, handler, messages, turn, req)  # every call would repeat what the tools said
             reply = _text(ai.content).strip()

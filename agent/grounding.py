@@ -79,6 +79,7 @@ def grounded(claim: dict, tools: list[float]) -> bool:
     tol = 0.5 * 10 ** (-d) * claim["scale"] + 1e-9
     candidates = []
     for t in tools:
+        t = abs(t)  # claims are read without their sign ("headroom -2.8 GiB" claims 2.8)
         candidates += [t, t * 1.073741824, t / 1.073741824]
         if claim["percent"]:
             candidates.append(t * 100)

@@ -44,6 +44,7 @@ class Request:
     zero_stages: list[int] = field(default_factory=list)
     wants_script: bool = False
     wants_trial: bool = False
+    price_given: bool = False  # a price per GPU-hour ($2/h, 2 dollars an hour, 시간당 ...원)
     language: str = "en"  # "ko" for Korean
 
     @property
@@ -218,6 +219,8 @@ def read_request(text: str) -> Request:
     if m:
         req.r = int(m.group(1))
     low = text.lower()
+    req.price_given = bool(re.search(r"[$€£₩¥]\s*\d|\d\s*(?:usd|eur|dollars?|euros?|원|달러)|per\s+(?:gpu[\s-]*)?h(?:ou)?r|/\s*(?:gpu[\s-]*)?h(?:ou)?r?\b|"
+                                     r"시간당", low))
     req.fsdp = "fsdp" in low
     req.zero_stages = sorted({int(s) for s in re.findall(r"(?i)zero[\s_-]*(?:stage[\s_-]*)?([123])\b", text)})
     req.wants_script = bool(re.search(r"(?i)\b(?:write|give|generate|make|create)\b[^.?!]{0,40}\bscript\b|\btrain(?:ing)?\.py\b|"
@@ -307,6 +310,9 @@ def correct_args(tool: str, args: dict, req: Request, *, first: bool) -> tuple[d
             put("dataset_examples", req.examples, "the number of examples as stated")
         if new.get("dataset_tokens") and first:
             new.pop("dataset_tokens")
+    # figures the message does not state and the call invented (a price per GPU-hour makes up a cost)
+    if tool == "plan_training" and new.get("price_per_gpu_hour") not in (None, "") and not req.price_given:
+        notes.append(f"price_per_gpu_hour {new.pop('price_per_gpu_hour')!r} left out: the person gave no price")
     # the method
     if req.method:
         if tool == "plan_training":

@@ -289,3 +289,15 @@ class OpenAIStub:
                 out.append(chunk({"content": w + (" " if k < len(words) - 1 else "")}))
             out.append(chunk({}, "stop"))
         return out
+
+
+def conversation(agent, thread: str = "t1") -> list:
+    """A thread's messages as the checkpointer holds them (the answer call itself reads only the engine results)."""
+    return list(agent.get_state({"configurable": {"thread_id": thread}}).values["messages"])
+
+
+def result_line(prompt: str, name: str) -> str:
+    """One engine result of the answer call's prompt ("- NAME: text" -> text; the last one of that name)."""
+    lines = [x for x in prompt.splitlines() if x.startswith(f"- {name}: ")]
+    assert lines, f"no '- {name}:' line in the answer prompt:\n{prompt}"
+    return lines[-1][len(f"- {name}: "):]

@@ -15,7 +15,7 @@ from langchain_core.tools import StructuredTool
 from pydantic import BaseModel, Field
 
 from agent.core import agent_error_message, build_agent, run_turn
-from tests._agent_helpers import ScriptedChatModel, final, tool_call, tool_outputs
+from tests._agent_helpers import ScriptedChatModel, conversation, final, result_line, tool_call, tool_outputs
 
 pytest.importorskip("tools.planner")
 
@@ -44,13 +44,13 @@ def test_english_4090_plan_then_script_quotes_only_tool_numbers(tmp_path, monkey
     (tmp_path / "tickets.jsonl").write_text('{"text": "my printer is on fire"}\n')
 
     def answer(messages):
-        p = tool_outputs(messages, "plan_training")[-1]
-        s = tool_outputs(messages, "write_training_script")[-1]
-        return final(
-            f"Yes. {p['summary']} It needs {p['memory']['per_gpu_total_gib']} GiB of the "
-            f"{p['memory']['gpu_memory_gib']} GiB (headroom {p['memory']['headroom_gib']} GiB); "
-            f"about {p['time']['hours_per_epoch']} h per epoch. Run: {s['launch_command']}"
-        )
+        # the answer call reads the question and the engine results, with no tools bound
+        prompt = messages[-1].content
+        assert isinstance(messages[-1], HumanMessage) and prompt.startswith("Question: I have one RTX 4090")
+        plan = result_line(prompt, "plan_training")
+        launch = result_line(prompt, "next command").split(" (script")[0]
+        assert plan.startswith("FITS") and result_line(prompt, "write_training_script").startswith("FITS")
+        return final(f"Yes. {plan} Run: {launch}")
 
     model = ScriptedChatModel(script=[
         tool_call("plan_training", model=LLAMA, hardware="RTX 4090", seq_len=1024, dataset_examples=20000, exact=False),
@@ -58,7 +58,11 @@ def test_english_4090_plan_then_script_quotes_only_tool_numbers(tmp_path, monkey
         answer,
     ])
     question = "I have one RTX 4090. Can I fine-tune Llama-3.1-8B on ~20k support tickets (about 1k tokens each)? How long?"
-    _, result, steps = _run(model, question, workdir=tmp_path / "work")
+    agent = build_agent(model, workdir=tmp_path / "work")
+    _, result, steps = _run(model, question, agent=agent)
+    answer_call = model.seen[-1]  # its own system prompt: the writing job, no tool list
+    assert isinstance(answer_call[0], SystemMessage) and "engine results" in answer_call[0].content
+    assert "plan_training" not in answer_call[0].content and len(answer_call) == 2
 
     # the loop really ran: system prompt first, the question, then tool results fed back
     first = model.seen[0]
@@ -76,14 +80,14 @@ def test_english_4090_plan_then_script_quotes_only_tool_numbers(tmp_path, monkey
     assert result.setup.dataset == "tickets.jsonl" and "4090" in (result.setup.gpu or "")
 
     # the numbers in the tool output are the engine's, rounded to 1 decimal GiB
-    p = tool_outputs(model.seen[-1], "plan_training")[-1]
+    p = tool_outputs(conversation(agent), "plan_training")[-1]
     assert p["memory"]["per_gpu_total_gib"] == round(direct.best.estimate.device_total_gib, 1)
     assert p["setup"]["seq_len"] == 1024 and p["fits"] is True
     # the one call already wrote a script; the second only added the dataset
     assert p["script"].endswith("train.py")
 
     # every number in the answer comes from a tool output
-    tool_text = " ".join(m.content for m in model.seen[-1] if isinstance(m, ToolMessage))
+    tool_text = " ".join(m.content for m in conversation(agent) if isinstance(m, ToolMessage))
     assert _numbers(result.answer) - {"1"} <= _numbers(tool_text) | _numbers(question)
     assert str(p["memory"]["per_gpu_total_gib"]) in result.answer
 
@@ -92,7 +96,7 @@ def test_english_4090_plan_then_script_quotes_only_tool_numbers(tmp_path, monkey
     with open(result.script_path, encoding="utf-8") as f:
         assert f.read() == result.script
     compile(result.script, "train.py", "exec")
-    s = tool_outputs(model.seen[-1], "write_training_script")[-1]
+    s = tool_outputs(conversation(agent), "write_training_script")[-1]
     assert s["path"] == result.script_path and s["launch_command"] in result.answer
     assert s["fits"] is True and s["memory"]["per_gpu_total_gib"] == p["memory"]["per_gpu_total_gib"]
     assert "def " not in json.dumps(s)  # the script text stays out of the model's context
@@ -102,26 +106,29 @@ def test_english_4090_plan_then_script_quotes_only_tool_numbers(tmp_path, monkey
 
 def test_korean_polyglot_on_t4_plans_fp16(tmp_path):
     def answer(messages):
-        p = tool_outputs(messages, "plan_training")[-1]
-        return final(f"네, T4에서 가능합니다. {p['summary']} GPU당 {p['memory']['per_gpu_total_gib']} GiB를 "
-                     f"사용하고, T4는 bf16을 지원하지 않아 {p['setup']['precision']}로 학습합니다. "
+        plan = result_line(messages[-1].content, "plan_training")
+        per_gpu = re.search(r"Memory: ([\d.]+) GiB per GPU", plan).group(1)
+        precision = "fp16" if ", fp16," in plan else "bf16"
+        return final(f"네, T4에서 가능합니다. {plan} GPU당 {per_gpu} GiB를 "
+                     f"사용하고, T4는 bf16을 지원하지 않아 {precision}로 학습합니다. "
                      "다음 명령: python train.py")
 
     model = ScriptedChatModel(script=[tool_call("plan_training", model=POLYGLOT, hardware="T4", seq_len=1024, exact=False),
                                       tool_call("make_peft_config"), answer])
-    agent, result, steps = _run(model, "EleutherAI/polyglot-ko-1.3b를 T4에서 파인튜닝할 수 있어?", workdir=tmp_path)
+    agent = build_agent(model, workdir=tmp_path)
+    _, result, steps = _run(model, "EleutherAI/polyglot-ko-1.3b를 T4에서 파인튜닝할 수 있어?", agent=agent)
     assert steps[0]["args"]["hardware"] == "T4" and steps[0]["args"]["model"] == POLYGLOT
     # the peft config follows the planned setup (no arguments: the thread's setup), in fp16
-    peft = tool_outputs(model.seen[-1], "make_peft_config")[-1]
+    peft = tool_outputs(conversation(agent), "make_peft_config")[-1]
     assert steps[1]["status"] == "ok" and steps[1]["args"] == {}
     assert peft["lora_config"]["r"] == result.setup.r and peft["trainable_parameters"] > 0
     assert "python" not in peft  # the source stays in the artifact
-    art = [m for m in model.seen[-1] if isinstance(m, ToolMessage) and m.name == "make_peft_config"][-1].artifact
+    art = [m for m in conversation(agent) if isinstance(m, ToolMessage) and m.name == "make_peft_config"][-1].artifact
     compile(art["python"], "peft_config.py", "exec")
     setup = result.setup
     assert setup is not None and setup.model_id == POLYGLOT
     assert setup.fp16 is True and setup.bf16 is False  # a T4 has no bf16
-    p = tool_outputs(model.seen[-1], "plan_training")[-1]
+    p = tool_outputs(conversation(agent), "plan_training")[-1]
     assert p["setup"]["precision"] == "fp16" and p["memory"]["fits"] is True
     assert "fp16" in result.answer and str(p["memory"]["per_gpu_total_gib"]) in result.answer
     assert "T4에서" in result.answer
@@ -259,11 +266,10 @@ def test_oom_rescue_estimates_the_users_config_then_the_smallest_change(tmp_path
     mistral = "mistralai/Mistral-7B-v0.1"
 
     def answer(messages):
-        before, after = tool_outputs(messages, "estimate_memory")[-2:]
-        b, a = before["memory"], after["memory"]
-        return final(f"Your setup needs {b['per_gpu_total_gib']} GiB on the {b['gpu_memory_gib']} GiB A10G "
-                     f"(mostly {b['dominant']}). With gradient checkpointing and micro-batch 1 x 4 it needs "
-                     f"{a['per_gpu_total_gib']} GiB.")
+        lines = [x for x in messages[-1].content.splitlines() if x.startswith("- estimate_memory: ")]
+        assert len(lines) == 2 and lines[0].startswith("- estimate_memory: DOES NOT FIT")
+        return final("Your setup: " + lines[0].split(": ", 1)[1] + " With gradient checkpointing and micro-batch 1 x 4: "
+                     + lines[1].split(": ", 1)[1])
 
     model = ScriptedChatModel(script=[
         tool_call("estimate_memory", model=mistral, hardware="A10G", seq_len=4096, fast=True,
@@ -272,10 +278,11 @@ def test_oom_rescue_estimates_the_users_config_then_the_smallest_change(tmp_path
                                                        "gradient_accumulation_steps": 4}),
         answer,
     ])
+    agent = build_agent(model, workdir=tmp_path)
     _, result, steps = _run(model, "My run dies with CUDA out of memory at step 200, seq 4096, batch 4, LoRA r=64 on an A10G. Mistral-7B.",
-                            workdir=tmp_path)
+                            agent=agent)
     assert [s["status"] for s in steps] == ["ok", "ok"]
-    before, after = tool_outputs(model.seen[-1], "estimate_memory")[-2:]
+    before, after = tool_outputs(conversation(agent), "estimate_memory")[-2:]
     assert before["memory"]["fits"] is False and before["memory"]["dominant"] in ("activations", "logits_loss")
     assert after["memory"]["per_gpu_total_gib"] < before["memory"]["per_gpu_total_gib"]
     # what the user asked for is kept: model, method, rank, sequence length, effective batch

@@ -105,16 +105,21 @@ def test_score_timeouts_limits_and_loops():
 
 @pytest.mark.parametrize("qid", ["q5"])
 def test_the_benchmark_runs_tunepilot_ask_against_a_stub_server(qid, tmp_path):
-    """End to end: bench/agent_eval.py runs `tunepilot ask --json` through its proxy and scores it."""
+    """End to end: bench/agent_eval.py runs `tunepilot ask --json` through its proxy and scores it. The stub model
+    looks the model up, then answers without the engine, with a number of its own: tunepilot routes the question
+    to plan_training, and the answer call's invented number gives way to the engine's Korean answer."""
     def answer(body):
-        tool = [m for m in body["messages"] if m["role"] == "tool"][-1]
-        return "네, T4에서 가능합니다. 추정치: " + tool["content"][:40] + " 그리고 99.9 GiB가 필요합니다."
+        last = body["messages"][-1]["content"]
+        return "네, T4에서 가능합니다. 추정치: " + str(last)[:40] + " 그리고 99.9 GiB가 필요합니다."
 
     with OpenAIStub([stub_tool_call("lookup_model", model="EleutherAI/polyglot-ko-1.3b"), answer]) as stub:
         out = tmp_path / "r.json"
         assert ae.main(["--base-url", stub.base_url, "--model", "stub-model", "--questions", qid, "--out", str(out), "--timeout", "120"]) == 0
+        bodies = [x["body"] for x in stub.requests]
     r = json.loads(out.read_text())["results"][0]
-    assert r["tools"] == ["lookup_model"] and r["ended"] == "ok" and r["model_calls"] == 2
-    assert "99.9" in r["numbers"]["ungrounded"] and not r["answered"]
-    assert r["request"]["problems"] == ["no tool call names the T4"] and r["language_ok"]
+    assert r["tools"] == ["lookup_model", "plan_training"] and r["ended"] == "ok" and r["model_calls"] == 3
+    assert bodies[-1]["max_completion_tokens"] == 768  # a local server: one reply is capped
+    assert r["answer"].startswith("결론:")  # the engine's own answer, in the person's language
+    assert "99.9" not in r["answer"] and r["numbers"]["ungrounded"] == [] and r["numbers"]["claimed"]
+    assert r["request"]["kept"] and r["language_ok"] and r["verdict"]["any"] and r["answered"]
     assert (tmp_path / "r.exchanges" / "q5-ko-t4.json").exists()
