@@ -409,3 +409,100 @@ def test_paged_optimizer_pages_over_pcie_only_when_states_do_not_fit():
     # a wider PCIe link is never slower
     h100 = parse_hardware("H100 SXM 80GB")
     assert timing.step_time(counts, st, h100, paged_overflow_bytes=ov, **kw).step_seconds < paged.step_seconds
+
+
+class _Observe:
+    """Feed every aten op of a block of real CPU code to an OpTrace (as the tracker does)."""
+
+    def __init__(self, trace):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                outer.trace(func, args, kwargs or {}, out, outer.tag)
+                return out
+
+        self.trace, self.tag, self.mode = trace, "forward", Mode()
+
+    def __enter__(self):
+        self.trace.active = True
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_compile_fuses_a_pointwise_chain_into_one_kernel():
+    """torch.compile: a chain of pointwise ops between two matmuls is one kernel that reads its inputs
+    once and writes only what is still alive at the chain's end; eager moves every op's tensors."""
+    import torch
+
+    x = torch.randn(64, 128)
+    w = torch.randn(128, 128)
+
+    def chain():
+        h = x @ w
+        y = ((h * 2.0) + 1.0).relu()  # two intermediates, freed inside the chain
+        return h, y @ w
+
+    eager, fused = timing.OpTrace(), timing.OpTrace(fuse=True)
+    with _Observe(eager):
+        chain()
+    with _Observe(fused):
+        h, _ = chain()
+    ew = lambda t: {r: c for r, c in t.result().items() if r[1] == "elementwise"}  # noqa: E731
+    e, f = ew(eager), ew(fused)
+    nb = 64 * 128 * 4
+    assert sum(r[4] * c for r, c in e.items()) == 3 * 2 * nb  # mul, add, relu: each reads and writes [64, 128]
+    assert sum(e.values()) == 3
+    # fused: one kernel, reads h once, writes y once (the intermediates are gone when the matmul comes)
+    assert list(f.values()) == [1]
+    assert next(iter(f))[4] == 2 * nb and next(iter(f))[7] == "fused_pointwise"
+    # matmuls are untouched
+    mm = lambda t: sorted((r, c) for r, c in t.result().items() if r[1] == "matmul")  # noqa: E731
+    assert mm(eager) == mm(fused)
+
+    # an intermediate still referenced when the chain ends (saved for later) is written
+    keep = []
+
+    def chain_keep():
+        h = x @ w
+        a = h * 2.0
+        keep.append(a)
+        return (a + 1.0) @ w
+
+    kept = timing.OpTrace(fuse=True)
+    with _Observe(kept):
+        chain_keep()
+    k = ew(kept)
+    assert next(iter(k))[4] == 3 * nb  # read h, write a (alive) and a + 1
+
+
+def test_compile_setup_is_faster_with_the_same_flops_and_the_tiers_agree():
+    from tools.memory import simulate
+    from tools.memory.timing_analytic import analytic_counts
+
+    spec = tiny_spec(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4)
+    hw = parse_hardware("RTX 4090")
+    for kw in (dict(method="lora", max_length=256), dict(method="full", max_length=256, gradient_checkpointing=False)):
+        eager_st, comp_st = setup(**kw), setup(torch_compile=True, **kw)
+        eager, comp = simulate(spec, eager_st), simulate(spec, comp_st)
+        te, tc = timing.time_from_step(eager, eager_st, hw), timing.time_from_step(comp, comp_st, hw)
+        assert tc.flops_per_step == pytest.approx(te.flops_per_step, rel=1e-9)
+        assert tc.by_op_class["elementwise"] + tc.by_op_class["norm_softmax"] < 0.7 * (te.by_op_class["elementwise"] + te.by_op_class["norm_softmax"])
+        assert tc.step_seconds < te.step_seconds
+        # the analytic tier's fused records move about what the fused trace moves
+        def membytes(counts):
+            return sum(r[4] * c for r, c in counts.items() if r[1] in ("elementwise", "norm_softmax") and r[0] != "optimizer")
+        traced = membytes(timing.trace_from_list(comp.op_trace))
+        written = membytes(analytic_counts(spec, comp_st))
+        assert written == pytest.approx(traced, rel=0.35), (kw, written, traced)
+    # the generated script passes it to the Trainer (and only when asked)
+    from tools.script import render_script
+
+    assert "torch_compile=torch.cuda.is_available()" in render_script(setup(method="lora", torch_compile=True)).train_py
+    assert "torch_compile=" not in render_script(setup(method="lora")).train_py

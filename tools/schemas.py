@@ -221,6 +221,12 @@ class TrainingSetup(_Strict):
         description="Liger Kernel's RMSNorm, RoPE and SwiGLU kernels (TrainingArguments.use_liger_kernel / liger_kernel_config): "
                     "fewer saved activations per block; needs liger-kernel and a GPU.",
     )
+    torch_compile: bool = Field(
+        default=False,
+        description="TrainingArguments.torch_compile: compile the model (forward and backward) with torch.compile / Inductor, "
+                    "which fuses chains of elementwise and norm ops into single kernels; faster steps after a one-off "
+                    "compile. Timed; memory is simulated as eager.",
+    )
     activation_offloading: bool = Field(
         default=False,
         description="trl SFTConfig.activation_offloading: saved activations move to (pinned) host RAM in forward and stream "
@@ -532,6 +538,8 @@ class TrainingSetup(_Strict):
             parts.append(f"loss {self.loss_impl}")
         if self.use_liger_kernel:
             parts.append("liger kernels")
+        if self.torch_compile:
+            parts.append("torch.compile")
         if self.num_gpus > 1 or self.sharding != "single":
             s = f"{self.num_gpus} GPU {self.sharding}"
             if self.offload != "none":

@@ -168,7 +168,8 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
     if _TRACE_OPS:
         from tools.memory.timing import OpTrace
 
-        trace = tracker.op_observer = OpTrace()  # the cost of every op of step 2 (tools.memory.timing)
+        # the cost of every op of step 2 (tools.memory.timing); torch.compile fuses pointwise chains
+        trace = tracker.op_observer = OpTrace(fuse=bool(getattr(setup, "torch_compile", False)))
     ledger = distributed.FsdpLedger(tracker, host=plan.offload) if plan else None
     # flash-attention runs packed rows as variable-length sequences (no mask); sdpa/eager get the block mask
     packed_mask = setup.padding_free and setup.attn_implementation != "flash_attention_2"

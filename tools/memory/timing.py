@@ -545,6 +545,14 @@ def op_records(func, args, kwargs, out, phase: str) -> tuple:
     return ((phase, kind, dtype, int(flops), int(nbytes), tile, causal, name),)
 
 
+_FUSABLE = ("elementwise", "norm_softmax")
+_FUSE_PHASES = ("forward", "recompute", "backward")
+
+
+# states of a fused kernel's output
+_PENDING, _NEEDED, _RECOMPUTED = 0, 1, 2
+
+
 class OpTrace:
     """The tracker's op observer: counts the cost record of every op of the traced step.
 
@@ -552,16 +560,34 @@ class OpTrace:
     (forward, forward-head, backward-loss, backward, backward-tail, recompute, optimizer); other
     tags (setup, eval) are not part of the training step and are ignored. `active` switches
     recording on and off (the first, state-creating optimizer step is not traced).
+
+    fuse=True (a `torch_compile` setup): TorchInductor fuses pointwise and reduction ops into kernels
+    and leaves matmuls, attention, 4-bit dequantisation and gathers to library kernels (Ansel et al.,
+    "PyTorch 2", ASPLOS 2024: the scheduler fuses pointwise/reduction nodes along the dataflow;
+    extern kernels stay separate). Modelled along the dataflow: a pointwise op that reads the output of
+    another pointwise op of the same pass joins its kernel (that value never goes to memory); a kernel
+    reads each tensor from memory once and writes the values something else needs: a matmul, attention
+    or gather (also in backward), another pass, or a reference still held when the step ends. A
+    forward value that only backward pointwise kernels read is not written: AOTAutograd's min-cut
+    partitioner recomputes such cheap values inside the backward kernel instead of saving them, and
+    that read is not charged either (the inputs it is recomputed from are read there anyway, not
+    counted again). Each kernel is one record. The model's forward and backward fuse (AOTAutograd
+    compiles both); the optimizer step (not compiled by TrainingArguments.torch_compile) does not.
     """
 
-    __slots__ = ("counts", "active", "ops", "errors", "sharded")
+    __slots__ = ("counts", "active", "ops", "errors", "sharded", "fuse", "_parent", "_kernels", "_virt", "_entries")
 
-    def __init__(self):
+    def __init__(self, fuse: bool = False):
         self.counts: dict[Record, int] = {}
         self.active = False
         self.ops = 0
         self.errors = 0
         self.sharded = False
+        self.fuse = fuse
+        self._parent: list[int] = []  # union-find over the fused ops: ops joined by an in-register value
+        self._kernels: list[tuple] = []  # per fused op: (phase, dtype, {id: bytes} of the tensors it reads from memory)
+        self._virt: dict[int, list] = {}  # id(tensor) -> its entry: [weakref, bytes, state, op index, phase]
+        self._entries: list[list] = []
 
     def __call__(self, func, args, kwargs, out, tag: str) -> None:
         if not self.active:
@@ -580,6 +606,18 @@ class OpTrace:
                 return
         try:
             recs = op_records(func, args, kwargs, out, phase)
+            if self.fuse:
+                ins = _tensors(args, [])
+                if kwargs:
+                    _tensors(kwargs, ins)
+                if (len(recs) == 1 and recs[0][1] in _FUSABLE and phase in _FUSE_PHASES
+                        and recs[0][7] not in _GATHER and recs[0][7] not in _NLL and recs[0][7] not in _NLL_BWD):
+                    self._fuse(func, args, ins, out, phase, recs[0])
+                    return
+                for t in ins:  # a library kernel reads these from memory: they are written
+                    v = self._lookup(t)
+                    if v is not None:
+                        v[2] = _NEEDED
         except Exception:  # noqa: BLE001 - a cost model must never break the memory simulation
             self.errors += 1
             return
@@ -588,12 +626,79 @@ class OpTrace:
             self.ops += 1
             counts[rec] = counts.get(rec, 0) + 1
 
+    def _lookup(self, t):
+        v = self._virt.get(id(t))
+        if v is None:
+            return None
+        if v[0]() is not t:  # a dead tensor's id reused
+            del self._virt[id(t)]
+            return None
+        return v
+
+    def _find(self, i: int) -> int:
+        parent = self._parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def _fuse(self, func, args, ins: list, out, phase: str, rec: Record) -> None:
+        import weakref
+
+        idx = len(self._parent)
+        self._parent.append(idx)
+        reads: dict[int, int] = {}
+        for t in ins:
+            v = self._lookup(t)
+            if v is not None and v[4] == phase:
+                a, b = self._find(idx), self._find(v[3])  # the producer's kernel: one kernel
+                if a != b:
+                    self._parent[a] = b
+                continue
+            if v is not None and phase == "backward" and v[4] in ("forward", "recompute") and v[2] != _NEEDED:
+                v[2] = _RECOMPUTED  # recomputed inside this backward kernel, neither saved nor read
+                continue
+            if v is not None:
+                v[2] = _NEEDED
+            reads[id(t)] = tensor_bytes(t)
+        self._kernels.append((phase, rec[2], reads))
+        written = _tensors(out, []) if out is not None else []
+        for i in _func_info(func)[2]:  # in-place / out= arguments are written
+            if i < len(args):
+                written.extend(_tensors(args[i], []))
+        for t in written:
+            try:
+                ref = weakref.ref(t)
+            except TypeError:  # not weak-referenceable: keep it as written
+                ref = (lambda t=t: t)
+            entry = [ref, tensor_bytes(t), _PENDING, idx, phase]
+            self._virt[id(t)] = entry
+            self._entries.append(entry)
+
+    def _flush(self) -> None:
+        """One record per fused kernel: the tensors it reads from memory plus the values it must write."""
+        if not self._parent:
+            return
+        groups: dict[int, list] = {}
+        for idx, (phase, dtype, reads) in enumerate(self._kernels):
+            g = groups.setdefault(self._find(idx), [phase, dtype, {}, 0])
+            g[2].update(reads)
+        for ref, nbytes, state, idx, _phase in self._entries:
+            if state == _NEEDED or (state == _PENDING and ref() is not None):
+                groups[self._find(idx)][3] += nbytes
+        for phase, dtype, reads, writes in groups.values():
+            rec = (phase, "elementwise", dtype, 0, int(sum(reads.values()) + writes), 1.0, False, "fused_pointwise")
+            self.ops += 1
+            self.counts[rec] = self.counts.get(rec, 0) + 1
+        self._parent, self._kernels, self._virt, self._entries = [], [], {}, []
+
     def total_flops(self, phases: Iterable[str] = PHASES) -> int:
         ph = set(phases)
         return sum(r[3] * c for r, c in self.counts.items() if r[0] in ph)
 
     def result(self) -> dict[Record, int]:
         """The counts, with a marker record when the step was sharded (its optimizer ran on the local shards)."""
+        self._flush()
         out = dict(self.counts)
         if self.sharded:
             out[SHARDED_MARKER] = 1

@@ -141,6 +141,9 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
     i = model.intermediate_size
     q_dim, kv_dim = H * hd, KVH * hd
     r = setup.r
+    # torch.compile (Inductor): each chain of pointwise/reduction ops between two matmuls is one kernel that
+    # reads its inputs once and writes what later ops need (tools.memory.timing.OpTrace, fuse=True)
+    fz = bool(getattr(setup, "torch_compile", False))
 
     lins = _linears(model, setup)
     for phase in passes_fwd + ["backward"]:
@@ -170,12 +173,21 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
                 # -> * scaling -> + base output. peft keeps adapters in fp32 over 16-bit weights
                 # (autocast_adapter_dtype); trl casts them to bf16 for quantized models.
                 xb = m * k_in
-                if lw_es != es:
-                    tr.mem(phase, lw_dt, xb * (es + lw_es), 1, "_to_copy")
-                if setup.lora_dropout > 0:
-                    tr.mem(phase, lw_dt, xb * (2 * lw_es + 1), 1, "native_dropout")
-                if autocast and lw_es != es:
-                    tr.mem(phase, dt, xb * (lw_es + es), 1, "_to_copy")
+                drop = 1 if setup.lora_dropout > 0 else 0
+                if fz:
+                    # one kernel each: forward cast -> dropout -> cast back (the mask kept); backward the
+                    # gradient back through them, summed with the base path's input gradient
+                    if not bwd:
+                        tr.mem(phase, lw_dt, xb * (es + mm_es + drop), 1, "fused_pointwise")
+                    else:
+                        tr.mem(phase, dt, xb * (mm_es + 2 * es + drop), 1, "fused_pointwise")
+                else:
+                    if lw_es != es:
+                        tr.mem(phase, lw_dt, xb * (es + lw_es), 1, "_to_copy")
+                    if drop:
+                        tr.mem(phase, lw_dt, xb * (2 * lw_es + 1), 1, "native_dropout")
+                    if autocast and lw_es != es:
+                        tr.mem(phase, dt, xb * (lw_es + es), 1, "_to_copy")
                 if not bwd:
                     _matmul(tr, phase, mm_dt, mm_es, m, k_in, r)
                     _matmul(tr, phase, mm_dt, mm_es, m, r, n_out)
@@ -184,7 +196,11 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
                     _matmul(tr, phase, mm_dt, mm_es, m, r, k_in)  # grad through A
                     _matmul(tr, phase, mm_dt, mm_es, r, m, n_out)  # grad B
                     _matmul(tr, phase, mm_dt, mm_es, k_in, m, r)  # grad A
-                    tr.mem(phase, dt, xb * 3 * es, 1, "add")  # the input's gradient from both paths summed
+                    if not fz:
+                        tr.mem(phase, dt, xb * 3 * es, 1, "add")  # the input's gradient from both paths summed
+                if fz:  # forward: * scaling + base output in one kernel; backward: the gradient * scaling
+                    tr.mem(phase, dt, m * n_out * ((es + mm_es) if bwd else (2 * es + mm_es)), 1, "fused_pointwise")
+                    continue
                 tr.mem(phase, mm_dt, m * n_out * 2 * mm_es, 1, "mul")  # * scaling (backward: the same)
                 if not bwd:
                     tr.mem(phase, dt, m * n_out * (2 * es + mm_es), 1, "add")  # + base output
@@ -213,6 +229,22 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
                 tr.mem(phase, dt, 2 * T * (kv_dim + q_dim) * es * (2 if bwd else 1), 2, "clone")
         # the memory-bound rest of a block, per tensor of T x width (bytes read + written by the group)
         f = 2.0 if bwd else 1.0  # a backward op reads the gradient and what its forward saved, writes a gradient
+        if fz and not is_bert:
+            # fused: [residual add + norm] x2 (read the branch output and the stream, write the new stream and
+            # the normed input; backward: read the gradient(s) and the saved input, write the stream's
+            # gradient), rotary on q/k (read, write), the activation and gated product (read gate/up, write)
+            if not bwd:
+                tr.mem(phase, res_dt, 2 * T * d * (2 * es + 2 * res_es), 2, "fused_pointwise")
+            else:
+                tr.mem(phase, res_dt, 2 * T * d * (es + 3 * res_es), 2, "fused_pointwise")
+            if model.model_type not in _ROTARY_FREE:
+                tr.mem(phase, dt, T * (q_dim + kv_dim) * es * 2, 1, "fused_pointwise")
+            tr.mem(phase, dt, T * i * es * ((5 if bwd else 3) if gated else 2), 1, "fused_pointwise")
+            if model.is_moe and model.num_experts_per_tok > 0:
+                tr.mem(phase, dt, f * T * d * es * 2 * model.num_experts_per_tok * 2, 4, "index")  # dispatch / combine
+            if bwd:
+                tr.mem(phase, dt, T * (d + q_dim + 2 * kv_dim) * 3 * es, 3, "add")  # q/k/v input gradients summed
+            continue
         if model.model_type in _NORM_LAYERNORM:
             norm_b = T * d * (2 * res_es + 2 * 4)  # LayerNorm kernel (+ fp32 mean/rstd)
             tr.mem(phase, res_dt, 2 * f * norm_b, 2 * (2 if bwd else 1), "native_layer_norm", "norm_softmax")
@@ -255,11 +287,15 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
         if full:
             _matmul(head, "backward", dt, es, d, T, V)
         # HF's loss: logits.float(), log_softmax, nll; backward the same in reverse, then cast back
-        head.mem("forward", "fp32", T * V * (es + 4), 1, "_to_copy")
-        head.mem("forward", "fp32", T * V * 8, 1, "_log_softmax", "norm_softmax")
-        head.mem("backward", "fp32", T * V * 4, 1, "nll_loss_backward", "norm_softmax")
-        head.mem("backward", "fp32", T * V * 12, 1, "_log_softmax_backward_data", "norm_softmax")
-        head.mem("backward", dt, T * V * (4 + es), 1, "_to_copy")
+        if fz:  # one kernel each way: read the logits, write the (saved) log-probs; back: read them, write the gradient
+            head.mem("forward", "fp32", T * V * (es + 4), 1, "fused_pointwise")
+            head.mem("backward", "fp32", T * V * (4 + es), 1, "fused_pointwise")
+        else:
+            head.mem("forward", "fp32", T * V * (es + 4), 1, "_to_copy")
+            head.mem("forward", "fp32", T * V * 8, 1, "_log_softmax", "norm_softmax")
+            head.mem("backward", "fp32", T * V * 4, 1, "nll_loss_backward", "norm_softmax")
+            head.mem("backward", "fp32", T * V * 12, 1, "_log_softmax_backward_data", "norm_softmax")
+            head.mem("backward", dt, T * V * (4 + es), 1, "_to_copy")
     else:
         # fused heads (trl's chunked log-probs, Liger, CCE): the logits exist one tile at a time; the
         # backward recomputes each tile's logits, then the input gradient and (trained head) the weight's
@@ -271,8 +307,12 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
         head.mem("forward", dt, T * V * es * 2, 1, "logits_tile")
         head.mem("backward", dt, T * V * es * 4, 2, "logits_tile")
     # final norm
-    head.mem("forward", "fp32", T * d * 40, 7, "rms_norm")
-    head.mem("backward", "fp32", T * d * 60, 10, "rms_norm")
+    if fz:
+        head.mem("forward", res_dt, T * d * (res_es + es), 1, "fused_pointwise")
+        head.mem("backward", res_dt, T * d * (es + 2 * res_es), 1, "fused_pointwise")
+    else:
+        head.mem("forward", "fp32", T * d * 40, 7, "rms_norm")
+        head.mem("backward", "fp32", T * d * 60, 10, "rms_norm")
     for rec, c in head.counts.items():
         counts[rec] = counts.get(rec, 0.0) + c
 
