@@ -161,7 +161,7 @@ _CALL_TEXT = re.compile(r'(?s)"(?:name|tool|function)"\s*:\s*"[a-z_]+"\s*,\s*"(?
 def reply_problems(reply: str, turn: list, req: Request) -> list[str]:
     """Why this reply must not reach the person as the answer (empty list: it may)."""
     text = (reply or "").strip()
-    if len(text) < 20:
+    if len(text) < 8:
         return ["the model wrote no answer"]
     if _CALL_TEXT.search(text):
         return ["the model wrote a tool call instead of an answer"]

@@ -179,7 +179,7 @@ _SEQ = [
                r"(?:each|per\s+(?:example|sample|sequence|ticket|row|document)|long|apiece)"),
     re.compile(r"(?i)(\d[\d,]*(?:\.\d+)?)\s*(k)?\s*(?:토큰)"),
 ]
-_EXAMPLES = re.compile(r"(?i)~?\s*(\d[\d,]*(?:\.\d+)?)\s*(k|m)?\s+(?:[a-z-]+\s+){0,2}"
+_EXAMPLES = re.compile(r"(?i)~?\s*(\d[\d,]*(?:\.\d+)?)\s*(k|m)?\s+(?:(?!tokens?\b|per\b|each\b)[a-z-]+\s+){0,2}"
                        r"(?:examples?|samples?|tickets?|rows?|conversations?|dialogues?|documents?|docs|pairs?|prompts?|"
                        r"records?|instructions?|questions?|texts?|emails?|reviews?|chats?)\b")
 _BATCH = re.compile(r"(?i)\b(?:micro[\s_-]*)?batch(?:[\s_-]*size)?\s*(?:of|=|:)?\s*(\d{1,4})\b")
