@@ -506,3 +506,23 @@ def test_compile_setup_is_faster_with_the_same_flops_and_the_tiers_agree():
 
     assert "torch_compile=torch.cuda.is_available()" in render_script(setup(method="lora", torch_compile=True)).train_py
     assert "torch_compile=" not in render_script(setup(method="lora")).train_py
+
+
+def test_power_limit_lowers_compute_not_bandwidth():
+    """A board run below its board power (nvidia-smi -pl) sustains a lower clock: f ~ (P/P_board)^(1/3)
+    for matmul and attention; memory bandwidth is unchanged; at or above board power nothing changes."""
+    h100 = parse_hardware("H100 SXM 80GB").gpu
+    capped = h100.model_copy(update={"power_limit_w": 500})
+    full, low = timing.gpu_rates(h100), timing.gpu_rates(capped)
+    k = (500 / 700) ** (1 / 3)
+    assert low.matmul_eff == pytest.approx(full.matmul_eff * k)
+    assert low.attn_fwd_eff == pytest.approx(full.attn_fwd_eff * k)
+    assert low.bandwidth == full.bandwidth
+    assert timing.gpu_rates(h100.model_copy(update={"power_limit_w": 800})).matmul_eff == full.matmul_eff
+    counts = {("forward", "matmul", "bf16", 10**13, 10**8, 1.0, False, "mm"): 1.0,
+              ("forward", "elementwise", "bf16", 0, 10**9, 1.0, False, "add"): 1.0}
+    kw = dict(param_bytes=1e9, grad_bytes=1e9, trainable_params=1e8, num_params=1e9)
+    st = setup(method="full")
+    t_full = timing.step_time(counts, st, HardwareSpec(gpu=h100, num_gpus=1), **kw).step_seconds
+    t_low = timing.step_time(counts, st, HardwareSpec(gpu=capped, num_gpus=1), **kw).step_seconds
+    assert t_low > t_full

@@ -138,6 +138,7 @@ class GPUSpec(_Strict):
     fp32_tflops: Optional[float] = Field(default=None, description="Non-tensor FP32 TFLOPs.")
     memory_bandwidth_gbs: float = Field(description="Memory bandwidth in GB/s.")
     tdp_w: Optional[int] = Field(default=None, description="Board power in watts.")
+    power_limit_w: Optional[float] = Field(default=None, description="Power limit the board runs at when set below its board power (nvidia-smi -pl); lowers its sustained clock. None: at board power.")
     source: str = Field(default="", description="Where these figures come from (vendor datasheet URL or name).")
     nvlink_gbs: Optional[float] = Field(default=None, description="GPU-to-GPU NVLink (or Infinity Fabric) bandwidth per GPU per direction, GB/s; None when GPUs talk over PCIe.")
     pcie_gbs: Optional[float] = Field(default=None, description="Host link (PCIe) bandwidth per direction, GB/s (Gen3/4/5 x16 = 15.75/31.5/63).")

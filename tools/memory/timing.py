@@ -228,6 +228,17 @@ class GpuRates:
                 f"{self.bandwidth / 1e9:,.0f} GB/s ({MEMORY_EFF:.0%} of spec); {self.floor * 1e6:g} us floor per op")
 
 
+def power_limit_clock(gpu) -> float:
+    """Sustained compute clock under a power limit below the board power, as a fraction of the clock at
+    board power: dynamic power ~ f V^2 with the voltage tracking the clock over the DVFS range, so
+    P ~ f^3 and f ~ (P_limit / P_board)^(1/3) (assumed: the whole board power treated as dynamic, which
+    understates the loss). Matmul and attention rates scale with it; memory bandwidth does not."""
+    pl, tdp = getattr(gpu, "power_limit_w", None), getattr(gpu, "tdp_w", None)
+    if not pl or not tdp or pl >= tdp:
+        return 1.0
+    return (float(pl) / float(tdp)) ** (1.0 / 3.0)
+
+
 def gpu_rates(gpu) -> GpuRates:
     cls = gpu_class(gpu)
     fp16 = float(gpu.fp16_tflops) * 1e12
@@ -246,9 +257,14 @@ def gpu_rates(gpu) -> GpuRates:
     else:
         eff, src = MATMUL_EFF_BY_CLASS.get(cls, MATMUL_EFF_BY_CLASS["generic"]), f"class {cls} default"
     fwd, bwd = ATTENTION_EFF_BY_CLASS.get(cls, ATTENTION_EFF_BY_CLASS["generic"])
+    fp32_eff = FP32_MATMUL_EFF.get(cls, FP32_MATMUL_EFF_DEFAULT)
+    clock = power_limit_clock(gpu)
+    if clock < 1.0:
+        eff, fp32_eff, fwd, bwd = eff * clock, fp32_eff * clock, fwd * clock, bwd * clock
+        src += f", x{clock:.3f} sustained clock at a {gpu.power_limit_w:g} W power limit"
     return GpuRates(
         name=gpu.name, cls=cls, peak={"bf16": bf16, "fp16": fp16, "fp32": fp32, "int8": 2 * fp16},
-        matmul_eff=eff, fp32_matmul_eff=FP32_MATMUL_EFF.get(cls, FP32_MATMUL_EFF_DEFAULT),
+        matmul_eff=eff, fp32_matmul_eff=fp32_eff,
         attn_fwd_eff=fwd, attn_bwd_eff=bwd, bandwidth=float(gpu.memory_bandwidth_gbs) * 1e9 * MEMORY_EFF,
         floor=LAUNCH_FLOOR_S, source=src,
     )
