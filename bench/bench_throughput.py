@@ -20,7 +20,7 @@ at the FLOPs the step executes (as traced, with recompute): a rate above the GPU
 (MAMF, tools/memory/timing.py) is physically implausible for a whole training step, and such rows are
 flagged `!` and also reported in a median without them.
 
-    .venv/bin/python bench/bench_throughput.py                 # all rows (~1 min)
+    .venv/bin/python bench/bench_throughput.py                 # all rows (~2 min)
     .venv/bin/python bench/bench_throughput.py --only torchtune  # rows whose id contains a string
     .venv/bin/python bench/bench_throughput.py --host-overhead   # measure eager PyTorch's host time per op here
 """
