@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -76,3 +77,25 @@ def test_script_writes_fsdp1_and_concrete_deepspeed_buffers():
     assert z2["allgather_bucket_size"] == 500_000_000 and z2["reduce_bucket_size"] == "auto"
     z3 = json.loads(render_script(TrainingSetup(**base, zero_stage=3)).files["ds_config.json"])["zero_optimization"]
     assert z3["stage3_max_live_parameters"] == 1_000_000_000 and z3["stage3_prefetch_bucket_size"] == "auto"
+
+
+def test_fsdp1_keeps_its_root_parameters_gathered_from_forward_to_backward():
+    """FSDP1 (TRANSFORMER_BASED_WRAP): the input embedding, final norm and head are the root's one
+    FlatParameter, which FSDP1 does not free after forward; FSDP2 (accelerate) shards the embedding as
+    its own unit that reshards after forward, and its tail [norm, head] reshards after its own backward.
+    FSDP1 frees the root only in the final backward callback: through the backward peak it holds the
+    gathered embedding and head (bf16 under mixed precision) that FSDP2 no longer holds."""
+    from tools.memory import simulate
+    from tools.models import lookup_model
+
+    m = lookup_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0", hub=False)  # untied embedding and head
+    base = dict(model_id=m.model_id, method="lora", max_length=2048, per_device_train_batch_size=2,
+                num_gpus=2, fsdp="full_shard")
+    v1 = simulate(m, TrainingSetup(**base, fsdp_version=1))
+    v2 = simulate(m, TrainingSetup(**base, fsdp_version=2))
+    emb = m.vocab_size * m.hidden_size * 2
+    assert any("root parameters [embedding, norm, head]" in n for n in v1.notes)
+    assert not any("root parameters" in n for n in v2.notes)
+    assert v1.peak_phase == v2.peak_phase == "backward"
+    gap = v1.peak_breakdown["fsdp_all_gather"] - v2.peak_breakdown["fsdp_all_gather"]
+    assert gap == pytest.approx(2 * emb, rel=0.05)

@@ -100,7 +100,7 @@ def shard(prep, setup, mesh, plan: ShardPlan, ledger) -> list[str]:
     # DeepSpeed offloads parameters only with offload_param ('all'); FSDP's CPU offload always moves them
     offload_params = plan.offload and (plan.engine != "zero" or setup.offload == "all")
     notes = shard_fsdp2(prep.pm, prep.base, setup, mesh, reshard_after_forward=plan.reshard_after_forward,
-                        offload_params=offload_params)
+                        offload_params=offload_params, fsdp1_root=plan.engine == "fsdp1")
     if plan.engine == "fsdp1":
         notes[-1] = ("FSDP1 (fsdp_version 1) modelled by the FSDP2 step of the same units: FullyShardedDataParallel "
                      "needs an accelerator device and cannot run on this CPU-only torch; " + notes[-1])
@@ -181,8 +181,14 @@ def mixed_precision_policy(setup):
     return MixedPrecisionPolicy()
 
 
-def shard_fsdp2(pm, base, setup, mesh, *, reshard_after_forward: bool | None = None, offload_params: bool | None = None) -> list[str]:
-    """Wrap `pm` (the model the Trainer trains: peft model or base) with FSDP2 as accelerate does; notes."""
+def shard_fsdp2(pm, base, setup, mesh, *, reshard_after_forward: bool | None = None, offload_params: bool | None = None,
+                fsdp1_root: bool = False) -> list[str]:
+    """Wrap `pm` (the model the Trainer trains: peft model or base) with FSDP2 as accelerate does; notes.
+
+    fsdp1_root: the units of FSDP1's TRANSFORMER_BASED_WRAP instead — what no block unit holds (input
+    embedding, final norm, head) is the root's one FlatParameter, and FSDP1 does not free the root's
+    gathered parameters after forward (torch/distributed/fsdp/_runtime_utils.py `_post_forward_reshard`:
+    `not state._is_root`): one tail unit [embedding, norm, head] with reshard_after_forward=False."""
     import torch
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
@@ -227,11 +233,13 @@ def shard_fsdp2(pm, base, setup, mesh, *, reshard_after_forward: bool | None = N
     except Exception:  # noqa: BLE001
         head = None
     tied = emb is not None and head is not None and getattr(emb, "weight", None) is getattr(head, "weight", 0)
-    if not tied and emb is not None and not isinstance(emb, FSDPModule):
+    if not tied and not fsdp1_root and emb is not None and not isinstance(emb, FSDPModule):
         fully_shard(emb, **kw)
         units += 1
     norm = _final_norm(base)
-    tail = [m for m in ((norm, emb, head) if tied else (norm, head)) if m is not None and not isinstance(m, FSDPModule)]
+    tail = [m for m in ((norm, emb, head) if tied or fsdp1_root else (norm, head))
+            if m is not None and not isinstance(m, FSDPModule)]
+    tail = list({id(m): m for m in tail}.values())
     if tail:
         fully_shard(tail, **{**kw, "reshard_after_forward": False})
         units += 1
@@ -239,7 +247,10 @@ def shard_fsdp2(pm, base, setup, mesh, *, reshard_after_forward: bool | None = N
     fully_shard(pm, **root_kw)
     notes.append(
         f"FSDP2 {setup.fsdp if setup.fsdp != 'none' else 'full_shard'} over {mesh.size()} ranks (fake process group, rank 0 simulated): "
-        f"{units} units ({', '.join(sorted(names)) or 'no _no_split_modules'} blocks, embedding, tail) + root, "
+        f"{units} units ({', '.join(sorted(names)) or 'no _no_split_modules'} blocks, "
+        + ("FSDP1's root parameters [embedding, norm, head] kept gathered from forward to backward) + root, " if fsdp1_root
+           else "embedding, tail) + root, ")
+        + 
         f"reshard_after_forward={reshard_after_forward}, mixed precision {setup.compute_dtype if (setup.bf16 or setup.fp16) else 'none'}"
         + (", CPUOffloadPolicy" if offload else "")
     )
