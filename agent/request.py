@@ -257,6 +257,40 @@ def _hardware_of(value: Any):
         return None
 
 
+# the words by which a message asks for a knob; a knob the first call of a turn sets although the message
+# names none of them is the model's own invention (a 1.5B model fills every knob it is shown: fp16 on a 4090,
+# gradient_checkpointing false, optim "adamw", fsdp false ...) and is left out
+_KNOB_WORDS = {
+    "r": r"\br\s*=|\brank|\br\d|랭크", "lora_alpha": r"alpha", "lora_dropout": r"dropout",
+    "target_modules": r"target|_proj\b|all[- ]linear|attention (?:layers|modules|projections)|\bmlp\b",
+    "per_device_train_batch_size": r"batch|배치", "gradient_accumulation_steps": r"accum|누적",
+    "gradient_checkpointing": r"checkpoint|체크포인",
+    "optim": r"optim|adam|\bsgd\b|adafactor|\blion\b|8[- ]?bit|paged|옵티마이저",
+    "precision": r"fp16|bf16|fp32|float16|bfloat16|float32|precision|half|정밀도",
+    "bf16": r"bf16|bfloat16|precision", "fp16": r"fp16|float16|half|precision",
+    "zero_stage": r"zero|deepspeed", "fsdp": r"fsdp|shard", "offload": r"offload|오프로드",
+    "attn_implementation": r"attention|flash|sdpa|eager|\bfa2\b|어텐션",
+    "packing": r"pack|패킹", "learning_rate": r"\blr\b|learning[- ]rate|학습률", "num_train_epochs": r"epoch|에폭|에포크",
+    "load_in_4bit": r"4[- ]?bit|qlora|nf4", "bnb_4bit_quant_type": r"nf4|fp4|quant",
+    "objective": r"\bdpo\b|grpo|\bkto\b|orpo|reward|preference|\brl\b|선호",
+    "use_vllm": r"vllm", "num_generations": r"generation", "max_length": r"seq|length|context|tokens?\b|토큰|길이",
+    "neftune_noise_alpha": r"neftune", "use_chat_template": r"chat|template", "dataset_text_field": r"field|column",
+}
+
+
+def _invented_knobs(setup: dict, req: Request) -> list[str]:
+    """The knobs of `setup` that the message asks for in no word (see _KNOB_WORDS)."""
+    from tools.agent_tools import _knob_name
+
+    low = req.text.lower()
+    out = []
+    for key in setup:
+        words = _KNOB_WORDS.get(_knob_name(key))
+        if words and not re.search(words, low):
+            out.append(key)
+    return out
+
+
 def correct_args(tool: str, args: dict, req: Request, *, first: bool) -> tuple[dict, list[str]]:
     """`args` with the person's stated figures put back where the call lost or changed them, and a note per change.
 
@@ -337,6 +371,11 @@ def correct_args(tool: str, args: dict, req: Request, *, first: bool) -> tuple[d
                     old = setup.get(key)
                     setup[key] = value
                     notes.append(f"setup.{key} {value} from the person's message" + ("" if old is None else f" (the call had {old!r})"))
+    if setup is not None and first and req.text.strip():
+        dropped = {k: setup.pop(k) for k in _invented_knobs(setup, req)}
+        if dropped:
+            notes.append("left out setup knobs the person did not ask for: "
+                         + ", ".join(f"{k}={v!r}" for k, v in dropped.items()) + " (the setup's defaults apply)")
     if setup is not None and (setup or "setup" in new):
         new["setup"] = setup
     return new, notes

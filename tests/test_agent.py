@@ -172,7 +172,7 @@ def test_tool_errors_come_back_as_observations_and_the_model_recovers(tmp_path):
         recover,
         lambda m: final("fixed: " + m[-5].content[:60]),
     ])
-    _, result, steps = _run(model, "plan for my 9999", workdir=tmp_path)
+    _, result, steps = _run(model, "plan for my 9999, with offload and ZeRO stage 0", workdir=tmp_path)
     assert [s["status"] for s in steps] == ["error", "error", "error", "error", "ok"]
     assert steps[1]["error"].startswith("error: plan_everything is not a valid tool") and "plan_training" in steps[1]["error"]
     assert steps[0]["error"] == "error: invalid setup: r: Input should be greater than or equal to 1"
@@ -279,7 +279,7 @@ def test_oom_rescue_estimates_the_users_config_then_the_smallest_change(tmp_path
         answer,
     ])
     agent = build_agent(model, workdir=tmp_path)
-    _, result, steps = _run(model, "My run dies with CUDA out of memory at step 200, seq 4096, batch 4, LoRA r=64 on an A10G. Mistral-7B.",
+    _, result, steps = _run(model, "My run dies with CUDA out of memory at step 200, seq 4096, batch 4, LoRA r=64, no gradient checkpointing, on an A10G. Mistral-7B.",
                             agent=agent)
     assert [s["status"] for s in steps] == ["ok", "ok"]
     before, after = tool_outputs(conversation(agent), "estimate_memory")[-2:]

@@ -208,3 +208,22 @@ def test_a_busy_or_loading_server_says_so():
             run_turn(build_agent(model), "t", "hello")
         assert len(stub.requests) == 1  # a local server: no blind resend
     assert str(e.value).startswith("the chat model server (or a proxy in front of it) answered HTTP 503")
+
+
+def test_a_local_server_caps_each_reply_and_the_cap_can_be_changed(monkeypatch):
+    from agent.llm import LOCAL_MAX_TOKENS, llm_settings
+
+    with OpenAIStub(["one", "two", "three"]) as stub:
+        run_turn(build_agent(make_chat_model("openai:stub-model", base_url=stub.base_url)), "t", "hi")
+        monkeypatch.setenv("TUNEPILOT_LLM_MAX_TOKENS", "2000")
+        run_turn(build_agent(make_chat_model("openai:stub-model", base_url=stub.base_url)), "t", "hi")
+        monkeypatch.setenv("TUNEPILOT_LLM_MAX_TOKENS", "0")  # no cap
+        run_turn(build_agent(make_chat_model("openai:stub-model", base_url=stub.base_url)), "t", "hi")
+        sent = [r["body"].get("max_completion_tokens", r["body"].get("max_tokens")) for r in stub.requests]
+    assert sent == [LOCAL_MAX_TOKENS, 2000, None]
+    monkeypatch.delenv("TUNEPILOT_LLM_MAX_TOKENS")
+    assert llm_settings(base_url="https://api.openai.com/v1").max_tokens is None  # a hosted API: its own default
+    assert "at most 768 tokens a reply" in llm_settings(base_url="http://127.0.0.1:8080/v1").describe()
+    monkeypatch.setenv("TUNEPILOT_LLM_MAX_TOKENS", "-5")
+    with pytest.raises(TunepilotError, match="TUNEPILOT_LLM_MAX_TOKENS"):
+        llm_settings()

@@ -439,3 +439,21 @@ def test_cli_bad_model_is_one_line_exit_2():
     assert "Traceback" not in out.stderr + out.stdout
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "did you mean" in lines[0]
+
+
+@pytest.mark.parametrize("name, model_id", [
+    ("mistral-7b", "mistralai/Mistral-7B-v0.1"),  # the one base model; v0.1 is only a version
+    ("Mistral-7B", "mistralai/Mistral-7B-v0.1"),
+    ("llama 3.1 8b", "meta-llama/Llama-3.1-8B"),
+    ("llama-2-7b", "meta-llama/Llama-2-7b-hf"),
+    ("mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1"),
+])
+def test_names_as_people_write_them_resolve_to_the_base_model(name, model_id):
+    assert lookup_model(name, hub=False).model_id == model_id
+
+
+def test_a_name_that_is_only_a_prefix_of_tuned_models_is_not_guessed():
+    with pytest.raises(TunepilotError, match="did you mean"):
+        lookup_model("llama-3-8b", hub=False)  # not in the catalog; Llama-3.1-8B is another model
+    with pytest.raises(TunepilotError):
+        lookup_model("qwen", hub=False)

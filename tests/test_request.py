@@ -80,3 +80,35 @@ def test_tools_without_setup_arguments_are_untouched():
     req = read_request("Llama-3.1-8B on a 4090, seq 4096")
     assert correct_args("lookup_model", {"model": "x"}, req, first=True) == ({"model": "x"}, [])
     assert correct_args("web_search", {"query": "q"}, req, first=True) == ({"query": "q"}, [])
+
+
+def test_knobs_the_person_did_not_ask_for_are_left_out_of_the_first_call():
+    # what the 1.5B model sent for the OOM question (bench/agent_eval.py q3): every knob filled in
+    req = read_request("My LoRA run of Llama-3.1-8B dies with CUDA out of memory at step 200 on an A10G: seq 4096, batch 4, r=64.")
+    junk = {"r": 64, "gradient_accumulation_steps": 16, "gradient_checkpointing": False, "optim": "adamw", "precision": "fp16",
+            "zero_stage": 0, "fsdp": False, "offload": False, "attn_implementation": "torch", "packing": False, "learning_rate": 1e-4}
+    new, notes = correct_args("estimate_memory", {"model": LLAMA, "hardware": "A10G", "setup": junk}, req, first=True)
+    assert new["setup"] == {"r": 64, "method": "lora", "per_device_train_batch_size": 4}
+    assert any(n.startswith("left out setup knobs the person did not ask for: gradient_accumulation_steps=16") for n in notes)
+    # named in the message: kept; and a later call in the turn (the model's own what-if) is left alone
+    asked = read_request("Llama-3.1-8B on an A10G without gradient checkpointing, optimizer paged_adamw_8bit, fp16")
+    new, _ = correct_args("estimate_memory", {"setup": {"gradient_checkpointing": False, "optim": "paged_adamw_8bit",
+                                                        "precision": "fp16", "packing": True}}, asked, first=True)
+    assert new["setup"] == {"gradient_checkpointing": False, "optim": "paged_adamw_8bit", "precision": "fp16"}
+    new, notes = correct_args("estimate_memory", {"setup": {"packing": True}}, asked, first=False)
+    assert new["setup"] == {"packing": True} and notes == []
+
+
+def test_knob_values_as_small_models_write_them_are_understood():
+    import json
+
+    from tools.agent_tools import estimate_memory_tool
+
+    text, _ = estimate_memory_tool(model="Llama-3.1-8B", hardware="RTX 4090", fast=True,
+                                   setup={"method": "qlora", "optim": "adamw", "fsdp": False, "offload": False, "attn_implementation": "torch"})
+    setup = json.loads(text)["setup"]
+    assert setup["optim"] == "adamw_torch" and setup["sharding"] == "single" and setup["method"] == "qlora"
+    from tools.agent_tools import normalise_knobs
+
+    assert normalise_knobs({"attention": "flash", "fsdp": True, "offload": "cpu", "precision": "bfloat16"}) == {
+        "attn_implementation": "flash_attention_2", "fsdp": "full_shard", "offload": "optimizer", "precision": "bf16"}

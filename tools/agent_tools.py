@@ -275,6 +275,32 @@ def is_knob(key: str) -> bool:
     return name in TrainingSetup.model_fields or name in _SPECIAL_KNOBS
 
 
+# values as people (and small models) write them -> the TrainingSetup literal
+_VALUE_ALIASES = {
+    "optim": {"adam": "adamw_torch", "adamw": "adamw_torch", "torch": "adamw_torch", "adamw_fused": "adamw_torch_fused",
+              "8bit": "adamw_8bit", "adam8bit": "adamw_8bit", "adamw8bit": "adamw_8bit", "paged_adamw": "paged_adamw_32bit"},
+    "attn_implementation": {"torch": "sdpa", "pytorch": "sdpa", "default": "sdpa", "flash": "flash_attention_2",
+                            "flash_attention": "flash_attention_2", "flash-attn": "flash_attention_2", "fa2": "flash_attention_2",
+                            "flash_attn": "flash_attention_2", "flash_attention2": "flash_attention_2"},
+    "fsdp": {True: "full_shard", "true": "full_shard", "yes": "full_shard", "full": "full_shard", False: "none",
+             "false": "none", "no": "none", "off": "none"},
+    "offload": {True: "optimizer", "true": "optimizer", "yes": "optimizer", "cpu": "optimizer", False: "none",
+                "false": "none", "no": "none", "off": "none"},
+    "precision": {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "full": "fp32"},
+}
+
+
+def _value_alias(name: str, value: Any) -> Any:
+    table = _VALUE_ALIASES.get(name)
+    if not table:
+        return value
+    key = value.strip().lower() if isinstance(value, str) else value
+    try:
+        return table.get(key, value)
+    except TypeError:  # an unhashable value (a list): left for validation to judge
+        return value
+
+
 def normalise_knobs(setup: dict | None, notes: list[str] | None = None) -> dict:
     """`setup` with aliases mapped to TrainingSetup names.
 
@@ -288,7 +314,7 @@ def normalise_knobs(setup: dict | None, notes: list[str] | None = None) -> dict:
         if name not in TrainingSetup.model_fields and name not in _SPECIAL_KNOBS:
             unknown.append(str(key))
             continue
-        out[name] = value
+        out[name] = _value_alias(name, value)
     if unknown:
         listed = ", ".join(repr(k) for k in unknown)
         if notes is None:
