@@ -526,3 +526,26 @@ def test_power_limit_lowers_compute_not_bandwidth():
     t_full = timing.step_time(counts, st, HardwareSpec(gpu=h100, num_gpus=1), **kw).step_seconds
     t_low = timing.step_time(counts, st, HardwareSpec(gpu=capped, num_gpus=1), **kw).step_seconds
     assert t_low > t_full
+
+
+def test_reentrant_checkpointing_recomputes_the_whole_block():
+    """use_reentrant=True (transformers 4.35-4.5x's default) recomputes every op of a checkpointed block;
+    non-reentrant checkpointing stops once the saved tensors are back, skipping the block's last matmul.
+    The traced difference is exactly that matmul (down_proj: 2 x tokens x intermediate x hidden per
+    block), and the analytic tier writes down the same recompute."""
+    from tools.memory import simulate
+    from tools.memory.timing_analytic import analytic_counts
+
+    spec = tiny_spec(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4)
+    rec = {}
+    for re in (False, True):
+        st = setup(method="full", max_length=256, reentrant_checkpointing=re)
+        tr = timing.trace_from_list(simulate(spec, st).op_trace)
+        rec[re] = sum(r[3] * c for r, c in tr.items() if r[0] == "recompute")
+        assert rec[re] == sum(r[3] * c for r, c in analytic_counts(spec, st).items() if r[0] == "recompute")
+    tokens = st.per_device_train_batch_size * 256
+    assert rec[True] - rec[False] == 2 * tokens * 512 * 256 * spec.num_hidden_layers
+    from tools.script import render_script
+
+    assert '"use_reentrant": True' in render_script(setup(method="lora", reentrant_checkpointing=True)).train_py
+    assert '"use_reentrant": True' not in render_script(setup(method="lora")).train_py

@@ -205,6 +205,7 @@ class TrainingSetup(_Strict):
 
     # memory/time knobs
     gradient_checkpointing: bool = Field(default=True, description="Recompute activations in backward (HF non-reentrant checkpointing): far less activation memory, ~33% more compute.")
+    reentrant_checkpointing: bool = Field(default=False, description="gradient_checkpointing_kwargs use_reentrant=True (transformers 4.35-4.5x's default, torch.utils.checkpoint's old default): the whole block is recomputed in backward, where non-reentrant checkpointing stops once every saved tensor is back.")
     optim: Optim = Field(default="adamw_torch_fused", description="Optimizer (TrainingArguments.optim): adamw_torch(_fused), adamw_bnb_8bit/adamw_8bit, paged_adamw_8bit/32bit, adafactor, sgd, lion_*.")
     bf16: bool = Field(default=True, description="bf16 mixed precision (TrainingArguments.bf16). Needs an Ampere or newer GPU.")
     fp16: bool = Field(default=False, description="fp16 mixed precision with loss scaling (TrainingArguments.fp16), for GPUs without bf16 (T4, V100).")

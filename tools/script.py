@@ -383,6 +383,7 @@ def render_script(
         loss_label=LOSS_IMPL_LABELS[setup.loss_impl],
         use_liger_kernel=setup.use_liger_kernel,
         torch_compile=getattr(setup, "torch_compile", False),
+        reentrant=_py(bool(getattr(setup, "reentrant_checkpointing", False))),
         activation_offloading=setup.activation_offloading,
         title=title.replace("\\", "/").replace('"""', "'''"),
         title_py=_py(title),

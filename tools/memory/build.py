@@ -148,10 +148,11 @@ def build_model(model: ModelSpec, setup: TrainingSetup, depth: int):
             raise SimulationError(f"model.config: transformers cannot build '{model.model_type}' from this config ({e}); use --fast") from None
         if setup.gradient_checkpointing:
             # transformers 5 name (the old gradient_checkpointing_enable warns FutureWarning on every call)
+            kw = {"use_reentrant": bool(getattr(setup, "reentrant_checkpointing", False))}
             if hasattr(m, "activation_checkpointing_enable"):
-                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
             else:
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     return m
 
 

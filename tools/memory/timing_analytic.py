@@ -144,6 +144,8 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
     # torch.compile (Inductor): each chain of pointwise/reduction ops between two matmuls is one kernel that
     # reads its inputs once and writes what later ops need (tools.memory.timing.OpTrace, fuse=True)
     fz = bool(getattr(setup, "torch_compile", False))
+    # reentrant checkpointing recomputes the whole block (no early stop)
+    reentrant = bool(getattr(setup, "reentrant_checkpointing", False))
 
     lins = _linears(model, setup)
     for phase in passes_fwd + ["backward"]:
@@ -158,7 +160,7 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
             if autocast and w_dt == "fp32" and not quant4:
                 # autocast casts the fp32 weight to the compute dtype for the matmul
                 tr.add(phase, "elementwise", dt, 0, k_in * n_out * (4 + es), op="_to_copy")
-            if phase == "recompute" and name in _MLP_OUT and (full or not targeted):
+            if phase == "recompute" and name in _MLP_OUT and (full or not targeted) and not reentrant:
                 # non-reentrant checkpointing stops recomputing once every saved tensor is back: the
                 # block's last matmul (its output is saved by nothing) is not run again
                 pass
