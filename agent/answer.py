@@ -85,7 +85,10 @@ def answer_ready(turn: list, req: Request) -> bool:
     return True
 
 
-EXTRA_ROUNDS = 1  # tool rounds a model may still make once the results answer the question (a what-if, the script)
+# tool rounds a model may still make once the results answer the question (a what-if, the script); a local
+# server gets none (build_agent): there every call costs a minute, and all five extra rounds the 1.5B model
+# made in bench/agent_eval.py only asked for the script the plan had already written
+EXTRA_ROUNDS = 1
 
 
 def rounds_after_ready(turn: list, req: Request) -> int:

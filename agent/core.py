@@ -272,7 +272,7 @@ def _argument_error(text: str, tool: str) -> str:
     return f"error: {tool} arguments: {'; '.join(problems) or ' '.join(text.split())}. Fix them and call {tool} again."
 
 
-def _answer_middleware():
+def _answer_middleware(extra_rounds: int = 1):
     """Once the tools have answered, the model only writes the answer; a poor answer gives way to the engine's
     (agent/answer.py). And when the model answers a question naming a model and GPUs without asking the engine,
     tunepilot asks it itself (plan_training) so the answer carries the engine's verdict and numbers."""
@@ -281,7 +281,7 @@ def _answer_middleware():
     from langchain.agents.middleware import ModelResponse, wrap_model_call
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
-    from agent.answer import (EXTRA_ROUNDS, answer_prompt, answer_system, answer_ready, engine_answer, engine_results, redundant_call,
+    from agent.answer import (answer_prompt, answer_system, answer_ready, engine_answer, engine_results, redundant_call,
                               reply_problems, rounds_after_ready)
 
     def parts(response) -> list:
@@ -326,7 +326,7 @@ def _answer_middleware():
         turn = _turn_messages(messages)
         req = person_request(_person_text(messages))
         ready = bool(request.tools) and answer_ready(turn, req)
-        if ready and rounds_after_ready(turn, req) >= EXTRA_ROUNDS:  # its extra round is spent: answer now
+        if ready and rounds_after_ready(turn, req) >= extra_rounds:  # its extra round is spent: answer now
             return answer_now(request, handler, messages, turn, req)
         response = handler(request)
         ai = next((m for m in reversed(parts(response)) if isinstance(m, AIMessage)), None)
@@ -493,13 +493,16 @@ DEFAULT_TOOL_LIMITS = {"*": 4, "estimate_memory": 6, "run_trial": 1, "plan_train
 
 def build_agent(chat_model, *, checkpointer=None, max_model_calls: int = DEFAULT_MAX_MODEL_CALLS,
                 workdir: str | Path | None = None, allow_trial: bool = True, tools: list | None = None,
-                context_tokens: int | None = None, tool_limits: dict[str, int] | None = None, answer_phase: bool = True):
+                context_tokens: int | None = None, tool_limits: dict[str, int] | None = None, answer_phase: bool = True,
+                extra_rounds: int | None = None):
     """The compiled tunepilot agent for a LangChain chat model (threads kept by `checkpointer`, in memory by default).
 
     `run_trial` pauses for the person's yes (HumanInTheLoopMiddleware; `run_turn(confirm=...)`);
     repeated identical calls get their earlier result back; each tool has a per-turn call limit;
     the history is trimmed to `context_tokens` (the server's context, when known). With `answer_phase`
-    (the default) the model answers once the tool results hold the answer (one more tool round allowed),
+    (the default) the model answers once the tool results hold the answer (`extra_rounds` more tool rounds
+    allowed first: 1, or 0 for a local server, where each call costs a minute and the measured extra calls of a
+    1.5B model only repeated the plan),
     a reply with numbers no tool produced gives way to the engine's answer, and a question naming a model
     and GPUs that the model answered without a tool is routed to plan_training (agent/answer.py);
     answer_phase=False leaves only the guards (used to test them alone)."""
@@ -517,13 +520,19 @@ def build_agent(chat_model, *, checkpointer=None, max_model_calls: int = DEFAULT
     tool_list = list(tools if tools is not None else TOOLS)
     system_prompt = render("system", today=date.today().isoformat())
     context = int(context_tokens or os.environ.get("TUNEPILOT_LLM_CONTEXT") or DEFAULT_CONTEXT_TOKENS)
+    if extra_rounds is None:
+        from agent.answer import EXTRA_ROUNDS
+
+        settings = getattr(chat_model, "tunepilot_settings", None)
+        extra_rounds = 0 if getattr(settings, "local", False) else EXTRA_ROUNDS
+    extra = max(0, int(extra_rounds))
     fixed = first_prompt_tokens(system_prompt, tool_list)
     history_budget = max(512, context - fixed - ANSWER_RESERVE_TOKENS)
     consent = {name: {"allowed_decisions": ["approve", "reject"], "description": _trial_description, "when": _trial_gate}
                for name in CONSENT_TOOLS if any(getattr(t, "name", "") == name for t in tool_list)}
     middleware = [
         _context_middleware(workdir, allow_trial, {**DEFAULT_TOOL_LIMITS, **(tool_limits or {})}),
-        *([_answer_middleware()] if answer_phase else []),  # tools answered: the model writes the answer; routing fallback
+        *([_answer_middleware(extra)] if answer_phase else []),  # tools answered: the model writes the answer; routing fallback
         text_tool_calls_middleware(),  # a tool call the model wrote as text becomes a real one
         ToolErrorMiddleware(on_error=tool_error_observation),
         ModelCallLimitMiddleware(run_limit=max_model_calls, exit_behavior="end"),

@@ -130,3 +130,17 @@ def test_the_oom_rescue_answer_is_ready_after_one_estimate(tmp_path):
                       "My LoRA run of Llama-3.1-8B dies with CUDA out of memory on an A10G: seq 4096, batch 4, r=64. What should I change?")
     assert [s["tool"] for s in result.tool_calls] == ["estimate_memory"] and model.calls == 2
     assert result.answer.startswith("DOES NOT FIT") and "Smallest change that fits: micro-batch 4 -> " in result.answer
+
+
+def test_a_local_server_answers_right_after_the_plan(tmp_path):
+    from agent.llm import make_chat_model
+    from tests._agent_helpers import OpenAIStub, stub_tool_call
+
+    plan = stub_tool_call("plan_training", model=POLYGLOT, hardware="T4", seq_len=512, exact=False)
+    with OpenAIStub([plan, "It fits on the T4: see the engine's summary.", stub_tool_call("make_peft_config")]) as stub:
+        agent = build_agent(make_chat_model("openai:stub-model", base_url=stub.base_url), workdir=tmp_path)
+        result = run_turn(agent, "t", QUESTION)
+        bodies = [r["body"] for r in stub.requests]
+    assert [s["tool"] for s in result.tool_calls] == ["plan_training"] and len(bodies) == 2
+    assert bodies[0]["tools"] and not bodies[1].get("tools")  # the second call is the answer call: no tools
+    assert result.answer == "It fits on the T4: see the engine's summary."
