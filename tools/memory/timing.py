@@ -876,6 +876,13 @@ def step_time(counts: dict[Record, float], setup, hardware, *, param_bytes: floa
     elif setup.fsdp == "shard_grad_op":
         stage = 2
     notes = [f"per-op roofline on {rates.describe()}"]
+    if getattr(setup, "torch_compile", False):
+        fused = sum(c for r, c in counts.items() if r[7] == "fused_pointwise")
+        notes.append(f"torch.compile: pointwise/reduction chains fused into {fused:,.0f} kernels per micro-batch (Inductor, "
+                     "forward and backward; the optimizer step is not compiled); the one-off compile time of the first steps "
+                     "is not included")
+    if getattr(setup, "reentrant_checkpointing", False) and setup.gradient_checkpointing:
+        notes.append("reentrant checkpointing: the whole block is recomputed in backward")
     micro = phase_t["forward"] + phase_t["recompute"] + phase_t["backward"]
     opt_scale = 1.0
     if sharded_trace:
