@@ -282,6 +282,10 @@ GRID = [
     ("meta-llama/Llama-3.2-1B", dict(method="full")),
     ("meta-llama/Llama-3.2-1B", dict(method="full", optim="adamw_torch", attn_implementation="eager", max_length=256)),
     ("meta-llama/Llama-3.2-1B", dict(method="qlora", load_in_4bit=True)),
+    # fp32 weights under 4-bit (fms-acceleration's QLoRA rows): bnb casts each output back to fp32
+    ("meta-llama/Llama-3.2-1B", dict(method="qlora", load_in_4bit=True, dtype="fp32", bf16=False, fp16=True,
+                                     bnb_4bit_compute_dtype="fp16")),
+    ("meta-llama/Llama-3.2-1B", dict(method="lora", torch_compile=True, reentrant_checkpointing=True)),
     ("Qwen/Qwen2.5-0.5B", dict(method="lora", target_modules=["q_proj", "v_proj"], r=64)),
     ("Qwen/Qwen2.5-0.5B", dict(method="full", per_device_train_batch_size=8, gradient_checkpointing=False)),
 ]

@@ -695,6 +695,9 @@ class OpTrace:
         """One record per fused kernel: the tensors it reads from memory plus the values it must write."""
         if not self._parent:
             return
+        import gc
+
+        gc.collect()  # what is still referenced must not depend on when the cycle collector last ran
         groups: dict[int, list] = {}
         for idx, (phase, dtype, reads) in enumerate(self._kernels):
             g = groups.setdefault(self._find(idx), [phase, dtype, {}, 0])

@@ -146,6 +146,10 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
     fz = bool(getattr(setup, "torch_compile", False))
     # reentrant checkpointing recomputes the whole block (no early stop)
     reentrant = bool(getattr(setup, "reentrant_checkpointing", False))
+    # bitsandbytes' Linear4bit/8bit casts its input to the compute dtype and its output back to the input's
+    # dtype: over fp32 weights the activations between the quantized matmuls stay fp32 (two casts each)
+    act_es = 4 if ((quant4 or quant8) and w_dt == "fp32") else es
+    act_dt = "fp32" if act_es == 4 else dt
 
     lins = _linears(model, setup)
     for phase in passes_fwd + ["backward"]:
@@ -156,6 +160,8 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
             if quant4 and name != "router":
                 # dequantise the packed weight to the compute dtype, every pass (bnb gemm_4bit / dequantize_4bit)
                 tr.add(phase, "dequant", dt, 0, k_in * n_out * (0.5 + 1 / 64 + es), op="dequantize_4bit")
+            if act_es != es and name != "router":
+                tr.mem(phase, act_dt, m * k_in * (act_es + es) + m * n_out * (es + act_es), 2, "_to_copy")
             w_es = es
             if autocast and w_dt == "fp32" and not quant4:
                 # autocast casts the fp32 weight to the compute dtype for the matmul
@@ -201,11 +207,11 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
                     if not fz:
                         tr.mem(phase, dt, xb * 3 * es, 1, "add")  # the input's gradient from both paths summed
                 if fz:  # forward: * scaling + base output in one kernel; backward: the gradient * scaling
-                    tr.mem(phase, dt, m * n_out * ((es + mm_es) if bwd else (2 * es + mm_es)), 1, "fused_pointwise")
+                    tr.mem(phase, act_dt, m * n_out * ((act_es + mm_es) if bwd else (2 * act_es + mm_es)), 1, "fused_pointwise")
                     continue
                 tr.mem(phase, mm_dt, m * n_out * 2 * mm_es, 1, "mul")  # * scaling (backward: the same)
                 if not bwd:
-                    tr.mem(phase, dt, m * n_out * (2 * es + mm_es), 1, "add")  # + base output
+                    tr.mem(phase, act_dt, m * n_out * (2 * act_es + mm_es), 1, "add")  # + base output
         # attention
         if setup.attn_implementation == "eager":
             scores = B * H * S_eff * S_eff
@@ -228,7 +234,9 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
                 tr.add(phase, "attention_bwd", dt, 2.5 * fl, 2 * qkvo + T * q_dim * es + B * H * S_eff * 4, 1.0, causal,
                        "_scaled_dot_product_flash_attention_backward")
             if KVH < H:  # HF's repeat_kv before SDPA: k and v copied to every query head
-                tr.mem(phase, dt, 2 * T * (kv_dim + q_dim) * es * (2 if bwd else 1), 2, "clone")
+                tr.mem(phase, act_dt, 2 * T * (kv_dim + q_dim) * act_es * (2 if bwd else 1), 2, "clone")
+            if act_es != es:  # SDPA under autocast: q, k, v cast to the compute dtype (the gradients back)
+                tr.mem(phase, act_dt, T * (q_dim + 2 * kv_dim) * (act_es + es), 3, "_to_copy")
         # the memory-bound rest of a block, per tensor of T x width (bytes read + written by the group)
         f = 2.0 if bwd else 1.0  # a backward op reads the gradient and what its forward saved, writes a gradient
         if fz and not is_bert:
@@ -240,8 +248,8 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
             else:
                 tr.mem(phase, res_dt, 2 * T * d * (es + 3 * res_es), 2, "fused_pointwise")
             if model.model_type not in _ROTARY_FREE:
-                tr.mem(phase, dt, T * (q_dim + kv_dim) * es * 2, 1, "fused_pointwise")
-            tr.mem(phase, dt, T * i * es * ((5 if bwd else 3) if gated else 2), 1, "fused_pointwise")
+                tr.mem(phase, act_dt, T * (q_dim + kv_dim) * act_es * 2, 1, "fused_pointwise")
+            tr.mem(phase, act_dt, T * i * act_es * ((5 if bwd else 3) if gated else 2), 1, "fused_pointwise")
             if model.is_moe and model.num_experts_per_tok > 0:
                 tr.mem(phase, dt, f * T * d * es * 2 * model.num_experts_per_tok * 2, 4, "index")  # dispatch / combine
             if bwd:
@@ -256,14 +264,14 @@ def analytic_counts(model, setup) -> dict[tuple, float]:
             tr.mem(phase, "fp32", 2 * f * norm_b, 2 * (7 if not bwd else 10), "rms_norm")
         if model.model_type not in _ROTARY_FREE:
             # rotary on q and k: q*cos, rotate_half (slice, neg, cat), *sin, add
-            rot = T * (q_dim + kv_dim) * es * (3 + 2 + 2 + 3 + 3)
-            tr.mem(phase, dt, (1.4 if bwd else 1.0) * rot, 2 * (5 if not bwd else 6), "rotary")
+            rot = T * (q_dim + kv_dim) * act_es * (3 + 2 + 2 + 3 + 3)
+            tr.mem(phase, act_dt, (1.4 if bwd else 1.0) * rot, 2 * (5 if not bwd else 6), "rotary")
         # activation (silu/gelu) and the gated product
-        act = T * i * es * (2 + (3 if gated else 0))
+        act = T * i * act_es * (2 + (3 if gated else 0))
         if model.is_moe and model.num_experts_per_tok > 0:
             act *= model.num_experts_per_tok
             tr.mem(phase, dt, f * T * d * es * 2 * model.num_experts_per_tok * 2, 4, "index")  # dispatch / combine
-        tr.mem(phase, dt, f * act, 2 if gated else 1, "silu")
+        tr.mem(phase, act_dt, f * act, 2 if gated else 1, "silu")
         # residual adds (+ their backward accumulations) and dropout where the model has it
         tr.mem(phase, res_dt, f * 2 * T * d * 3 * res_es, 2 * (2 if bwd else 1), "add")
         if bwd:
