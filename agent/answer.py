@@ -131,8 +131,17 @@ def answer_system(req: Request) -> str:
     lang = "Korean (한국어)" if req.language == "ko" else "English" if req.language == "en" else "the person's language"
     return ("You are tunepilot, a fine-tuning engineer. Write the answer to the person's question from the engine results "
             f"below, in {lang}, as plain text (no JSON, no code block, no tool call). Start with the verdict (it fits / it does "
-            "not fit), then the setup, the memory per GPU with its headroom, the time when given, and the next command. "
-            "Copy every number exactly as the results write it; add no other number. Keep it under 150 words.")
+            "not fit), then the setup and the memory per GPU with its headroom. Give hours or tokens/s only where a result "
+            "states them; end with the next command or the change that makes it fit, as the results say. Copy every number "
+            "exactly as the results write it; add no other number, date or time. Keep it under 150 words.")
+
+
+# notes about the model's own arguments, not about the person's training: kept out of the answer
+_INTERNAL_NOTE = re.compile(r"setup_id|left out setup knobs|from the person's message|ignored unknown knob|price_per_gpu_hour")
+
+
+def _assumptions(result: dict) -> list[str]:
+    return [str(a) for a in result.get("assumptions") or [] if not _INTERNAL_NOTE.search(str(a))][:4]
 
 
 def answer_prompt(turn: list, req: Request) -> str:
@@ -145,8 +154,8 @@ def answer_prompt(turn: list, req: Request) -> str:
         fix = result.get("smallest_fix")
         if isinstance(fix, dict) and not (summary and "Smallest change" in summary):
             lines.append(f"- smallest change that fits: {'; '.join(fix.get('changes') or [])}: {fix.get('per_gpu_total_gib')} GiB per GPU")
-        if result.get("assumptions"):
-            lines.append("- assumptions: " + "; ".join(str(a) for a in result["assumptions"][:4]))
+        if _assumptions(result):
+            lines.append("- assumptions: " + "; ".join(_assumptions(result)))
         if name == "write_training_script" and result.get("launch_command"):
             lines.append(f"- next command: {result['launch_command']} (script {result.get('path')})")
         if name == "run_trial" and result.get("verdict"):
@@ -208,8 +217,8 @@ def engine_answer(turn: list, req: Request) -> str:
     if req.language == "ko":
         return _korean(last, script, launch, verdicts)
     lines = [last.get("summary") or art.get("summary") or ""]
-    if last.get("assumptions"):
-        lines.append("Assumptions: " + "; ".join(str(a) for a in last["assumptions"][:4]) + ".")
+    if _assumptions(last):
+        lines.append("Assumptions: " + "; ".join(_assumptions(last)) + ".")
     if launch:
         lines.append(f"Next: `{launch}`" + (f" (script: {script})" if script else "") + "; ask me for a trial run first if you like.")
     elif _fits(last) is False and not last.get("smallest_fix"):

@@ -45,6 +45,7 @@ class Request:
     wants_script: bool = False
     wants_trial: bool = False
     price_given: bool = False  # a price per GPU-hour ($2/h, 2 dollars an hour, 시간당 ...원)
+    objective: Optional[str] = None  # dpo / kto / reward / grpo when the message names one
     language: str = "en"  # "ko" for Korean
 
     @property
@@ -112,11 +113,12 @@ def _find_models(text: str) -> list[str]:
 def _find_hardware(text: str) -> tuple[Optional[str], Optional[str], Optional[int]]:
     """The GPUs a message names: the longest catalog name or alias found as whole words, its memory
     size when written next to it ("A100 40GB"), and the count before or after it ("2x", "two", "x4",
-    "4 GPUs", "두 장")."""
+    "4 GPUs", "두 장"). A message naming two different GPUs ("an A100 or my 4090?") names no one
+    hardware: (None, None, None)."""
     from tools import gpus
 
     low = text.lower()
-    best: Optional[tuple[int, int, int, str]] = None
+    hits: list[tuple[int, int, int, str]] = []
     for g in gpus.gpu_catalog():
         for name in [g.name, *g.aliases]:
             words = re.findall(r"[a-z0-9]+", name.lower())
@@ -124,12 +126,16 @@ def _find_hardware(text: str) -> tuple[Optional[str], Optional[str], Optional[in
                 continue
             pattern = r"(?<![a-z0-9])" + r"[\s\-]*".join(map(re.escape, words)) + r"(?:s|es)?(?![a-z0-9])"
             for m in re.finditer(pattern, low):
-                cand = (m.end() - m.start(), m.start(), m.end(), g.name)
-                if best is None or cand[0] > best[0]:
-                    best = cand
-    if best is None:
+                hits.append((m.end() - m.start(), m.start(), m.end(), g.name))
+    if not hits:
         return None, None, None
-    _length, start, end, name = best
+    taken: list[tuple[int, int, int, str]] = []
+    for hit in sorted(hits, key=lambda h: (-h[0], h[1])):  # longest first, no overlaps
+        if not any(hit[1] < t[2] and t[1] < hit[2] for t in taken):
+            taken.append(hit)
+    if len({t[3] for t in taken}) > 1:
+        return None, None, None
+    _length, start, end, name = min(taken, key=lambda t: t[1])
     size = re.match(r"\s*(?:sxm\d?|pcie|nvl)?\s*\(?\s*(\d{2,3})\s*gb", low[end:])
     if size:
         try:
@@ -182,6 +188,9 @@ _SEQ = [
 _EXAMPLES = re.compile(r"(?i)~?\s*(\d[\d,]*(?:\.\d+)?)\s*(k|m)?\s+(?:(?!tokens?\b|per\b|each\b)[a-z-]+\s+){0,2}"
                        r"(?:examples?|samples?|tickets?|rows?|conversations?|dialogues?|documents?|docs|pairs?|prompts?|"
                        r"records?|instructions?|questions?|texts?|emails?|reviews?|chats?)\b")
+_OBJECTIVES = (("grpo", r"\bgrpo\b|\brl\b with a reward function|reinforcement learning with a reward"),
+               ("dpo", r"\bdpo\b|direct preference optimi"), ("kto", r"\bkto\b"),
+               ("reward", r"\breward model(?:ing)?\b|보상 모델"))
 _BATCH = re.compile(r"(?i)\b(?:micro[\s_-]*)?batch(?:[\s_-]*size)?\s*(?:of|=|:)?\s*(\d{1,4})\b")
 _RANK = re.compile(r"(?i)(?:\br\s*=\s*|\brank\s*(?:=|of)?\s*)(\d{1,4})\b")
 
@@ -222,6 +231,10 @@ def read_request(text: str) -> Request:
     req.price_given = bool(re.search(r"[$€£₩¥]\s*\d|\d\s*(?:usd|eur|dollars?|euros?|원|달러)|per\s+(?:gpu[\s-]*)?h(?:ou)?r|/\s*(?:gpu[\s-]*)?h(?:ou)?r?\b|"
                                      r"시간당", low))
     req.fsdp = "fsdp" in low
+    for name, pattern in _OBJECTIVES:
+        if re.search(pattern, low):
+            req.objective = name
+            break
     req.zero_stages = sorted({int(s) for s in re.findall(r"(?i)zero[\s_-]*(?:stage[\s_-]*)?([123])\b", text)})
     req.wants_script = bool(re.search(r"(?i)\b(?:write|give|generate|make|create)\b[^.?!]{0,40}\bscript\b|\btrain(?:ing)?\.py\b|"
                                       r"\btraining script\b|스크립트", text))
@@ -347,6 +360,13 @@ def correct_args(tool: str, args: dict, req: Request, *, first: bool) -> tuple[d
     # figures the message does not state and the call invented (a price per GPU-hour makes up a cost)
     if tool == "plan_training" and new.get("price_per_gpu_hour") not in (None, "") and not req.price_given:
         notes.append(f"price_per_gpu_hour {new.pop('price_per_gpu_hour')!r} left out: the person gave no price")
+    # the objective (DPO, GRPO, ...) rides in plan_training's setup
+    if req.objective and tool == "plan_training":
+        setup = setup if setup is not None else {}
+        if setup.get("objective") in (None, "", "sft") or (first and setup.get("objective") != req.objective):
+            old = setup.get("objective")
+            setup["objective"] = req.objective
+            notes.append(f"setup.objective {req.objective!r} from the person's message" + ("" if old in (None, "") else f" (the call had {old!r})"))
     # the method
     if req.method:
         if tool == "plan_training":

@@ -222,6 +222,12 @@ def score(q: Question, *, out: Optional[dict], stdout: str, stderr: str, rc: Opt
                 c = m.get("content")
                 outputs[m.get("tool_call_id") or str(len(outputs))] = c if isinstance(c, str) else json.dumps(c)
     tool_texts = list(outputs.values())
+    # the answer call (agent/answer.py) is shown the engine's results as one prompt, not as tool messages
+    for e in exchanges:
+        for m in _request_messages(e):
+            c = m.get("content")
+            if m.get("role") == "user" and isinstance(c, str) and c.startswith("Question: ") and "\nEngine results:\n" in c:
+                tool_texts.append(c.split("\nEngine results:\n", 1)[1])
     if out:
         for k in ("memory", "setup", "summary", "plan", "estimate"):
             if out.get(k) is not None:

@@ -92,6 +92,17 @@ def test_score_an_answer_with_engine_numbers_and_an_unconfirmed_trial():
     assert refused["trials_run_unconfirmed"] == 0
 
 
+def test_the_answer_calls_engine_results_count_as_tool_output():
+    prompt = f"Question: {Q1.text}\n\nEngine results:\n- plan_training: FITS ... Memory: 18.7 GiB per GPU; Time: 1.79 h per epoch"
+    out = {"answer": "It fits: 18.7 GiB per GPU, 1.79 h per epoch, 77 GiB spare.", "tool_calls": [
+        {"tool": "plan_training", "args": {"model": "meta-llama/Llama-3.1-8B", "hardware": "RTX 4090", "seq_len": 1024}, "status": "ok"}]}
+    exchanges = [_exchange([{"role": "user", "content": Q1.text}], {"tool_calls": [("plan_training", {})]}),
+                 _exchange([{"role": "system", "content": "Write the answer"}, {"role": "user", "content": prompt}],
+                           {"content": out["answer"]})]
+    r = ae.score(Q1, out=out, stdout="", stderr="", rc=0, killed=False, wall=1.0, exchanges=exchanges, upstream=None)
+    assert r["numbers"] == {"claimed": ["18.7", "1.79", "77"], "ungrounded": ["77"]}
+
+
 def test_score_timeouts_limits_and_loops():
     base = dict(stdout="", stderr="", rc=0, wall=1.0, exchanges=[], upstream=None)
     assert ae.score(Q1, out=None, killed=True, **{**base, "rc": -15})["ended"] == "timeout"

@@ -112,3 +112,17 @@ def test_knob_values_as_small_models_write_them_are_understood():
 
     assert normalise_knobs({"attention": "flash", "fsdp": True, "offload": "cpu", "precision": "bfloat16"}) == {
         "attn_implementation": "flash_attention_2", "fsdp": "full_shard", "offload": "optimizer", "precision": "bf16"}
+
+
+def test_two_gpus_named_are_no_one_hardware_and_objectives_are_read():
+    req = read_request("Should I rent an A100 or use my 4090 for Llama-3.1-8B?")
+    assert req.hardware is None and req.model == LLAMA
+    new, notes = correct_args("plan_training", {"model": LLAMA, "hardware": "RTX 4090"}, req, first=True)
+    assert new["hardware"] == "RTX 4090" and notes == []  # a comparison of GPUs: the model's choice stands
+    assert read_request("A100 PCIe, qwen2.5-7b").hardware == "NVIDIA A100 PCIe 80GB"  # one GPU, written two ways
+    dpo = read_request("DPO my Qwen2.5-7B on 2x RTX 4090")
+    new, notes = correct_args("plan_training", {"model": "Qwen2.5-7B", "hardware": "2x RTX 4090"}, dpo, first=True)
+    assert new["setup"] == {"objective": "dpo"} and notes == ["setup.objective 'dpo' from the person's message"]
+    assert read_request("GRPO with a reward function on Qwen2.5-1.5B").objective == "grpo"
+    assert read_request("train a reward model on my preference pairs").objective == "reward"
+    assert read_request("fine-tune Llama-3.1-8B").objective is None
