@@ -40,7 +40,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import bench_accuracy  # noqa: E402
 from bench_accuracy import model_for, setup_for  # noqa: E402
+
+# Model shapes this benchmark needs beyond bench_accuracy's: Qwen-72B (v1 remote code) as a Qwen2 config
+# of identical shapes (Qwen1.5-72B: 80 blocks, hidden 8192, 64 heads, MLP 24576 per branch, vocab 152064)
+bench_accuracy.INLINE.setdefault("qwen-72b", {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 8192, "intermediate_size": 24576,
+    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 64, "vocab_size": 152064,
+    "max_position_embeddings": 32768, "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16",
+})
 
 ROWS = ROOT / "bench" / "throughput_measurements.csv"
 
