@@ -61,6 +61,14 @@ INLINE = {
         "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 152064,
         "max_position_embeddings": 8192, "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16",
     },
+    # https://huggingface.co/01-ai/Yi-34B/blob/main/config.json (Llama architecture; the shapes as quoted by
+    # the Yi-1.5-34B copies in the code corpus: hidden 7168, MLP 20480, 60 layers, 56 heads / 8 KV, vocab 64000)
+    "yi-34b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 7168, "intermediate_size": 20480,
+        "num_hidden_layers": 60, "num_attention_heads": 56, "num_key_value_heads": 8, "vocab_size": 64000,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 5000000.0, "tie_word_embeddings": False,
+        "hidden_act": "silu", "torch_dtype": "bfloat16",
+    },
 }
 CATALOG_STANDIN = {"qwen-7b": "Qwen/Qwen1.5-7B"}  # identical shapes to Qwen-7B (v1)
 
