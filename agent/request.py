@@ -304,6 +304,20 @@ def _invented_knobs(setup: dict, req: Request) -> list[str]:
     return out
 
 
+def _is_local(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() in ("local", "auto", "this machine", "detect", "my gpu", "mine")
+
+
+def _local_gpu() -> bool:
+    from tools.agent_tools import _hardware
+
+    try:
+        _hardware("local")
+        return True
+    except Exception:  # noqa: BLE001 - no GPU (or no driver): nothing to detect
+        return False
+
+
 def correct_args(tool: str, args: dict, req: Request, *, first: bool) -> tuple[dict, list[str]]:
     """`args` with the person's stated figures put back where the call lost or changed them, and a note per change.
 
@@ -346,6 +360,10 @@ def correct_args(tool: str, args: dict, req: Request, *, first: bool) -> tuple[d
             put("hardware", req.hardware, "the call's hardware is not a GPU the message names")
         elif hw is not None and first and (hw.gpu.name != req.gpu_name or hw.num_gpus != req.num_gpus):
             put("hardware", req.hardware, "the message names these GPUs")
+    elif tool == "estimate_memory" and _is_local(new.get("hardware")) and not _local_gpu():
+        # no GPU named and none here: memory only, with no verdict, rather than an error the model retries
+        notes.append(f"hardware {new.pop('hardware')!r} left out: the message names no GPU and this machine has none "
+                     "(memory only; ask the person which GPU)")
     # tokens per example
     if req.seq_len and tool in ("plan_training", "estimate_memory"):
         value = new.get("seq_len")  # estimate_memory without one keeps the current setup's: filled on the first call only

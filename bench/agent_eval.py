@@ -1,4 +1,4 @@
-"""Agent benchmark: six ordinary questions through `tunepilot ask --json` against any OpenAI-compatible server.
+"""Agent benchmark: twelve ordinary questions through `tunepilot ask --json` against any OpenAI-compatible server.
 
     python bench/agent_eval.py --base-url http://127.0.0.1:8765/v1 --model qwen2.5-coder-1.5b \
         --timeout 420 --out results.json [--questions q1,q5] [--record-dir DIR] [--ask-args "--llm-timeout 600"]
@@ -84,6 +84,25 @@ QUESTIONS = [
     Question("q6-70b-2x3090-script", "9 two cheap cards, multi-GPU script",
              "Llama-3.1-70B QLoRA on 2x RTX 3090 with FSDP: will it fit, and do I need CPU offload? Write the training script.",
              "en", "llama-3.1-70b", "3090", num_gpus=2, method=["qlora"]),
+    # six more, written after the first six had been worked on, to look for failure modes the first six do not show
+    Question("q7-dpo-2x4090", "preference tuning on two consumer cards",
+             "Can I do DPO on Qwen2.5-7B with 2x RTX 4090? How much memory per GPU?",
+             "en", "qwen2.5-7b", "4090", num_gpus=2),
+    Question("q8-full-3060", "2 will it fit, small card",
+             "Will full fine-tuning of Llama-3.2-1B fit on a 12 GB RTX 3060 with 2048-token sequences?",
+             "en", "llama-3.2-1b", "3060", method=["full"], seq_len=(2048, 2048)),
+    Question("q9-70b-8xh100-time", "time and cost on a big node",
+             "How long does LoRA on Llama-3.1-70B take on 8x H100 SXM for 100k examples of 2048 tokens, at $2.50 per GPU-hour?",
+             "en", "llama-3.1-70b", "h100", num_gpus=8, method=["lora"], seq_len=(2048, 2048)),
+    Question("q10-ko-qlora-2x4090", "6 Korean, two cards",
+             "Qwen2.5-7B를 RTX 4090 두 장으로 QLoRA 학습하면 GPU당 메모리가 얼마나 들어?",
+             "ko", "qwen2.5-7b", "4090", num_gpus=2, method=["qlora"]),
+    Question("q11-oom-gemma-l4", "3 OOM rescue, full fine-tuning",
+             "I get CUDA OOM fine-tuning gemma-2-9b on an L4: full fine-tuning, batch 8, seq 2048. What do I change?",
+             "en", "gemma-2-9b", "l4", method=["full"], seq_len=(2048, 2048)),
+    Question("q12-script-mistral-a100", "8 just give me the script",
+             "Write me a training script for Mistral-7B with LoRA on one A100 80GB, seq 4096.",
+             "en", "mistral-7b", "a100", method=["lora"], seq_len=(4096, 4096)),
 ]
 
 
@@ -386,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(data["results"]))
         return 0
     wanted = [w.strip() for w in args.questions.split(",") if w.strip()]
-    qs = [q for q in QUESTIONS if not wanted or any(q.qid.startswith(w) for w in wanted)]
+    qs = [q for q in QUESTIONS if not wanted or any(q.qid == w or q.qid.startswith(w + "-") for w in wanted)]
     if not qs:
         print(f"error: --questions {args.questions!r} matches none of {', '.join(q.qid for q in QUESTIONS)}", file=sys.stderr)
         return 2

@@ -126,3 +126,15 @@ def test_two_gpus_named_are_no_one_hardware_and_objectives_are_read():
     assert read_request("GRPO with a reward function on Qwen2.5-1.5B").objective == "grpo"
     assert read_request("train a reward model on my preference pairs").objective == "reward"
     assert read_request("fine-tune Llama-3.1-8B").objective is None
+
+
+def test_no_gpu_named_and_none_here_means_memory_only():
+    from agent.request import _local_gpu
+
+    if _local_gpu():
+        pytest.skip("this machine has a GPU: 'local' means it")
+    req = read_request("How much memory does full fine-tuning of Llama-3.1-8B need?")
+    new, notes = correct_args("estimate_memory", {"model": LLAMA, "hardware": "local"}, req, first=True)
+    assert "hardware" not in new and notes[0].startswith("hardware 'local' left out")
+    # plan_training needs GPUs: its 'local' stays, and its error asks the model to ask the person
+    assert correct_args("plan_training", {"model": LLAMA, "hardware": "local"}, req, first=True)[0]["hardware"] == "local"
