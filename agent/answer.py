@@ -65,10 +65,16 @@ def _fits(result: dict) -> Optional[bool]:
     return None
 
 
+def _verdicts(results: list) -> list:
+    """The results that carry a fit verdict: plans, estimates, and a script written with its estimate."""
+    return [(n, r, a) for n, r, a in results
+            if n in VERDICT_TOOLS or (n == "write_training_script" and isinstance(r.get("fits"), bool))]
+
+
 def answer_ready(turn: list, req: Request) -> bool:
     """Do this turn's tool results answer what the person asked (see the module docstring)?"""
     results = engine_results(turn)
-    verdicts = [(n, r) for n, r, _a in results if n in VERDICT_TOOLS]
+    verdicts = [(n, r) for n, r, _a in _verdicts(results)]
     if not verdicts:
         return False
     tried_trial = any((m.name or "") == "run_trial" for m in turn if getattr(m, "type", "") == "tool")
@@ -182,7 +188,7 @@ def reply_problems(reply: str, turn: list, req: Request) -> list[str]:
     bad = ungrounded_numbers(text, req.text, tool_texts)
     if bad:
         problems.append(f"numbers no tool produced: {', '.join(bad[:5])}")
-    results = [r for n, r, _a in engine_results(turn) if n in VERDICT_TOOLS]
+    results = [r for _n, r, _a in _verdicts(engine_results(turn))]
     fits = _fits(results[-1]) if results else None
     v = verdict(text)
     if fits is not None and v["any"] and ((fits and v["negative"] and not v["positive"]) or (not fits and v["positive"] and not v["negative"])):
@@ -206,7 +212,7 @@ def _hours(h: Any) -> Optional[str]:
 def engine_answer(turn: list, req: Request) -> str:
     """The answer written from this turn's tool results alone: verdict, setup, memory, time, fix, next command."""
     results = engine_results(turn)
-    verdicts = [(n, r, a) for n, r, a in results if n in VERDICT_TOOLS]
+    verdicts = _verdicts(results)
     if not verdicts:
         return ""
     _name, last, art = verdicts[-1]

@@ -374,7 +374,8 @@ def correct_args(tool: str, args: dict, req: Request, *, first: bool) -> tuple[d
         if new.get("dataset_examples") in (None, "") or (first and new.get("dataset_examples") != req.examples):
             put("dataset_examples", req.examples, "the number of examples as stated")
         if new.get("dataset_tokens") and first:
-            new.pop("dataset_tokens")
+            notes.append(f"dataset_tokens {new.pop('dataset_tokens')!r} left out: the person gave the number of examples "
+                         "(tokens follow from examples x seq_len)")
     # figures the message does not state and the call invented (a price per GPU-hour makes up a cost)
     if tool == "plan_training" and new.get("price_per_gpu_hour") not in (None, "") and not req.price_given:
         notes.append(f"price_per_gpu_hour {new.pop('price_per_gpu_hour')!r} left out: the person gave no price")

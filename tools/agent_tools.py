@@ -291,6 +291,11 @@ _VALUE_ALIASES = {
 
 
 def _value_alias(name: str, value: Any) -> Any:
+    if name == "target_modules":  # ["all-linear"] / "all" / "q_proj, v_proj" as models write them
+        items = [str(v).strip() for v in (value if isinstance(value, (list, tuple)) else str(value).split(","))] if value else []
+        if any(i.lower().replace("_", "-") in ("all-linear", "all", "all-linears") for i in items):
+            return "all-linear"
+        return items if isinstance(value, (list, tuple)) or len(items) > 1 else value
     table = _VALUE_ALIASES.get(name)
     if not table:
         return value

@@ -64,6 +64,9 @@ def _candidates(setup: TrainingSetup) -> list[tuple[str, dict]]:
         else:
             out.append(("FSDP full_shard with the optimizer states offloaded to host RAM (slower)",
                         {"offload": "optimizer", "fsdp": "full_shard", "zero_stage": 0}))
+    if setup.method == "full":
+        out.append(("LoRA instead of full fine-tuning (no gradients or optimizer states for the base weights)",
+                    {"method": "lora"}))
     seq = setup.max_length // 2
     while seq >= 512:
         out.append((f"sequence length {setup.max_length} -> {seq} (check your data's length first)", {"max_length": seq}))
@@ -72,58 +75,67 @@ def _candidates(setup: TrainingSetup) -> list[tuple[str, dict]]:
 
 
 def smallest_fix(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec, *, fast: bool = False,
-                 max_changes: int = 4) -> Optional[Fix]:
-    """The least disruptive change (or few changes) that makes `setup` fit `hardware`; None when nothing tried fits."""
+                 max_changes: int = 4, max_confirmations: int = 3) -> Optional[Fix]:
+    """The least disruptive change (or few changes) that makes `setup` fit `hardware`; None when nothing tried fits.
+
+    Candidates are screened by the analytic tier; one that passes is confirmed by the tier of the estimate it
+    rescues (`fast=False`: the dry run), and only a confirmed fit is returned (at most `max_confirmations`
+    dry runs: a screened fit the dry run refutes is skipped and the search goes on)."""
     from tools.estimator import estimate
 
     def quick(s: TrainingSetup) -> MemoryEstimate:
         return estimate(model, s, hardware, fast=True, advice=False)
 
-    tried = 0
-    chosen: Optional[tuple[list[str], TrainingSetup]] = None
-    micro_taken = False
-    for label, update in _candidates(setup):
+    state = {"tried": 0, "confirmed": 0}
+
+    def confirmed(labels: list[str], s: TrainingSetup) -> Optional[Fix]:
+        if fast:
+            return Fix(changes=labels, setup=s, estimate=quick(s), tried=state["tried"])
+        if state["confirmed"] >= max_confirmations:
+            return None
+        state["confirmed"] += 1
+        final = estimate(model, s, hardware, fast=False, advice=False)
+        return Fix(changes=labels, setup=s, estimate=final, tried=state["tried"]) if final.fits else None
+
+    candidates = _candidates(setup)
+    for label, update in candidates:  # one change
         variant = _variant(setup, update)
         if variant is None:
             continue
-        tried += 1
+        state["tried"] += 1
         if quick(variant).fits:
-            chosen = ([label], variant)
+            fix = confirmed([label], variant)
+            if fix is not None:
+                return fix
+    # changes combined, in the same order, each kept only when it saves memory
+    current, labels = setup, []
+    best = quick(setup).device_total_gib
+    micro_done = seq_done = False
+    for label, update in candidates:
+        if "per_device_train_batch_size" in update:
+            if micro_done or setup.per_device_train_batch_size == 1:
+                continue
+            accum = setup.gradient_accumulation_steps * setup.per_device_train_batch_size
+            update = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": accum}
+            label = (f"micro-batch {setup.per_device_train_batch_size} -> 1 with gradient accumulation "
+                     f"{setup.gradient_accumulation_steps} -> {accum} (same effective batch)")
+            micro_done = True
+        if "max_length" in update:
+            if seq_done:
+                continue
+            seq_done = True
+        variant = _variant(current, update)
+        if variant is None:
+            continue
+        state["tried"] += 1
+        est = quick(variant)
+        if est.device_total_gib < best - 0.05:
+            current, best = variant, est.device_total_gib
+            labels = labels + [label]
+            if est.fits:
+                fix = confirmed(labels, current)
+                if fix is not None:
+                    return fix
+        if len(labels) >= max_changes:
             break
-    if chosen is None:  # combine, in the same order, the changes that save memory
-        current, labels = setup, []
-        best = quick(setup).device_total_gib
-        for label, update in _candidates(setup):
-            if "per_device_train_batch_size" in update:
-                if micro_taken:
-                    continue
-                update = {"per_device_train_batch_size": 1,
-                          "gradient_accumulation_steps": setup.gradient_accumulation_steps * setup.per_device_train_batch_size}
-                if setup.per_device_train_batch_size == 1:
-                    continue
-                label = (f"micro-batch {setup.per_device_train_batch_size} -> 1 with gradient accumulation "
-                         f"{setup.gradient_accumulation_steps} -> {update['gradient_accumulation_steps']} (same effective batch)")
-                micro_taken = True
-            if "max_length" in update and any("sequence length" in x for x in labels):
-                continue
-            variant = _variant(current, update)
-            if variant is None:
-                continue
-            tried += 1
-            est = quick(variant)
-            if est.device_total_gib < best - 0.05:
-                current, best = variant, est.device_total_gib
-                labels.append(label)
-                if est.fits:
-                    chosen = (labels, current)
-                    break
-            if len(labels) >= max_changes:
-                break
-    if chosen is None:
-        return None
-    labels, fixed = chosen
-    final = estimate(model, fixed, hardware, fast=fast, advice=False)
-    fix = Fix(changes=labels, setup=fixed, estimate=final, tried=tried)
-    if not final.fits:
-        fix.notes.append("the analytic tier said it fits; the dry run says it does not: treat it as borderline")
-    return fix
+    return None
