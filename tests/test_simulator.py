@@ -451,3 +451,29 @@ def test_old_module_names_forward_to_the_package(monkeypatch):
     assert tracker._FAST_PATH is True
     with pytest.raises(AttributeError):
         old.no_such_name  # noqa: B018
+
+
+TINY_MIXTRAL = dict(model_type="mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256, num_local_experts=4,
+                    num_experts_per_tok=2, max_position_embeddings=256)
+
+
+def test_fp16_moe_runs_transformers_grouped_mm_as_cuda_does():
+    """fp16 Mixtral experts: transformers 5's grouped_mm path, which CUDA runs for fp16 (ATen's per-group
+    fallback into the same output) and torch's bf16-only meta kernel refused: simulated, and equal to a
+    real CPU step (whose CPU kernel takes fp16) counted by the same storage counter."""
+    spec = tiny_spec(TINY_MIXTRAL)
+    st = setup(method="lora", dtype="fp16", bf16=False, optim="adamw_torch", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+               lora_dropout=0.0, loss_impl="hf", gradient_checkpointing=True)
+    sim = simulate(spec, st, extrapolate=False)
+    _check_shape(sim)
+    real = real_step(spec, st)
+    assert sim.weights_bytes + sim.adapter_bytes == real["param_and_buffer_bytes"]
+    assert sim.peak_bytes == pytest.approx(real["peak_bytes"], rel=0.01)
+    # outside the dry run torch's own meta kernel is back (the patch is scoped)
+    import torch
+
+    a = torch.empty(8, 64, dtype=torch.float16, device="meta")
+    b = torch.empty(4, 64, 32, dtype=torch.float16, device="meta")
+    with pytest.raises(RuntimeError, match="BF16"):
+        torch._grouped_mm(a, b, offs=torch.tensor([2, 4, 6, 8], dtype=torch.int32, device="meta"))

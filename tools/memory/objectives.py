@@ -73,7 +73,7 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, cuda_path: bool |
             disable_dropout_in_model(ref)
     compute = getattr(torch, TORCH_DTYPES[setup.compute_dtype])
     tracker = make_tracker()
-    with _step.TrainingMaskPolicy(False), _step.CudaLikeDropout(), tracker, warnings.catch_warnings(), _head_path(cuda_path):
+    with _step.TrainingMaskPolicy(False), _step.CudaLikeDropout(), _step.CudaGroupedMm(), tracker, warnings.catch_warnings(), _head_path(cuda_path):
         warnings.simplefilter("ignore")
         _step.prepare(prep, setup, tracker)
         if ref is not None:

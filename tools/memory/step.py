@@ -173,7 +173,7 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
     ledger = distributed.FsdpLedger(tracker, host=plan.offload) if plan else None
     # flash-attention runs packed rows as variable-length sequences (no mask); sdpa/eager get the block mask
     packed_mask = setup.padding_free and setup.attn_implementation != "flash_attention_2"
-    with TrainingMaskPolicy(packed_mask), CudaLikeDropout(), tracker, ledger or nullcontext(), warnings.catch_warnings():
+    with TrainingMaskPolicy(packed_mask), CudaLikeDropout(), CudaGroupedMm(), tracker, ledger or nullcontext(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepare(prep, setup, tracker)
         if plan:
@@ -689,6 +689,56 @@ class CudaLikeDropout:
         import torch.nn.functional as F
 
         F.dropout = self._orig
+        return False
+
+
+class CudaGroupedMm:
+    """`torch._grouped_mm` on fp16/fp32 experts, as CUDA runs it: the shapes of the bf16 kernel.
+
+    transformers 5's default `grouped_mm` experts path calls `torch.nn.functional.grouped_mm` on CUDA
+    (SM80+) for every dtype (`transformers.integrations.moe._can_use_grouped_mm` checks the dtype only
+    under torch.compile). The CUDA op accepts fp32, bf16 and fp16 (ATen `GroupedMMUtils.h`,
+    `_grouped_mm_validate_inputs`): bf16 takes the grouped GEMM kernel, fp16/fp32 `_grouped_mm_fallback`,
+    one `mm_out` per group into the same output (`create_grouped_gemm_output_tensor`, mat_a's dtype) and
+    nothing else. torch's meta kernel (`_meta_grouped_mm_common`, what fake tensors run) still accepts
+    bf16 only, so an fp16 Mixtral could not be simulated. Under this context the meta kernel returns
+    that same output (`_create_grouped_mm_output_tensor`) for fp16/fp32 operands; bf16 and the scaled
+    FP8 op keep torch's own checks.
+    """
+
+    def __enter__(self):
+        import torch
+        from torch import _meta_registrations as meta
+
+        self._meta = meta
+        self._orig = orig = getattr(meta, "_meta_grouped_mm_common", None)
+        if orig is None or not hasattr(meta, "_create_grouped_mm_output_tensor"):
+            return self
+        other = (torch.float16, torch.float32)
+
+        def common(mat_a, mat_b, scale_a, scale_b, offs=None, bias=None, scale_result=None, out_dtype=None,
+                   use_fast_accum=False):
+            if scale_a is None and scale_b is None and mat_a.dtype in other and mat_b.dtype in other:
+                torch._check(mat_a.dim() in (2, 3) and mat_b.dim() in (2, 3),
+                             lambda: "Multiplicands must be 2D or 3D")
+                if mat_a.dim() == 3 or mat_b.dim() == 3:
+                    torch._check(mat_a.size(-1) == mat_b.size(-2),
+                                 lambda: "contraction dimension of mat_a and mat_b must match")
+                torch._check((offs is not None) == (mat_a.dim() == 2 or mat_b.dim() == 2),
+                             lambda: "offsets are needed exactly when an operand is 2D")
+                torch._check(bias is None, lambda: "Bias not supported yet")
+                torch._check((out_dtype or mat_a.dtype) == mat_a.dtype,
+                             lambda: "Grouped gemm output dtype must match `mat_a` dtype")
+                return meta._create_grouped_mm_output_tensor(mat_a, mat_b, offs, mat_a.dtype)
+            return orig(mat_a, mat_b, scale_a, scale_b, offs=offs, bias=bias, scale_result=scale_result,
+                        out_dtype=out_dtype, use_fast_accum=use_fast_accum)
+
+        meta._meta_grouped_mm_common = common
+        return self
+
+    def __exit__(self, *exc):
+        if self._orig is not None:
+            self._meta._meta_grouped_mm_common = self._orig
         return False
 
 
