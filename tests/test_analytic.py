@@ -183,6 +183,8 @@ GRID = [
     ("llama", dict(method="lora", packing=True, gradient_checkpointing=True, max_length=512, per_device_train_batch_size=4)),
     ("mixtral", dict(method="lora", lora_dropout=0.0, gradient_checkpointing=True)),
     ("mixtral", dict(method="lora", lora_dropout=0.0, gradient_checkpointing=False)),
+    # QLoRA on fused experts: bnb converts nn.Linear only, the 3-D experts stay dense in the load dtype
+    ("mixtral", dict(method="qlora", lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
     # loss paths (issue 12): transformers' full logits, Liger's chunks, CCE; Liger's layer kernels; trl's offloading
     ("llama", dict(method="lora", loss_impl="hf", gradient_checkpointing=False, max_length=256)),
     ("llama", dict(method="full", loss_impl="liger", max_length=256)),

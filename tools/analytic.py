@@ -352,20 +352,24 @@ def _weight_bytes(model: ModelSpec, setup: TrainingSetup, c: Counts) -> tuple[in
     """(resident base-weight bytes, bytes of the largest block's parameters)."""
     L = model.num_hidden_layers
     wb = DTYPE_BYTES[setup.dtype]
+    # bitsandbytes converts nn.Linear only (transformers.integrations.bitsandbytes.replace_with_bnb_linear):
+    # transformers 5's fused 3-D experts (MixtralExperts.gate_up_proj / down_proj) stay dense in the load dtype
+    dense = sum(lin.fan_in * lin.fan_out * lin.count for lin in block_linears(model) if lin.role.startswith("expert_"))
+    quantized = c.block_linear - dense
     if setup.load_in_4bit:
-        n_lin_layers = len(block_linears(model))
-        packed = c.block_linear / 2
-        blocks = c.block_linear / BNB_4BIT_BLOCK
+        n_lin_layers = len([lin for lin in block_linears(model) if not lin.role.startswith("expert_")])
+        packed = quantized / 2
+        blocks = quantized / BNB_4BIT_BLOCK
         if setup.bnb_4bit_use_double_quant:
             # uint8 absmax per 64 params + fp32 constant per 256 absmax + nested code (256 fp32) per layer
             consts = blocks + 4 * blocks / BNB_NESTED_BLOCK + n_lin_layers * (256 * 4 + 4)
         else:
             consts = 4 * blocks
         consts += n_lin_layers * 16 * 4  # the 16-value nf4/fp4 code per layer
-        block = packed + consts + (c.per_block - c.block_linear) * wb
+        block = packed + consts + (c.per_block - quantized) * wb
     elif setup.load_in_8bit:
-        rows = sum(lin.fan_out * lin.count for lin in block_linears(model))
-        block = c.block_linear + 4 * rows + (c.per_block - c.block_linear) * wb
+        rows = sum(lin.fan_out * lin.count for lin in block_linears(model) if not lin.role.startswith("expert_"))
+        block = quantized + 4 * rows + (c.per_block - quantized) * wb
     else:
         block = c.per_block * wb
     rest = (c.embed + c.head + model.hidden_size) * wb
