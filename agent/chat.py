@@ -296,7 +296,7 @@ def ask_once(question: str, *, llm: Optional[str] = None, base_url: Optional[str
     if json_out:
         sys.stdout.write(json.dumps({"answer": data["answer"], "setup": data["setup"], "tool_calls": data["tool_calls"],
                                      "script_path": data["script_path"], "stopped": data["stopped"],
-                                     "memory": data["memory"], "summary": data["summary"]},
+                                     "memory": data["memory"], "summary": data["summary"], "answer_source": data["answer_source"]},
                                     indent=2, ensure_ascii=False) + "\n")
     else:
         text = "".join(streamed)

@@ -40,6 +40,7 @@ from tools.schemas import TrainingSetup, TunepilotError, format_validation_error
 
 ALLOW_TRIAL_KEY = "tunepilot_allow_trial"
 LIMIT_NODE = "ModelCallLimitMiddleware"
+ANSWER_CALL_TAG = "tunepilot_answer_call"
 DEFAULT_MAX_MODEL_CALLS = 12
 DEFAULT_CONTEXT_TOKENS = 32768  # when neither the server nor TUNEPILOT_LLM_CONTEXT says
 
@@ -62,6 +63,7 @@ class TurnResult:
     memory: Optional[dict] = None  # the memory estimate (per-GPU GiB, fits, headroom) of `setup`, when a tool made one
     summary: Optional[str] = None  # the engine's ready-to-quote summary of this turn's last setup tool
     pending: Optional[list[dict]] = None  # tool calls waiting for the person's yes (stopped == "confirm")
+    answer_source: Optional[str] = None  # "model", or "engine" when the model's reply was replaced (agent/answer.py)
 
     @property
     def finished(self) -> bool:
@@ -77,6 +79,7 @@ class TurnResult:
             "memory": self.memory,
             "summary": self.summary,
             "pending_confirmation": self.pending,
+            "answer_source": self.answer_source,
         }
 
 
@@ -309,7 +312,10 @@ def _answer_middleware(extra_rounds: int = 1):
         return rebuilt(response, AIMessage(content=reply, id=ai.id, response_metadata=meta))
 
     def answer_now(request, handler, messages, turn, req):
-        response = handler(request.override(tools=[], tool_choice=None, system_message=SystemMessage(content=answer_system(req)),
+        # tagged: its tokens are not streamed to the person before the reply is checked (_drive skips them)
+        model = request.model.with_config(tags=[ANSWER_CALL_TAG])
+        response = handler(request.override(model=model, tools=[], tool_choice=None,
+                                            system_message=SystemMessage(content=answer_system(req)),
                                             messages=[HumanMessage(content=answer_prompt(turn, req))]))
         ai = next((m for m in reversed(parts(response)) if isinstance(m, AIMessage)), None)
         if ai is None:
@@ -709,7 +715,8 @@ def _drive(agent, thread_id: str, first_input: Any, *, on_step, allow_trial, on_
             for mode, chunk in agent.stream(stream_input, config, stream_mode=modes):
                 if mode == "messages":
                     msg, meta = chunk
-                    if on_token and isinstance(msg, (AIMessageChunk, AIMessage)) and (meta or {}).get("langgraph_node") == "model":
+                    if (on_token and isinstance(msg, (AIMessageChunk, AIMessage)) and (meta or {}).get("langgraph_node") == "model"
+                            and ANSWER_CALL_TAG not in ((meta or {}).get("tags") or [])):
                         piece = _text(msg.content)
                         if piece:
                             on_token(piece)
@@ -724,8 +731,9 @@ def _drive(agent, thread_id: str, first_input: Any, *, on_step, allow_trial, on_
                         elif isinstance(msg, ToolMessage):
                             name, args, t0 = pending.pop(msg.tool_call_id, (msg.name or "?", {}, time.perf_counter()))
                             meta = msg.response_metadata or {}
+                            model_args = None
                             if isinstance(meta.get("tunepilot_args"), dict):  # what ran: the person's figures put back
-                                args = _short_args(meta["tunepilot_args"])
+                                model_args, args = args, _short_args(meta["tunepilot_args"])
                             seconds = meta.get("tunepilot_seconds", time.perf_counter() - t0)
                             failed = msg.status == "error" or _text(msg.content).startswith("error:")
                             step = {"tool": name, "args": args, "seconds": round(float(seconds), 2),
@@ -734,6 +742,7 @@ def _drive(agent, thread_id: str, first_input: Any, *, on_step, allow_trial, on_
                                 step["repeat"] = True
                             if meta.get("tunepilot_corrected"):
                                 step["corrected"] = list(meta["tunepilot_corrected"])
+                                step["model_args"] = model_args  # what the model asked for
                             if failed:
                                 step["error"] = _text(msg.content)[:300]
                             art = msg.artifact if isinstance(msg.artifact, dict) else {}
@@ -788,7 +797,9 @@ def _drive(agent, thread_id: str, first_input: Any, *, on_step, allow_trial, on_
             agent.update_state({"configurable": {"thread_id": thread_id}}, {"messages": [AIMessage(content=answer)]}, as_node="model")
     elif stopped == "confirm":
         answer = answer or "\n".join(r.get("description", "") for r in waiting)
-    return TurnResult(answer=answer, setup=state["setup"], script=state["script"], script_path=state["script_path"],
+    source = ((last_ai.response_metadata or {}).get("tunepilot_answer") if last_ai is not None and answer else None) or (
+        "model" if answer and stopped is None else None)
+    return TurnResult(answer=answer, answer_source=source, setup=state["setup"], script=state["script"], script_path=state["script_path"],
                       tool_calls=steps, stopped=stopped, memory=state["memory"], summary=summary,
                       pending=waiting or None)
 

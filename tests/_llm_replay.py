@@ -164,6 +164,14 @@ class ReplayServer:
         messages = body.get("messages") or []
         if not prev["tool_calls"]:
             return
+        last = messages[-1] if messages else {}
+        if not body.get("tools") and str(last.get("content") or "").startswith("Question: "):
+            # the answer call (agent/answer.py): the results come as prompt lines, one per successful call
+            results = str(last["content"]).split("\nEngine results:\n", 1)[-1]
+            lost = [c["name"] for c in prev["tool_calls"] if f"- {c['name']}: " not in results]
+            if lost:
+                self.problems.append(f"request {i + 1}: the answer call's prompt has no result of {lost}")
+            return
         sent = [m for m in messages if m.get("role") == "assistant" and m.get("tool_calls")]
         names = [(tc.get("function") or {}).get("name") for tc in (sent[-1]["tool_calls"] if sent else [])]
         if names != [c["name"] for c in prev["tool_calls"]]:

@@ -144,3 +144,19 @@ def test_a_local_server_answers_right_after_the_plan(tmp_path):
     assert [s["tool"] for s in result.tool_calls] == ["plan_training"] and len(bodies) == 2
     assert bodies[0]["tools"] and not bodies[1].get("tools")  # the second call is the answer call: no tools
     assert result.answer == "It fits on the T4: see the engine's summary."
+
+
+def test_a_script_written_first_carries_the_verdict_and_the_answer_follows(tmp_path):
+    script = tool_call("write_training_script", model="mistral-7b", hardware="A100 80GB", seq_len=4096,
+                       setup={"method": "lora", "target_modules": ["all-linear"]})  # what the 1.5B model sent (q12)
+
+    def answer(messages):
+        assert "Write the answer" in messages[0].content, "the script's verdict answers the question: no more tools"
+        return final("It fits: " + summary_of(messages, "write_training_script"))
+
+    model = ScriptedChatModel(script=[script, answer])
+    result = run_turn(build_agent(model, workdir=tmp_path, extra_rounds=0), "t",
+                      "Write me a training script for Mistral-7B with LoRA on one A100 80GB, seq 4096.")
+    assert [s["status"] for s in result.tool_calls] == ["ok"] and model.calls == 2
+    assert result.setup.target_modules == "all-linear" and result.script_path.endswith("train.py")
+    assert result.answer.startswith("It fits: FITS: mistralai/Mistral-7B-v0.1 on 1x NVIDIA A100")

@@ -37,10 +37,17 @@ def _cli(*args: str, home: Path, timeout: float = 120) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _tool_result(body: dict) -> dict:
+def _engine_line(body: dict, name: str) -> str:
+    """One result line of the answer call (agent/answer.py): no tools, the question and the engine's results."""
     msg = body["messages"][-1]
-    assert msg["role"] == "tool", msg
-    return json.loads(msg["content"])
+    assert not body.get("tools") and msg["role"] == "user" and msg["content"].startswith("Question: "), msg
+    lines = [x for x in msg["content"].splitlines() if x.startswith(f"- {name}: ")]
+    assert lines, msg["content"]
+    return lines[-1][len(f"- {name}: "):]
+
+
+def _per_gpu(summary: str) -> float:
+    return float(re.search(r"Memory: ([\d.]+) GiB per GPU", summary).group(1))
 
 
 # --------------------------------------------------------------------------------------
@@ -50,8 +57,8 @@ def _tool_result(body: dict) -> dict:
 
 def test_ask_json_round_trips_a_plan_tool_call(tmp_path):
     def answer(body):
-        p = _tool_result(body)
-        return f"It fits: {p['setup']['method']} r={p['setup']['r']}, {p['memory']['per_gpu_total_gib']} GiB per GPU."
+        plan = _engine_line(body, "plan_training")
+        return f"It fits: {_per_gpu(plan)} GiB per GPU, in fp16." if ", fp16," in plan else "?"
 
     replies = [stub_tool_call("plan_training", model=POLYGLOT, hardware="T4", seq_len=512, exact=False), answer]
     with OpenAIStub(replies) as stub:
@@ -64,15 +71,15 @@ def test_ask_json_round_trips_a_plan_tool_call(tmp_path):
         assert first["model"] == "stub-model" and not first.get("stream") and first["temperature"] == 0.1
         assert {t["function"]["name"] for t in first["tools"]} >= {"plan_training", "write_training_script", "web_search"}
         assert first["messages"][0]["role"] == "system" and first["messages"][1]["content"].startswith("Can I fine-tune")
-        # the second request carries the tool result, and the answer quotes it
-        plan = _tool_result(second)
-        assert plan["setup"]["precision"] == "fp16" and plan["summary"].startswith("FITS")
-    assert out["answer"] == answer(second)
+        # the second request is the answer call: the question and the engine's result, no tools (a local server)
+        plan = _engine_line(second, "plan_training")
+        assert plan.startswith("FITS") and second["messages"][0]["content"].startswith("You are tunepilot")
+    assert out["answer"] == answer(second) and out["answer_source"] == "model"
     assert out["setup"]["model_id"] == POLYGLOT and out["setup"]["fp16"] is True
     assert [c["tool"] for c in out["tool_calls"]] == ["plan_training"] and out["tool_calls"][0]["status"] == "ok"
     # issue 13: the turn's state is reported, not hidden
-    assert out["stopped"] is None and out["summary"] == plan["summary"]
-    assert out["memory"]["per_gpu_total_gib"] == plan["memory"]["per_gpu_total_gib"] and out["memory"]["fits"] is True
+    assert out["stopped"] is None and out["summary"] == plan
+    assert out["memory"]["per_gpu_total_gib"] == _per_gpu(plan) and out["memory"]["fits"] is True
 
 
 def test_ask_streams_sse_answers_and_prints_the_engines_numbers_under_a_poor_answer(tmp_path):
@@ -81,11 +88,11 @@ def test_ask_streams_sse_answers_and_prints_the_engines_numbers_under_a_poor_ans
         r = _cli("ask", "can polyglot-ko-1.3b train on a T4?", "--llm", "openai:stub-model", "--base-url", stub.base_url, home=tmp_path)
         assert r.returncode == 0, r.stderr
         assert [q["body"].get("stream") for q in stub.requests] == [True, True]
-        plan = _tool_result(stub.requests[1]["body"])
+        plan = _engine_line(stub.requests[1]["body"], "plan_training")
     answer, block = r.stdout.strip().split("\n\n")
     assert answer == "Sure, that should be fine!"
     # the model said nothing useful; the engine's verdict and numbers are printed under its words
-    assert block == f"tunepilot engine: {plan['summary']}" and str(plan["memory"]["per_gpu_total_gib"]) in block
+    assert block == f"tunepilot engine: {plan}" and str(_per_gpu(plan)) in block
     assert "plan_training" in r.stderr and "ok" in r.stderr  # the step, on stderr
 
 
@@ -194,8 +201,8 @@ class Terminal:
 
 def test_chat_in_a_terminal_tool_step_save_errors_cancel_and_resume(tmp_path):
     def answer(body):
-        s = _tool_result(body)
-        return f"Script ready at {s['path']}; run {s['launch_command']}"
+        launch, path = re.match(r"(.+) \(script (.+)\)$", _engine_line(body, "next command")).groups()
+        return f"Script ready at {path}; run {launch}"
 
     replies = [
         stub_tool_call("write_training_script", model=POLYGLOT, gpu="T4", seq_len=512),
