@@ -295,6 +295,8 @@ def estimate(
     act_offload: Optional[bool] = typer.Option(None, "--activation-offloading/--no-activation-offloading", help="trl's activation offloading (saved activations to host RAM)."),
     packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="trl's padding-free packing (the batch as one packed row)."),
     liger: Optional[bool] = typer.Option(None, "--liger-kernels/--no-liger-kernels", help="Liger's RMSNorm/RoPE/SwiGLU kernels (use_liger_kernel)."),
+    torch_compile: Optional[bool] = typer.Option(None, "--torch-compile/--no-torch-compile", help="TrainingArguments.torch_compile: Inductor fuses elementwise/norm chains (changes the time, not the memory model)."),
+    reentrant: Optional[bool] = typer.Option(None, "--reentrant-checkpointing/--no-reentrant-checkpointing", help="gradient_checkpointing_kwargs use_reentrant=True (transformers 4.35-4.5x's default): the whole block is recomputed."),
 ) -> None:
     """Estimate per-GPU training memory of a setup (simulated dry run, or --fast analytic)."""
     from pydantic import ValidationError
@@ -351,6 +353,7 @@ def estimate(
             "gradient_checkpointing": ckpt, "optim": optim, "dtype": dtype, "attn_implementation": attn,
             "num_gpus": num_gpus, "zero_stage": zero, "offload": offload,
             "loss_impl": loss_impl, "activation_offloading": act_offload, "packing": packing, "use_liger_kernel": liger,
+            "torch_compile": torch_compile, "reentrant_checkpointing": reentrant,
         }
         from tools.schemas import LOSS_IMPLS
 

@@ -99,3 +99,14 @@ def test_fsdp1_keeps_its_root_parameters_gathered_from_forward_to_backward():
     assert v1.peak_phase == v2.peak_phase == "backward"
     gap = v1.peak_breakdown["fsdp_all_gather"] - v2.peak_breakdown["fsdp_all_gather"]
     assert gap == pytest.approx(2 * emb, rel=0.05)
+
+
+def test_compile_and_reentrant_checkpointing_flags_change_the_time_not_the_memory():
+    base = _estimate("--method", "lora", "--gpu", "4090")
+    compiled = _estimate("--method", "lora", "--gpu", "4090", "--torch-compile")
+    qv = ("--method", "lora", "--target-modules", "q_proj,v_proj", "--gpu", "4090")
+    reentrant = _estimate(*qv, "--reentrant-checkpointing")
+    assert compiled["tokens_per_second"] > base["tokens_per_second"]  # fused elementwise chains: fewer bytes moved
+    # the whole block recomputed (non-reentrant skips the block's last matmul, whose output nothing saves)
+    assert reentrant["tokens_per_second"] < _estimate(*qv)["tokens_per_second"]
+    assert compiled["peak_allocated_gib"] == base["peak_allocated_gib"]
