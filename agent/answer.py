@@ -32,7 +32,8 @@ def _text(content: Any) -> str:
 
 
 def _ok(m) -> bool:
-    return getattr(m, "type", "") == "tool" and m.status != "error" and not _text(m.content).startswith("error:")
+    return (getattr(m, "type", "") == "tool" and m.status != "error" and not _text(m.content).startswith("error:")
+            and not (getattr(m, "response_metadata", None) or {}).get("tunepilot_skipped"))
 
 
 def _payload(m) -> dict:
@@ -130,6 +131,20 @@ def redundant_call(call: dict, turn: list, req: Request) -> bool:
                 dataset = None
         return not args.get("force") and not (dataset and dataset not in {(a.get("setup") or {}).get("dataset") for a in written})
     return False
+
+
+def needless_in_batch(call: dict, batch_before: list, turn: list, req: Request) -> bool:
+    """A call of one model message, after earlier calls of that message already answered the question, that only a
+    model spraying every tool makes (the 1.5B model called all seven tools twice in one message): a look-up or web
+    search, a trial nobody asked for, a PEFT config nobody asked for, or the second call of a tool in the message."""
+    name = call.get("name") or ""
+    if name in ("lookup_model", "web_search"):
+        return True
+    if name == "run_trial":
+        return not req.wants_trial
+    if name == "make_peft_config":
+        return not re.search(r"(?i)peft|lora ?config|target modules|which (?:modules|layers)", req.text)
+    return any(getattr(m, "name", "") == name for m in batch_before)
 
 
 def answer_system(req: Request) -> str:

@@ -162,8 +162,15 @@ def _context_middleware(workdir: Path, allow_trial: bool, tool_limits: dict[str,
     from langchain.agents.middleware import wrap_tool_call
     from langchain_core.messages import AIMessage, ToolMessage
 
+    from agent.answer import answer_ready, needless_in_batch
     from agent.request import SETUP_TOOLS, correct_args
     from tools.agent_tools import ToolContext, tool_context
+
+    SKIPPABLE = ("lookup_model", "web_search", "run_trial", "make_peft_config", *SETUP_TOOLS)
+
+    def _needless(call, before, turn, seen) -> bool:
+        req = person_request(_person_text(seen))
+        return answer_ready(turn, req) and needless_in_batch(call, before, turn, req)
 
     @wrap_tool_call
     def tunepilot_tool_context(request, handler):
@@ -217,6 +224,10 @@ def _context_middleware(workdir: Path, allow_trial: bool, tool_limits: dict[str,
                     response_metadata={"tunepilot_seconds": 0.0, "tunepilot_repeat": True,
                                        "tunepilot_fingerprint": fingerprint,
                                        "tunepilot_fingerprint_after": (repeat.response_metadata or {}).get("tunepilot_fingerprint_after")})
+            elif before and name in SKIPPABLE and _needless(call, before, turn, seen):
+                result = ToolMessage(content="skipped: the calls before it in this message already answer the question",
+                                     tool_call_id=call_id, name=name,
+                                     response_metadata={"tunepilot_seconds": 0.0, "tunepilot_skipped": True})
             elif limit and used >= limit:
                 result = ToolMessage(content=render("tool_limit", tool=name, calls=used), tool_call_id=call_id,
                                      name=name, status="error", response_metadata={"tunepilot_seconds": 0.0})
@@ -737,7 +748,7 @@ def _drive(agent, thread_id: str, first_input: Any, *, on_step, allow_trial, on_
                             seconds = meta.get("tunepilot_seconds", time.perf_counter() - t0)
                             failed = msg.status == "error" or _text(msg.content).startswith("error:")
                             step = {"tool": name, "args": args, "seconds": round(float(seconds), 2),
-                                    "status": "error" if failed else "ok"}
+                                    "status": "error" if failed else "skipped" if meta.get("tunepilot_skipped") else "ok"}
                             if meta.get("tunepilot_repeat"):
                                 step["repeat"] = True
                             if meta.get("tunepilot_corrected"):

@@ -160,3 +160,22 @@ def test_a_script_written_first_carries_the_verdict_and_the_answer_follows(tmp_p
     assert [s["status"] for s in result.tool_calls] == ["ok"] and model.calls == 2
     assert result.setup.target_modules == "all-linear" and result.script_path.endswith("train.py")
     assert result.answer.startswith("It fits: FITS: mistralai/Mistral-7B-v0.1 on 1x NVIDIA A100")
+
+
+def test_a_message_that_calls_every_tool_runs_what_answers_and_skips_the_rest(tmp_path):
+    # the 1.5B model's real spray (bench q1, after-3): every tool in one message, twice
+    names = ["plan_training", "estimate_memory", "write_training_script", "make_peft_config", "lookup_model", "run_trial",
+             "plan_training", "estimate_memory"]
+    args = {"plan_training": {"model": POLYGLOT, "hardware": "T4", "seq_len": 512, "exact": False},
+            "estimate_memory": {"fast": True}, "lookup_model": {"model": POLYGLOT}, "run_trial": {"steps": 1}}
+    spray = AIMessage(content="", tool_calls=[{"name": n, "args": args.get(n, {}), "id": f"s{i}", "type": "tool_call"}
+                                              for i, n in enumerate(names)])
+    model = ScriptedChatModel(script=[spray, lambda m: final("It fits: " + summary_of(m, "plan_training"))])
+    result = run_turn(build_agent(model, workdir=tmp_path, extra_rounds=0), "t", QUESTION, allow_trial=False)
+    made = sorted((s["tool"], s["status"]) for s in result.tool_calls)
+    # the second plan and estimate are the first ones again: answered by the repeat guard, not run
+    assert made == sorted([("plan_training", "ok"), ("estimate_memory", "ok"), ("write_training_script", "ok"),
+                           ("make_peft_config", "skipped"), ("lookup_model", "skipped"), ("run_trial", "skipped"),
+                           ("plan_training", "ok"), ("estimate_memory", "ok")]), made
+    assert sum(bool(s.get("repeat")) for s in result.tool_calls) == 2
+    assert result.pending is None and result.answer.startswith("It fits: FITS")  # no trial asked, none offered
