@@ -153,7 +153,8 @@ def answer_system(req: Request) -> str:
     return ("You are tunepilot, a fine-tuning engineer. Write the answer to the person's question from the engine results "
             f"below, in {lang}, as plain text (no JSON, no code block, no tool call). Start with the verdict (it fits / it does "
             "not fit), then the setup and the memory per GPU with its headroom. Give hours or tokens/s only where a result "
-            "states them; end with the next command or the change that makes it fit, as the results say. Copy every number "
+            "states them. When it fits, end with the command to run; when it does not, end with the smallest change the "
+            "results give. Copy every number "
             "exactly as the results write it; add no other number, date or time. Keep it under 150 words.")
 
 

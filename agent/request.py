@@ -45,6 +45,7 @@ class Request:
     wants_script: bool = False
     wants_trial: bool = False
     price_given: bool = False  # a price per GPU-hour ($2/h, 2 dollars an hour, 시간당 ...원)
+    total_tokens: Optional[int] = None  # the data's size in tokens ("50M tokens", "1.2B tokens of text")
     objective: Optional[str] = None  # dpo / kto / reward / grpo when the message names one
     language: str = "en"  # "ko" for Korean
 
@@ -221,6 +222,12 @@ def read_request(text: str) -> Request:
         value = _amount(m.group(1), m.group(2) or "")
         if value and value >= 10:
             req.examples = value
+    m = re.search(r"(?i)(\d[\d,]*(?:\.\d+)?)\s*(k|m|b|million|billion)?\s+(?:training\s+)?tokens\b"
+                  r"(?!\s*(?:per|each|long|apiece|a\s+(?:sample|example)))", text)
+    if m:
+        total = _amount(m.group(1), {"million": "m", "billion": "b"}.get((m.group(2) or "").lower(), m.group(2) or ""))
+        if total and total >= 100_000:  # a data size, not a length
+            req.total_tokens = total
     m = _BATCH.search(text)
     if m:
         req.micro_batch = int(m.group(1))
@@ -376,9 +383,14 @@ def correct_args(tool: str, args: dict, req: Request, *, first: bool) -> tuple[d
         if new.get("dataset_tokens") and first:
             notes.append(f"dataset_tokens {new.pop('dataset_tokens')!r} left out: the person gave the number of examples "
                          "(tokens follow from examples x seq_len)")
-    # figures the message does not state and the call invented (a price per GPU-hour makes up a cost)
+    # figures the message does not state and the call invented (a price makes up a cost, a data size a time)
     if tool == "plan_training" and new.get("price_per_gpu_hour") not in (None, "") and not req.price_given:
         notes.append(f"price_per_gpu_hour {new.pop('price_per_gpu_hour')!r} left out: the person gave no price")
+    if tool == "plan_training" and first and not req.examples:
+        if new.get("dataset_examples") not in (None, ""):
+            notes.append(f"dataset_examples {new.pop('dataset_examples')!r} left out: the person gave no number of examples")
+        if new.get("dataset_tokens") not in (None, "") and not req.total_tokens:
+            notes.append(f"dataset_tokens {new.pop('dataset_tokens')!r} left out: the person gave no data size")
     # the objective (DPO, GRPO, ...) rides in plan_training's setup
     if req.objective and tool == "plan_training":
         setup = setup if setup is not None else {}

@@ -138,3 +138,15 @@ def test_no_gpu_named_and_none_here_means_memory_only():
     assert "hardware" not in new and notes[0].startswith("hardware 'local' left out")
     # plan_training needs GPUs: its 'local' stays, and its error asks the model to ask the person
     assert correct_args("plan_training", {"model": LLAMA, "hardware": "local"}, req, first=True)[0]["hardware"] == "local"
+
+
+def test_a_data_size_the_person_did_not_give_is_left_out():
+    req = read_request("Can I fine-tune Qwen2.5-7B with QLoRA on one RTX 4090, 2k tokens per example?")
+    # what the 1.5B model sent: 1000 examples nobody mentioned (the plan then showed "10 min per epoch")
+    new, notes = correct_args("plan_training", {"model": "Qwen2.5-7B", "hardware": "RTX 4090", "seq_len": 2048,
+                                                "dataset_examples": 1000, "dataset_tokens": 2048000}, req, first=True)
+    assert "dataset_examples" not in new and "dataset_tokens" not in new and sum("left out" in n for n in notes) == 2
+    sized = read_request("Qwen2.5-7B on a 4090 with 50M tokens of support chats")
+    assert sized.total_tokens == 50_000_000
+    new, _ = correct_args("plan_training", {"model": "Qwen2.5-7B", "hardware": "RTX 4090", "dataset_tokens": 50_000_000}, sized, first=True)
+    assert new["dataset_tokens"] == 50_000_000
