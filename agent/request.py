@@ -19,11 +19,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from tools.gpus import hardware_in_text
+
 SETUP_TOOLS = ("plan_training", "estimate_memory", "write_training_script", "make_peft_config", "run_trial")
 _HANGUL = re.compile(r"[\uac00-\ud7a3]")
 _ID_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]*")
-_WORD_NUMBERS = {"one": 1, "a single": 1, "single": 1, "two": 2, "three": 3, "four": 4, "six": 6, "eight": 8, "sixteen": 16,
-                 "한": 1, "두": 2, "세": 3, "네": 4, "여덟": 8}
 
 
 @dataclass
@@ -111,55 +111,6 @@ def _find_models(text: str) -> list[str]:
     return found
 
 
-def _find_hardware(text: str) -> tuple[Optional[str], Optional[str], Optional[int]]:
-    """The GPUs a message names: the longest catalog name or alias found as whole words, its memory
-    size when written next to it ("A100 40GB"), and the count before or after it ("2x", "two", "x4",
-    "4 GPUs", "두 장"). A message naming two different GPUs ("an A100 or my 4090?") names no one
-    hardware: (None, None, None)."""
-    from tools import gpus
-
-    low = text.lower()
-    hits: list[tuple[int, int, int, str]] = []
-    for g in gpus.gpu_catalog():
-        for name in [g.name, *g.aliases]:
-            words = re.findall(r"[a-z0-9]+", name.lower())
-            if not words:
-                continue
-            pattern = r"(?<![a-z0-9])" + r"[\s\-]*".join(map(re.escape, words)) + r"(?:s|es)?(?![a-z0-9])"
-            for m in re.finditer(pattern, low):
-                hits.append((m.end() - m.start(), m.start(), m.end(), g.name))
-    if not hits:
-        return None, None, None
-    taken: list[tuple[int, int, int, str]] = []
-    for hit in sorted(hits, key=lambda h: (-h[0], h[1])):  # longest first, no overlaps
-        if not any(hit[1] < t[2] and t[1] < hit[2] for t in taken):
-            taken.append(hit)
-    if len({t[3] for t in taken}) > 1:
-        return None, None, None
-    _length, start, end, name = min(taken, key=lambda t: t[1])
-    size = re.match(r"\s*(?:sxm\d?|pcie|nvl)?\s*\(?\s*(\d{2,3})\s*gb", low[end:])
-    if size:
-        try:
-            name = gpus.parse_hardware(f"{low[start:end]} {size.group(1)}GB").gpu.name
-        except gpus.UnknownGPUError:
-            pass
-        end += size.end()
-    words = "|".join(sorted((re.escape(w) for w in _WORD_NUMBERS), key=len, reverse=True))
-    before, after = low[max(0, start - 40):start], low[end:end + 40]
-    n = 1
-    m = (re.search(r"(\d{1,3})\s*[x×*]\s*(?:nvidia\s+|geforce\s+|rtx\s+)*$", before)
-         or re.search(rf"(?<![a-z])({words})\s+(?:nvidia\s+|geforce\s+|rtx\s+)*$", before)
-         or re.match(r"\s*(?:s\b|gpus?\b|cards?\b)?\s*[x×*]\s*(\d{1,3})\b", after)
-         or re.match(rf"\s*(?:gpu|카드)?\s*(\d{{1,2}}|{words})\s*(?:장|대|개)", after))
-    if m is None:
-        m = re.search(r"(?<![\w.])(\d{1,3})\s*(?:gpus|cards)\b", low)
-    if m:
-        word = m.group(1)
-        n = int(word) if word.isdigit() else _WORD_NUMBERS.get(word, 1)
-    n = max(1, min(n, 1024))
-    return (f"{n}x {name}" if n > 1 else name), name, n
-
-
 def _find_methods(text: str) -> list[str]:
     low = text.lower()
     hits: list[tuple[int, str]] = []
@@ -206,7 +157,7 @@ def read_request(text: str) -> Request:
     except Exception:  # noqa: BLE001 - reading the request is best effort
         req.models = []
     try:
-        req.hardware, req.gpu_name, req.num_gpus = _find_hardware(text)
+        req.hardware, req.gpu_name, req.num_gpus = hardware_in_text(text)
     except Exception:  # noqa: BLE001
         pass
     req.methods = _find_methods(text)
@@ -269,7 +220,7 @@ def _same_model(value: Any, model_id: str) -> bool:
 def _hardware_of(value: Any):
     from tools.agent_tools import _hardware
 
-    if not isinstance(value, str) or not value.strip() or value.strip().lower() in ("local", "auto", "this machine", "detect"):
+    if not isinstance(value, str) or not value.strip() or _is_local(value):
         return None
     try:
         return _hardware(value)
@@ -312,7 +263,9 @@ def _invented_knobs(setup: dict, req: Request) -> list[str]:
 
 
 def _is_local(value: Any) -> bool:
-    return isinstance(value, str) and value.strip().lower() in ("local", "auto", "this machine", "detect", "my gpu", "mine")
+    from tools.agent_tools import LOCAL_WORDS
+
+    return isinstance(value, str) and value.strip().lower() in LOCAL_WORDS
 
 
 def _local_gpu() -> bool:

@@ -330,6 +330,20 @@ def normalise_knobs(setup: dict | None, notes: list[str] | None = None) -> dict:
     return out
 
 
+def setup_object(setup: Any, example: str) -> Any:
+    """A tool's `setup` argument, also when a model sent the object as a JSON string."""
+    if not isinstance(setup, str):
+        return setup
+    try:
+        return json.loads(setup)
+    except ValueError:
+        raise ValueError(f"setup must be an object of knobs, e.g. {example}") from None
+
+
+# what people (and models) write for "this machine's GPUs"
+LOCAL_WORDS = ("local", "this machine", "detect", "auto", "my gpu", "mine")
+
+
 class _ToolArgs(BaseModel):
     """Tool arguments: a few typed fields; knobs a model puts at the top level are moved into `setup`."""
 
@@ -344,12 +358,7 @@ class _ToolArgs(BaseModel):
         if "gpu" in data and "hardware" in cls.model_fields and "hardware" not in data:
             data["hardware"] = data.pop("gpu")
         if "setup" in cls.model_fields:
-            setup = data.get("setup")
-            if isinstance(setup, str):  # a model that sent the object as a JSON string
-                try:
-                    setup = json.loads(setup)
-                except ValueError:
-                    raise ValueError("setup must be an object of knobs, e.g. {\"r\": 8}") from None
+            setup = setup_object(data.get("setup"), '{"r": 8}')
             setup = dict(setup) if isinstance(setup, dict) else ({} if setup is None else setup)
             for key in [k for k in data if k not in cls.model_fields and is_knob(k)]:
                 if isinstance(setup, dict):
@@ -382,7 +391,7 @@ _HW_DESC = "The user's GPUs as they wrote them (count and name), or 'local' to d
 def _hardware(text: str) -> HardwareSpec:
     from tools import gpus
 
-    if text.strip().lower() in ("local", "this machine", "detect", "auto", "my gpu", "mine"):
+    if text.strip().lower() in LOCAL_WORDS:
         try:
             return gpus.detect_hardware()
         except gpus.NoGPUError:
@@ -401,23 +410,9 @@ def _gpu_inside(text: str) -> HardwareSpec | None:
     """A catalog GPU named somewhere inside a string a model wrote ('1/1 NVIDIA RTX 4090', 'an A10G (24GB)')."""
     from tools import gpus
 
-    norm = re.sub(r"[^a-z0-9]+", " ", text.lower())
-    squeezed = norm.replace(" ", "")
-    names = []
-    for g in gpus.gpu_catalog():
-        for name in [g.name, *g.aliases]:
-            key = re.sub(r"[^a-z0-9]+", "", name.lower())
-            if len(key) >= 3 and not key.isdigit() and key in squeezed:
-                names.append((len(key), name))
-            elif key.isdigit() and len(key) >= 3 and re.search(rf"\b{key}\b", norm):
-                names.append((len(key), name))
-    if not names:
-        return None
-    name = max(names)[1]
-    count = re.search(r"(\d{1,3})\s*(?:x|×|\*)\s*\D|(\d{1,3})\s*(?:gpus?|cards?)\b", text, re.IGNORECASE)
-    n = int(count.group(1) or count.group(2)) if count else 1
+    hardware, _name, _count = gpus.hardware_in_text(text)
     try:
-        return gpus.parse_hardware(f"{n}x {name}" if n > 1 else name)
+        return gpus.parse_hardware(hardware) if hardware else None
     except gpus.UnknownGPUError:
         return None
 
@@ -707,13 +702,7 @@ class PlanArgs(_ToolArgs):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        setup = data.pop("setup", None)
-        if isinstance(setup, str):
-            try:
-                setup = json.loads(setup)
-            except ValueError:
-                raise ValueError("setup must be an object of knobs, e.g. {\"objective\": \"dpo\"}") from None
-        knobs = dict(setup or {})
+        knobs = dict(setup_object(data.pop("setup", None), '{"objective": "dpo"}') or {})
         for key in OBJECTIVE_FIELDS + ("objective",):
             if key in data and key not in cls.model_fields:
                 knobs[key] = data.pop(key)
