@@ -16,19 +16,12 @@ import json
 import re
 from typing import Any, Optional
 
+from agent.core import _text
 from agent.grounding import ungrounded_numbers, verdict
 from agent.request import Request
 
 VERDICT_TOOLS = ("plan_training", "estimate_memory")
 _HANGUL = re.compile(r"[\uac00-\ud7a3]")
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(b if isinstance(b, str) else str(b.get("text", "")) for b in content if isinstance(b, (str, dict)))
-    return str(content or "")
 
 
 def _ok(m) -> bool:

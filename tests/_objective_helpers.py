@@ -47,6 +47,17 @@ def _models(spec: ModelSpec, st: TrainingSetup):
     return model, ref, peft_config
 
 
+def _prepare(trainer, st: TrainingSetup, peft_config):
+    """What Trainer.train sets up before its first step: the accumulation count, input grads, the optimizer."""
+    from tools.memory.step import make_optimizer
+
+    trainer.current_gradient_accumulation_steps = st.gradient_accumulation_steps  # set by Trainer.train's loop
+    if peft_config is not None and st.gradient_checkpointing:
+        trainer.model.enable_input_require_grads()  # what Trainer.train does for a PEFT model with checkpointing
+    params = [q for q in trainer.model.parameters() if q.requires_grad]
+    return params, make_optimizer(trainer.model, st, params)
+
+
 def _measure(model, ref, params, opt, step, *, generation=None) -> dict:
     import torch
 
@@ -109,8 +120,6 @@ def real_dpo_step(spec: ModelSpec, st: TrainingSetup, tmp: Path) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from tools.memory.step import make_optimizer
-
     model, ref, peft_config = _models(spec, st)
     tok = build_tokenizer(tmp / "tok")
     cfg = DPOConfig(**_config_kwargs(st, tmp), max_length=st.max_length, precompute_ref_log_probs=False)
@@ -131,11 +140,7 @@ def real_dpo_step(spec: ModelSpec, st: TrainingSetup, tmp: Path) -> dict:
         rows.append(row)
     batch = trainer.data_collator(rows)
     assert batch["input_ids"].shape == (2 * b, s)
-    trainer.current_gradient_accumulation_steps = st.gradient_accumulation_steps  # set by Trainer.train's loop
-    if peft_config is not None and st.gradient_checkpointing:
-        trainer.model.enable_input_require_grads()  # what Trainer.train does for a PEFT model with checkpointing
-    params = [q for q in trainer.model.parameters() if q.requires_grad]
-    opt = make_optimizer(trainer.model, st, params)
+    params, opt = _prepare(trainer, st, peft_config)
 
     def step(tracker):
         trainer.training_step(trainer.model, dict(batch))
@@ -152,8 +157,6 @@ def real_grpo_step(spec: ModelSpec, st: TrainingSetup, tmp: Path) -> dict:
     import torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
-
-    from tools.memory.step import make_optimizer
 
     model, _, peft_config = _models(spec, st)
     tok = build_tokenizer(tmp / "tok")
@@ -174,11 +177,7 @@ def real_grpo_step(spec: ModelSpec, st: TrainingSetup, tmp: Path) -> dict:
         trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=cfg, processing_class=tok, peft_config=peft_config,
                               train_dataset=Dataset.from_dict({"prompt": prompts}))
     raw = [{"prompt": x} for x in prompts for _ in range(g)]
-    trainer.current_gradient_accumulation_steps = st.gradient_accumulation_steps  # set by Trainer.train's loop
-    if peft_config is not None and st.gradient_checkpointing:
-        trainer.model.enable_input_require_grads()  # what Trainer.train does for a PEFT model with checkpointing
-    params = [q for q in trainer.model.parameters() if q.requires_grad]
-    opt = make_optimizer(trainer.model, st, params)
+    params, opt = _prepare(trainer, st, peft_config)
 
     def step(tracker):
         trainer.training_step(trainer.model, list(raw), None)
