@@ -61,6 +61,16 @@ INLINE = {
         "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 152064,
         "max_position_embeddings": 8192, "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16",
     },
+    # Qwen-72B (v1, remote code) from Qwen/Qwen-72B config.json as a Qwen2 config: hidden 8192, 80 layers, 64 heads (no
+    # GQA), vocab 152064, untied head, qkv bias; v1's intermediate_size 49152 is w1 + w2 together, so 24576 per branch
+    # (the same halving as qwen-14b's 27392 -> 13696). Shapes as quoted for "qwen-72b" in the code corpus (hidden 8192,
+    # 80 layers, 64/64 heads, intermediate 24576, vocab 152064); 72.3B parameters.
+    "qwen-72b": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 8192, "intermediate_size": 24576,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 64, "vocab_size": 152064,
+        "max_position_embeddings": 32768, "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "torch_dtype": "bfloat16",
+    },
     # https://huggingface.co/01-ai/Yi-34B/blob/main/config.json (Llama architecture; the shapes as quoted by
     # the Yi-1.5-34B copies in the code corpus: hidden 7168, MLP 20480, 60 layers, 56 heads / 8 KV, vocab 64000)
     "yi-34b": {
