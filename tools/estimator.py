@@ -56,6 +56,7 @@ _LABELS = {
     "zero_buckets": "DeepSpeed buckets",
     "zero_param_partition": "DeepSpeed 16-bit partitions",
     "zero1_full_gradients": "ZeRO-1 full gradients",
+    "zero_grad_partition": "DeepSpeed gradient partition",
     "cublas_workspace": "cuBLAS workspaces",
     "allocator_overhead": "allocator overhead",
     "cuda_context": "CUDA context",
@@ -128,6 +129,8 @@ def _simulated_shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -
                                   comm_factor=float(_const("zero_comm_buffer_factor")["value"]))
         if setup.offload == "all":
             extra.pop("zero_param_partition", None)  # offload_param: the 16-bit partitions live on the host
+        if setup.offload != "none":
+            extra.pop("zero_grad_partition", None)  # offload_optimizer: the gradient partitions go to pinned host buffers
         for k, v in extra.items():
             bd[k] = bd.get(k, 0.0) + v
         if extra:

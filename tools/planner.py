@@ -1077,7 +1077,8 @@ _PART = {
     "weights": "the weights", "adapters": "the adapters", "gradients": "the gradients", "optimizer_state": "the optimizer states",
     "fsdp_all_gather": "the gathered weights of the units in flight", "fsdp_reduce_scatter": "the reduce-scatter buffers",
     "zero_buckets": "DeepSpeed's communication buckets", "zero_param_partition": "DeepSpeed's 16-bit parameter partitions",
-    "zero1_full_gradients": "ZeRO-1's full gradients", "zero_buffers": "the sharding buffers",
+    "zero1_full_gradients": "ZeRO-1's full gradients", "zero_grad_partition": "DeepSpeed's gradient partitions",
+    "zero_buffers": "the sharding buffers",
     "activations": "the activations", "temporaries": "the step temporaries", "allocator_overhead": "the allocator's reserve",
 }
 

@@ -100,13 +100,23 @@ def shard(prep, setup, mesh, plan: ShardPlan, ledger) -> list[str]:
     # DeepSpeed offloads parameters only with offload_param ('all'); FSDP's CPU offload always moves them
     offload_params = plan.offload and (plan.engine != "zero" or setup.offload == "all")
     notes = shard_fsdp2(prep.pm, prep.base, setup, mesh, reshard_after_forward=plan.reshard_after_forward,
-                        offload_params=offload_params, fsdp1_root=plan.engine == "fsdp1")
+                        offload_params=offload_params, fsdp1_root=plan.engine == "fsdp1",
+                        replicate_frozen=plan.engine == "zero" and plan.zero_stage < 3)
     if plan.engine == "fsdp1":
         notes[-1] = ("FSDP1 (fsdp_version 1) modelled by the FSDP2 step of the same units: FullyShardedDataParallel "
                      "needs an accelerator device and cannot run on this CPU-only torch; " + notes[-1])
+    if plan.engine == "zero" and plan.zero_stage < 3:
+        # ZeRO-1/2 never partition the 16-bit parameters: the model's flat 16-bit groups stay whole on every
+        # GPU through backward and the optimizer step (DeepSpeed stage_1_and_2.py `bit16_groups_flat`); the
+        # FSDP2 units therefore keep their gathered parameters after backward too
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in prep.pm.modules():
+            if isinstance(m, FSDPModule):
+                m.set_reshard_after_backward(False, recurse=False)
     if plan.engine == "zero":
         notes[-1] = (f"DeepSpeed ZeRO-{plan.zero_stage} simulated through the partitioning it shares with FSDP2 "
-                     f"({'full shard' if plan.reshard_after_forward else 'gathered 16-bit parameters kept through backward'}): "
+                     f"({'full shard' if plan.reshard_after_forward else 'the gathered 16-bit parameters kept through backward and the optimizer step'}): "
                      + notes[-1])
     if offload_params:
         ledger.params_to_host(prep.pm)
@@ -182,13 +192,15 @@ def mixed_precision_policy(setup):
 
 
 def shard_fsdp2(pm, base, setup, mesh, *, reshard_after_forward: bool | None = None, offload_params: bool | None = None,
-                fsdp1_root: bool = False) -> list[str]:
+                fsdp1_root: bool = False, replicate_frozen: bool = False) -> list[str]:
     """Wrap `pm` (the model the Trainer trains: peft model or base) with FSDP2 as accelerate does; notes.
 
     fsdp1_root: the units of FSDP1's TRANSFORMER_BASED_WRAP instead — what no block unit holds (input
     embedding, final norm, head) is the root's one FlatParameter, and FSDP1 does not free the root's
     gathered parameters after forward (torch/distributed/fsdp/_runtime_utils.py `_post_forward_reshard`:
-    `not state._is_root`): one tail unit [embedding, norm, head] with reshard_after_forward=False."""
+    `not state._is_root`): one tail unit [embedding, norm, head] with reshard_after_forward=False.
+    replicate_frozen: frozen parameters stay whole on every rank, unsharded (DeepSpeed ZeRO-1/2 partition
+    only what the optimizer steps: stage_1_and_2.py flattens the optimizer's parameter groups)."""
     import torch
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
@@ -221,6 +233,11 @@ def shard_fsdp2(pm, base, setup, mesh, *, reshard_after_forward: bool | None = N
             kw["ignored_params"] = ignored
             notes.append(f"{len(ignored)} 4-bit weights stored as uint8 are not sharded (accelerate excludes them; "
                          "set bnb_4bit_quant_storage to the compute dtype to shard them)")
+    if replicate_frozen:
+        frozen = {p for p in pm.parameters() if not p.requires_grad}
+        if frozen:
+            kw["ignored_params"] = set(kw.get("ignored_params", ())) | frozen
+            notes.append(f"{len(frozen)} frozen parameters kept whole on every GPU (ZeRO-1/2 partition only the trained ones)")
     names = set(getattr(base, "_no_split_modules", None) or [])
     units = 0
     for module in _bottom_up(pm)[:-1]:
@@ -537,6 +554,11 @@ def deepspeed_buffers(setup, hidden_size: int, trainable: int, *, comm_factor: f
       parameter beside the fp32 master partition (the simulated fp32 shards): 2 B x trainable / N.
     - zero1_full_gradients: ZeRO-1 does not partition gradients: the full 16-bit gradients stay on
       every GPU (the simulated fp32 gradient shards stand for the fp32 partition the optimizer steps).
+    - zero_grad_partition: ZeRO-2/3 reduce the gradients into a persistent partition buffer in the
+      16-bit dtype (stage_1_and_2.py `grads_in_partition`, stage3.py `grad_partitions_flat_buffer`);
+      the optimizer step makes the fp32 gradient it steps from a flattened copy of it
+      (`single_grad_partition = self.flatten(averaged_gradients).to(fp32)`), which the simulated fp32
+      gradient shards stand for: at the step both live, so the buffer is counted beside them.
     """
     n = max(1, setup.num_gpus)
     mixed = setup.bf16 or setup.fp16
@@ -551,4 +573,6 @@ def deepspeed_buffers(setup, hidden_size: int, trainable: int, *, comm_factor: f
             out["zero_param_partition"] = 2.0 * trainable / n
     if setup.zero_stage == 1:
         out["zero1_full_gradients"] = float(half) * trainable
+    else:
+        out["zero_grad_partition"] = float(half) * trainable / n
     return out

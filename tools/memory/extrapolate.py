@@ -77,11 +77,15 @@ def depths_to_simulate(model: ModelSpec, extrapolate: bool = True, *, min_blocks
     return total, ([k1, k2] if extrapolate and k2 < total else [total])
 
 
-def combine(runs: list[RunResult], depths: list[int], total: int) -> StepMemory:
+def combine(runs: list[RunResult], depths: list[int], total: int, *, gathered_per_block: bool = False) -> StepMemory:
     """Extend each segment's breakdown linearly in depth; the step peak is the largest segment at full depth.
 
     Peaks are tracked per segment because the segment holding the peak can change with depth
     (a 2-block model peaks at the logits, an 80-block one at the optimizer step).
+
+    gathered_per_block: the sharding keeps every unit's gathered parameters after its forward (FSDP
+    shard_grad_op, DeepSpeed ZeRO-1/2: reshard_after_forward False), so `fsdp_all_gather` holds one more
+    block per block and is extended like any other category; under full_shard it is the units in flight.
     """
     a = runs[0]
     notes = list(dict.fromkeys(n for r in runs for n in r.notes))
@@ -98,10 +102,11 @@ def combine(runs: list[RunResult], depths: list[int], total: int) -> StepMemory:
         def ext(x: int, y: int) -> int:
             return max(0, round(x + (y - x) * steps))
 
-        # FSDP's gathered parameters and reduce-scatter buffers belong to the units in flight, not to the
-        # depth: they take the deeper run's value instead of a slope
+        # FSDP's gathered parameters (under full_shard) and reduce-scatter buffers belong to the units in
+        # flight, not to the depth: they take the deeper run's value instead of a slope
+        in_flight = tuple(c for c in SHARDED_CATEGORIES if not (gathered_per_block and c == "fsdp_all_gather"))
         segs = {
-            seg: {c: (b.segments[seg].get(c, 0) if c in SHARDED_CATEGORIES else ext(a.segments[seg][c], b.segments[seg].get(c, 0)))
+            seg: {c: (b.segments[seg].get(c, 0) if c in in_flight else ext(a.segments[seg][c], b.segments[seg].get(c, 0)))
                   for c in a.segments[seg]}
             for seg in a.segments if seg in b.segments
         }

@@ -76,7 +76,8 @@ def simulate(model: ModelSpec, setup: TrainingSetup, *, extrapolate: bool = True
             f"model: the dry run of {model.model_id} ({model.model_type}, {setup.short()}) failed in "
             f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; use --fast (analytic)"
         ) from e
-    result = combine(runs, depths, total)
+    plan = plan_for(setup)
+    result = combine(runs, depths, total, gathered_per_block=bool(plan and not plan.reshard_after_forward))
     result.seconds = round(time.perf_counter() - t0, 3)
     if len(depths) == 2:
         result.notes.append(

@@ -448,7 +448,9 @@ def measure(prep: Prepared, optimizer, tracker, *, extra: dict[str, list] | None
                 out[id(r)] = r
         return out
 
-    weight_recs = recs(list(pm.parameters()) + list(pm.buffers()))
+    # a sharded step's own parameters are the shards (prep.params); ZeRO-1/2 end the step with the gathered
+    # 16-bit parameters registered on the modules, which stay FSDP's gathered buffers below
+    weight_recs = recs(list(pm.parameters()) + list(pm.buffers()) + (list(params) if prep.sharded else []))
     adapter_ids = set()
     if prep.is_peft:
         adapter_ids = set(recs(params))
@@ -469,6 +471,8 @@ def measure(prep: Prepared, optimizer, tracker, *, extra: dict[str, list] | None
                 cat = extra_of[rid]
             elif r.tag == "kv_cache":
                 cat = "kv_cache"
+            elif sharded and r.tag.split("@", 1)[0] == "fsdp_all_gather":
+                cat = "fsdp_all_gather"
             elif rid in adapter_ids:
                 cat = "adapters"
             elif rid in weight_recs or rid in frozen_ids:
