@@ -66,8 +66,9 @@ def test_zero2_lora_keeps_frozen_weights_whole_and_unsharded(tiny):
     assert zero3.peak_breakdown["weights"] < 0.6 * zero2.peak_breakdown["weights"]
 
 
-def test_deepspeed_gradient_partition_is_counted_beside_the_fp32_gradients(tiny):
+def test_deepspeed_gradients_are_a_16bit_partition_and_fp32_only_inside_the_step(tiny):
     from tools.estimator import estimate
+    from tools.memory.distributed import deepspeed_gradients
 
     base = dict(model_id=tiny.model_id, method="full", max_length=256, per_device_train_batch_size=2, num_gpus=2)
     z2 = estimate(tiny, TrainingSetup(**base, zero_stage=2), advice=False)
@@ -78,3 +79,11 @@ def test_deepspeed_gradient_partition_is_counted_beside_the_fp32_gradients(tiny)
     assert z2.breakdown["zero_grad_partition"] * gib == pytest.approx(2 * tiny.num_parameters / 2, abs=0.002 * gib)
     assert "zero_grad_partition" not in z1.breakdown and z1.breakdown["zero1_full_gradients"] > 0
     assert "zero_grad_partition" not in off.breakdown  # offload_optimizer: the partitions are pinned host buffers
+    # the FSDP2 step's fp32 gradient shards: none outside the optimizer step, one sub-group of ZeRO-3 inside it
+    st3 = TrainingSetup(**{**base, "num_gpus": 8}, zero_stage=3)
+    bd = {"gradients": 4 * 4_000_000_000, "weights": 1}
+    assert deepspeed_gradients(st3, "backward", bd, 32_000_000_000)["gradients"] == 0
+    step = deepspeed_gradients(st3, "optimizer", bd, 32_000_000_000)
+    assert step["gradients"] == 4 * 1_000_000_000 and step["zero_grad_partition"] == 2 * 4_000_000_000
+    st2 = TrainingSetup(**{**base, "num_gpus": 8}, zero_stage=2)
+    assert deepspeed_gradients(st2, "optimizer", bd, 32_000_000_000)["gradients"] == bd["gradients"]

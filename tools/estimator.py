@@ -129,8 +129,6 @@ def _simulated_shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -
                                   comm_factor=float(_const("zero_comm_buffer_factor")["value"]))
         if setup.offload == "all":
             extra.pop("zero_param_partition", None)  # offload_param: the 16-bit partitions live on the host
-        if setup.offload != "none":
-            extra.pop("zero_grad_partition", None)  # offload_optimizer: the gradient partitions go to pinned host buffers
         for k, v in extra.items():
             bd[k] = bd.get(k, 0.0) + v
         if extra:

@@ -554,11 +554,7 @@ def deepspeed_buffers(setup, hidden_size: int, trainable: int, *, comm_factor: f
       parameter beside the fp32 master partition (the simulated fp32 shards): 2 B x trainable / N.
     - zero1_full_gradients: ZeRO-1 does not partition gradients: the full 16-bit gradients stay on
       every GPU (the simulated fp32 gradient shards stand for the fp32 partition the optimizer steps).
-    - zero_grad_partition: ZeRO-2/3 reduce the gradients into a persistent partition buffer in the
-      16-bit dtype (stage_1_and_2.py `grads_in_partition`, stage3.py `grad_partitions_flat_buffer`);
-      the optimizer step makes the fp32 gradient it steps from a flattened copy of it
-      (`single_grad_partition = self.flatten(averaged_gradients).to(fp32)`), which the simulated fp32
-      gradient shards stand for: at the step both live, so the buffer is counted beside them.
+    (ZeRO-2/3's gradient partition: `deepspeed_gradients`, per segment of the step.)
     """
     n = max(1, setup.num_gpus)
     mixed = setup.bf16 or setup.fp16
@@ -573,6 +569,37 @@ def deepspeed_buffers(setup, hidden_size: int, trainable: int, *, comm_factor: f
             out["zero_param_partition"] = 2.0 * trainable / n
     if setup.zero_stage == 1:
         out["zero1_full_gradients"] = float(half) * trainable
-    else:
-        out["zero_grad_partition"] = float(half) * trainable / n
+    return out
+
+
+ZERO3_SUB_GROUP_SIZE = 1_000_000_000  # ds_config.json `sub_group_size` (tools.script writes this value)
+
+
+def deepspeed_gradients(setup, segment: str, breakdown: dict[str, int], trainable: int) -> dict[str, int]:
+    """One segment of the dry run's step with DeepSpeed's gradients instead of FSDP2's.
+
+    The FSDP2 step keeps sharded fp32 gradients from backward through the optimizer step. DeepSpeed
+    ZeRO reduces gradients into a 16-bit partition (ZeRO-2: stage_1_and_2.py `grads_in_partition`;
+    ZeRO-3: stage3.py `grad_partitions_flat_buffer`, allocated once and kept) and makes an fp32
+    gradient only inside the optimizer step, from a flattened copy (`self.flatten(averaged_gradients)
+    .to(fp32)`): ZeRO-1/2 for each parameter group (the whole partition: the Trainer's no-decay group is
+    the small one), ZeRO-3 for one sub-group of `sub_group_size` elements at a time
+    (`_prepare_fp32_grad_for_sub_group`, released after that sub-group's step). So: `gradients`
+    (fp32) are 0 outside the optimizer segment and at most one sub-group in it; `zero_grad_partition`
+    is the 16-bit partition, in every segment (ZeRO-2/3; ZeRO-1 keeps full 16-bit gradients, counted
+    as `zero1_full_gradients`). Under CPU offload the gradients go to pinned host buffers and the step
+    runs on the host: unchanged.
+    """
+    if not setup.zero_stage or setup.offload != "none":
+        return breakdown
+    out = dict(breakdown)
+    per_rank = trainable / max(1, setup.num_gpus)
+    grads = out.get("gradients", 0)
+    if segment != "optimizer":
+        out["gradients"] = 0
+    elif setup.zero_stage == 3 and per_rank > ZERO3_SUB_GROUP_SIZE:
+        out["gradients"] = round(grads * ZERO3_SUB_GROUP_SIZE / per_rank)
+    if setup.zero_stage >= 2:
+        half = 2 if (setup.bf16 or setup.fp16 or setup.dtype != "fp32") else 4
+        out["zero_grad_partition"] = round(half * per_rank)
     return out

@@ -10,7 +10,7 @@ is the largest segment at full depth. No torch here.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from tools.memory.build import DEPTH_KEYS, layer_types
 from tools.memory.segments import PHASE_OF_SEGMENT, SHARDED_CATEGORIES
@@ -77,7 +77,8 @@ def depths_to_simulate(model: ModelSpec, extrapolate: bool = True, *, min_blocks
     return total, ([k1, k2] if extrapolate and k2 < total else [total])
 
 
-def combine(runs: list[RunResult], depths: list[int], total: int, *, gathered_per_block: bool = False) -> StepMemory:
+def combine(runs: list[RunResult], depths: list[int], total: int, *, gathered_per_block: bool = False,
+            adjust: Callable[[str, dict, int], dict] | None = None) -> StepMemory:
     """Extend each segment's breakdown linearly in depth; the step peak is the largest segment at full depth.
 
     Peaks are tracked per segment because the segment holding the peak can change with depth
@@ -86,6 +87,9 @@ def combine(runs: list[RunResult], depths: list[int], total: int, *, gathered_pe
     gathered_per_block: the sharding keeps every unit's gathered parameters after its forward (FSDP
     shard_grad_op, DeepSpeed ZeRO-1/2: reshard_after_forward False), so `fsdp_all_gather` holds one more
     block per block and is extended like any other category; under full_shard it is the units in flight.
+    adjust(segment, breakdown, trainable parameters at full depth): a segment's breakdown at full depth
+    as the engine the dry run stands for holds it (DeepSpeed's gradients:
+    tools.memory.distributed.deepspeed_gradients), applied before the largest segment is chosen.
     """
     a = runs[0]
     notes = list(dict.fromkeys(n for r in runs for n in r.notes))
@@ -110,6 +114,9 @@ def combine(runs: list[RunResult], depths: list[int], total: int, *, gathered_pe
                   for c in a.segments[seg]}
             for seg in a.segments if seg in b.segments
         }
+    if adjust is not None:
+        trainable = ext(a.trainable_parameters, b.trainable_parameters)
+        segs = {seg: adjust(seg, bd, trainable) for seg, bd in segs.items()}
     best = max(segs, key=lambda seg: sum(segs[seg].values()))
     breakdown = segs[best]
     if len(runs) == 2:
