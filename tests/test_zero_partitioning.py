@@ -87,3 +87,23 @@ def test_deepspeed_gradients_are_a_16bit_partition_and_fp32_only_inside_the_step
     assert step["gradients"] == 4 * 1_000_000_000 and step["zero_grad_partition"] == 2 * 4_000_000_000
     st2 = TrainingSetup(**{**base, "num_gpus": 8}, zero_stage=2)
     assert deepspeed_gradients(st2, "optimizer", bd, 32_000_000_000)["gradients"] == bd["gradients"]
+
+
+def test_explicit_bucket_sizes_reach_the_estimate_and_the_ds_config(tiny):
+    import json
+
+    from tools.estimator import estimate
+    from tools.script import render_script
+
+    base = dict(model_id=tiny.model_id, method="lora", max_length=128, per_device_train_batch_size=1, num_gpus=2)
+    auto = estimate(tiny, TrainingSetup(**base, zero_stage=3), advice=False)
+    own = TrainingSetup(**base, zero_stage=3, zero_reduce_bucket_size=500_000_000, zero_prefetch_bucket_size=50_000_000)
+    given = estimate(tiny, own, advice=False)
+    # ZeRO-3: two reduce buckets and the prefetch bucket, bf16 ("auto": hidden^2 and 0.9 hidden^2, a few hundred KiB
+    # for this model; DeepSpeed's defaults when no JSON sets them: 5e8 and 5e7)
+    assert auto.breakdown["zero_buckets"] < 0.001
+    assert any("reduce_bucket_size 6.55e+04 (auto = hidden^2)" in p for p in auto.provenance)
+    assert given.breakdown["zero_buckets"] * 2**30 == pytest.approx(2 * (2 * 5e8 + 5e7), rel=0.01)
+    assert any("reduce_bucket_size 5e+08" in p for p in given.provenance)
+    z3 = json.loads(render_script(own).files["ds_config.json"])["zero_optimization"]
+    assert z3["reduce_bucket_size"] == 500_000_000 and z3["stage3_prefetch_bucket_size"] == 50_000_000

@@ -132,8 +132,14 @@ def _simulated_shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -
         for k, v in extra.items():
             bd[k] = bd.get(k, 0.0) + v
         if extra:
-            notes.append("DeepSpeed buffers from ds_config.json (reduce_bucket_size = hidden^2, stage3_prefetch_bucket_size = "
-                         "0.9 hidden^2, overlap_comm): " + ", ".join(f"{k} {v / BYTES_PER_GIB:.2f} GiB" for k, v in extra.items()))
+            from tools.memory.distributed import zero_bucket_sizes
+
+            rb, pb = zero_bucket_sizes(setup, model.hidden_size)
+            buckets = (f"reduce_bucket_size {rb:.3g}" + (" (auto = hidden^2)" if not setup.zero_reduce_bucket_size else "")
+                       + (f", stage3_prefetch_bucket_size {pb:.3g}" + (" (auto = 0.9 hidden^2)" if not setup.zero_prefetch_bucket_size else "")
+                          if setup.zero_stage == 3 else ""))
+            notes.append(f"DeepSpeed buffers from ds_config.json ({buckets}, overlap_comm): "
+                         + ", ".join(f"{k} {v / BYTES_PER_GIB:.2f} GiB" for k, v in extra.items()))
         if setup.offload != "none":
             notes.append(f"DeepSpeed CPU Adam runs the optimizer on the host (optim={setup.optim} is not used on GPU)")
     host = 0.0
@@ -196,9 +202,10 @@ def _shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -> tuple[di
         bd["zero_buffers"] = gathered
         notes.append(f"stage-3 sharding: weights / {n} + {_const('zero3_prefetch_layers')['value']} gathered blocks ({gathered / BYTES_PER_GIB:.2f} GiB)")
     elif setup.fsdp == "none":
-        h = model.hidden_size
+        from tools.memory.distributed import zero_bucket_sizes
+
         c = 2 if mixed else 4
-        bd["zero_buffers"] = float(_const("zero_comm_buffer_factor")["value"]) * h * h * c
+        bd["zero_buffers"] = float(_const("zero_comm_buffer_factor")["value"]) * zero_bucket_sizes(setup, model.hidden_size)[0] * c
     if step.peak_phase == "optimizer" and bd.get("temporaries"):
         bd["temporaries"] = bd["temporaries"] / n
     if setup.offload in ("optimizer", "all"):

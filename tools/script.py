@@ -198,7 +198,8 @@ def _ds_config(setup: TrainingSetup) -> str:
     # stage3_prefetch_bucket_size = 0.9 hidden^2, stage3_param_persistence_threshold = 10 hidden: the
     # estimator uses the same rules); every other buffer size is written out, so the run uses exactly the
     # values `tunepilot estimate` counted (tools.memory.distributed.deepspeed_buffers)
-    zero: dict = {"stage": setup.zero_stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto"}
+    zero: dict = {"stage": setup.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
+                  "reduce_bucket_size": setup.zero_reduce_bucket_size or "auto"}
     if setup.zero_stage in (1, 2):
         zero.update({"allgather_partitions": True, "allgather_bucket_size": 500_000_000, "reduce_scatter": True})
     if setup.offload in ("optimizer", "all"):
@@ -207,7 +208,7 @@ def _ds_config(setup: TrainingSetup) -> str:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     if setup.zero_stage == 3:
         zero.update({
-            "stage3_prefetch_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": setup.zero_prefetch_bucket_size or "auto",
             "stage3_param_persistence_threshold": "auto",
             "stage3_max_live_parameters": 1_000_000_000,
             "stage3_max_reuse_distance": 1_000_000_000,

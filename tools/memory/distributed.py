@@ -537,10 +537,18 @@ class FsdpLedger:
 # --------------------------------------------------------------------------------------
 
 
+def zero_bucket_sizes(setup, hidden_size: int) -> tuple[float, float]:
+    """(reduce_bucket_size, stage3_prefetch_bucket_size) in elements: the setup's values, or what
+    transformers fills in for "auto" (hidden^2, 0.9 hidden^2; integrations/deepspeed.py)."""
+    h2 = float(hidden_size) ** 2
+    return (float(setup.zero_reduce_bucket_size or h2), float(setup.zero_prefetch_bucket_size or 0.9 * h2))
+
+
 def deepspeed_buffers(setup, hidden_size: int, trainable: int, *, comm_factor: float = 4.5) -> dict[str, float]:
     """Bytes per GPU of DeepSpeed's buffers beyond the partitioning the sharded dry run simulates.
 
-    From the values tunepilot's ds_config.json resolves (transformers fills the "auto" ones from the
+    From the values tunepilot's ds_config.json resolves (the setup's zero_reduce_bucket_size /
+    zero_prefetch_bucket_size, written into it as numbers, or "auto", which transformers fills from the
     model's hidden size h): reduce_bucket_size = h^2, stage3_prefetch_bucket_size = 0.9 h^2,
     stage3_param_persistence_threshold = 10 h, allgather_bucket_size = 5e8, stage3_max_live_parameters
     = 1e9, overlap_comm and contiguous_gradients on.
@@ -559,12 +567,12 @@ def deepspeed_buffers(setup, hidden_size: int, trainable: int, *, comm_factor: f
     n = max(1, setup.num_gpus)
     mixed = setup.bf16 or setup.fp16
     half = 2 if (mixed or setup.dtype != "fp32") else 4
-    h2 = float(hidden_size) ** 2
+    reduce_bucket, prefetch_bucket = zero_bucket_sizes(setup, hidden_size)
     out: dict[str, float] = {}
     if setup.zero_stage in (1, 2):
-        out["zero_buckets"] = comm_factor * h2 * half
+        out["zero_buckets"] = comm_factor * reduce_bucket * half
     elif setup.zero_stage == 3:
-        out["zero_buckets"] = (2 * h2 + 0.9 * h2) * half
+        out["zero_buckets"] = (2 * reduce_bucket + prefetch_bucket) * half
         if mixed:
             out["zero_param_partition"] = 2.0 * trainable / n
     if setup.zero_stage == 1:
