@@ -40,11 +40,13 @@ def setup(**kw) -> TrainingSetup:
     return TrainingSetup(**base)
 
 
-def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu", *, cuda_loss: bool = True) -> dict:
+def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu", *, cuda_loss: bool = True,
+              prepare=None) -> dict:
     """Run two REAL training steps (step 1 complete, step 2 measured) and measure them.
 
     The loss is the setup's loss path (`tools.memory.loss`: trl's fused head — on its CUDA path
     unless cuda_loss=False —, transformers' loss, or the Liger/CCE stand-ins), as the dry run runs it.
+    `prepare(model)` runs on the freshly built transformers model, before peft wraps it.
     Returns exact resident bytes summed from the tensors and the peak of step 2: tracked storage by
     storage on CPU; on CUDA, torch.cuda.max_memory_allocated (the caching allocator's own count).
     """
@@ -69,6 +71,8 @@ def real_step(spec: ModelSpec, st: TrainingSetup, device: str = "cpu", *, cuda_l
             auto = transformers.AutoModelForCausalLM
         with torch.device(device):
             model = auto.from_config(cfg, dtype=dtype, attn_implementation=st.attn_implementation)
+            if prepare is not None:  # e.g. what another transformers version's modules add (test_simulator)
+                prepare(model)
         if st.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if st.method == "lora":

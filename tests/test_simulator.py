@@ -477,3 +477,78 @@ def test_fp16_moe_runs_transformers_grouped_mm_as_cuda_does():
     b = torch.empty(4, 64, 32, dtype=torch.float16, device="meta")
     with pytest.raises(RuntimeError, match="BF16"):
         torch._grouped_mm(a, b, offs=torch.tensor([2, 4, 6, 8], dtype=torch.int32, device="meta"))
+
+
+class _RotaryEmbedding2024:
+    """transformers 4.40.2's MistralRotaryEmbedding.__init__ (modeling_mistral.py; Llama's and Mixtral's build the
+    same tables): the cos/sin of every position up to max_position_embeddings, as buffers in torch's default dtype,
+    which from_pretrained sets to the load dtype. Today's transformers has no such table."""
+
+    @staticmethod
+    def attach(attn, dim: int, max_pos: int, dtype, base: float = 10000.0):
+        import torch
+
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        t = torch.arange(max_pos, dtype=torch.int64).type_as(inv_freq)
+        emb = torch.cat((torch.outer(t, inv_freq),) * 2, dim=-1)
+        attn.register_buffer("cos_cached", emb.cos().to(dtype), persistent=False)
+        attn.register_buffer("sin_cached", emb.sin().to(dtype), persistent=False)
+
+
+def test_legacy_rope_caches_match_a_real_step_holding_transformers_4_40_tables():
+    """legacy_rope_cache: the per-layer rotary tables of early-2024 transformers (every attention layer's
+    RotaryEmbedding with [max_position_embeddings, head_dim] cos/sin buffers) are resident bytes of the step,
+    byte for byte what a real CPU step holding those tables has, and the peak follows them; the default
+    (today's transformers) has none."""
+    import torch
+
+    cfg = dict(TINY_MISTRAL_2024)
+    spec = tiny_spec(cfg)
+    kw = dict(method="lora", dtype="bf16", bf16=False, optim="adamw_torch", loss_impl="hf", lora_dropout=0.0,
+              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], gradient_checkpointing=True)
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+
+    def tables_2024(model):
+        for layer in model.model.layers:
+            _RotaryEmbedding2024.attach(layer.self_attn, head_dim, cfg["max_position_embeddings"], torch.bfloat16)
+
+    real = real_step(spec, setup(**kw), prepare=tables_2024)
+    today = simulate(spec, setup(**kw), extrapolate=False)
+    old = simulate(spec, setup(legacy_rope_cache="bf16", **kw), extrapolate=False)
+    tables = cfg["num_hidden_layers"] * 2 * cfg["max_position_embeddings"] * head_dim * 2
+    assert old.weights_bytes - today.weights_bytes == tables
+    assert old.weights_bytes + old.adapter_bytes == real["param_and_buffer_bytes"]
+    assert old.peak_bytes == pytest.approx(real["peak_bytes"], rel=0.01)
+    assert old.peak_bytes - today.peak_bytes == tables  # resident from the first to the last op
+    # extrapolated over depth like any per-block buffer
+    deep = tiny_spec(cfg, num_hidden_layers=6)
+    ext = simulate(deep, setup(legacy_rope_cache="bf16", **kw))
+    full = simulate(deep, setup(legacy_rope_cache="bf16", **kw), extrapolate=False)
+    assert ext.weights_bytes == full.weights_bytes and ext.peak_bytes == full.peak_bytes
+
+
+def test_legacy_rope_caches_are_whole_on_every_rank_and_in_the_analytic_tier():
+    """FSDP shards parameters, never buffers: under full_shard each rank keeps the whole tables (the simulated
+    FSDP2 step and the analytic tier's sharding agree), and the analytic tier counts the same bytes."""
+    from tools.estimator import estimate
+
+    # a long position table (128 MiB of tables) so that the GiB figures of the breakdown resolve it
+    cfg = dict(TINY_MISTRAL_2024, max_position_embeddings=1 << 20)
+    spec = tiny_spec(cfg)
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    tables = cfg["num_hidden_layers"] * 2 * cfg["max_position_embeddings"] * head_dim * 2
+    kw = dict(method="lora", dtype="fp16", bf16=False, optim="adamw_torch", loss_impl="hf", lora_dropout=0.0,
+              num_gpus=2, fsdp="full_shard", fsdp_version=1)
+    today = simulate(spec, setup(**kw), extrapolate=False)
+    old = simulate(spec, setup(legacy_rope_cache="fp16", **kw), extrapolate=False)
+    assert old.world_size == 2 and old.weights_bytes - today.weights_bytes == tables
+    gib = 2 ** 30
+    for fast in (False, True):
+        a = estimate(spec, setup(**kw), fast=fast, advice=False).breakdown["weights"]
+        b = estimate(spec, setup(legacy_rope_cache="fp16", **kw), fast=fast, advice=False).breakdown["weights"]
+        assert (b - a) * gib == pytest.approx(tables, rel=0.02), fast
+
+
+TINY_MISTRAL_2024 = dict(model_type="mistral", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096,
+                         tie_word_embeddings=False)

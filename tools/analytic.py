@@ -348,6 +348,15 @@ def _counts(model: ModelSpec, setup: TrainingSetup) -> Counts:
     return Counts(embed, head, norms, per_block, block_linear, adapters, adapter_per_block, trainable, base_total + adapters)
 
 
+def legacy_rope_cache_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
+    """Bytes of the per-layer rotary cos/sin tables of early-2024 transformers (TrainingSetup.legacy_rope_cache):
+    2 x [max_position_embeddings, head_dim] per attention layer in that dtype (tools.memory.build.add_legacy_rope_caches)."""
+    if setup.legacy_rope_cache == "none":
+        return 0
+    max_pos = model.max_position_embeddings or (model.config or {}).get("max_position_embeddings") or 0
+    return int(model.num_hidden_layers * 2 * max_pos * model.head_dim * DTYPE_BYTES[setup.legacy_rope_cache])
+
+
 def _weight_bytes(model: ModelSpec, setup: TrainingSetup, c: Counts) -> tuple[int, int]:
     """(resident base-weight bytes, bytes of the largest block's parameters)."""
     L = model.num_hidden_layers
@@ -373,7 +382,7 @@ def _weight_bytes(model: ModelSpec, setup: TrainingSetup, c: Counts) -> tuple[in
     else:
         block = c.per_block * wb
     rest = (c.embed + c.head + model.hidden_size) * wb
-    return int(block * L + rest), int(block)
+    return int(block * L + rest + legacy_rope_cache_bytes(model, setup)), int(block)
 
 
 def _optimizer(setup: TrainingSetup, trainable: int, param_bytes: int, largest: int) -> tuple[int, int, list[str]]:

@@ -170,6 +170,8 @@ def _shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -> tuple[di
             notes.append(f"DDP over {n} GPUs: every GPU holds a full replica (weights, gradients, optimizer states)")
         return bd, host, notes
 
+    from tools.analytic import legacy_rope_cache_bytes
+
     engine = "FSDP" if setup.fsdp != "none" else "DeepSpeed ZeRO"
     trainable = step.trainable_parameters
     mixed = setup.bf16 or setup.fp16
@@ -194,7 +196,9 @@ def _shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -> tuple[di
         bd["gradients"] = bd.get("gradients", 0.0) / n
     if stage >= 3:
         gathered = float(_const("zero3_prefetch_layers")["value"]) * step.largest_layer_param_bytes
-        bd["weights"] = bd.get("weights", 0.0) / n
+        # buffers are never sharded: early-2024 transformers' per-layer rotary tables stay whole on every GPU
+        rope = float(legacy_rope_cache_bytes(model, setup))
+        bd["weights"] = max(0.0, bd.get("weights", 0.0) - rope) / n + rope
         if bd.get("reference_model"):
             bd["reference_model"] = bd["reference_model"] / n  # trl prepares the reference with the same ZeRO-3 / FSDP sharding
             notes.append(f"the frozen reference copy is sharded like the policy: / {n}")
@@ -218,8 +222,9 @@ def _shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -> tuple[di
     if setup.offload == "all" or (setup.fsdp != "none" and setup.offload != "none"):
         # FSDP's CPU offload moves parameters and gradients together with the optimizer
         per_node = max(1, n // max(setup.num_nodes, 1))
-        host += (bd.get("weights", 0.0) + bd.get("adapters", 0.0) + bd.get("gradients", 0.0)) * per_node
-        bd["weights"], bd["adapters"] = 0.0, 0.0
+        rope = float(legacy_rope_cache_bytes(model, setup))  # buffers: FSDP/DeepSpeed offload parameters only
+        host += (bd.get("weights", 0.0) - rope + bd.get("adapters", 0.0) + bd.get("gradients", 0.0)) * per_node
+        bd["weights"], bd["adapters"] = rope, 0.0
         if setup.fsdp != "none":
             bd["gradients"] = 0.0
         notes.append("offload=all: parameters on the host too; the GPU holds only the blocks being computed")

@@ -206,6 +206,15 @@ class TrainingSetup(_Strict):
     # memory/time knobs
     gradient_checkpointing: bool = Field(default=True, description="Recompute activations in backward (HF non-reentrant checkpointing): far less activation memory, ~33% more compute.")
     reentrant_checkpointing: bool = Field(default=False, description="gradient_checkpointing_kwargs use_reentrant=True (transformers 4.35-4.5x's default, torch.utils.checkpoint's old default): the whole block is recomputed in backward, where non-reentrant checkpointing stops once every saved tensor is back.")
+    legacy_rope_cache: Literal["none", "fp16", "bf16", "fp32"] = Field(
+        default="none",
+        description="Rotary caches of the transformers of early 2024 (4.38-4.40 checked: modeling_llama/mistral/mixtral.py): every "
+                    "attention layer's RotaryEmbedding registers cos/sin buffers of [max_position_embeddings, head_dim] in the "
+                    "dtype the model was loaded in (torch's default dtype during from_pretrained), resident for the whole run "
+                    "and never sharded by FSDP/ZeRO (buffers). Set that dtype to count them (e.g. Mistral-7B in fp16: "
+                    "32 layers x 2 x 32768 x 128 x 2 B = 512 MiB); 'none' (default) = today's transformers (one shared "
+                    "rotary module, cos/sin computed per step).",
+    )
     optim: Optim = Field(default="adamw_torch_fused", description="Optimizer (TrainingArguments.optim): adamw_torch(_fused), adamw_bnb_8bit/adamw_8bit, paged_adamw_8bit/32bit, adafactor, sgd, lion_*.")
     bf16: bool = Field(default=True, description="bf16 mixed precision (TrainingArguments.bf16). Needs an Ampere or newer GPU.")
     fp16: bool = Field(default=False, description="fp16 mixed precision with loss scaling (TrainingArguments.fp16), for GPUs without bf16 (T4, V100).")
@@ -540,6 +549,8 @@ class TrainingSetup(_Strict):
             parts.append(self._objective_short())
         if self.loss_impl != "trl_fused":
             parts.append(f"loss {self.loss_impl}")
+        if self.legacy_rope_cache != "none":
+            parts.append(f"per-layer rope caches {self.legacy_rope_cache}")
         if self.use_liger_kernel:
             parts.append("liger kernels")
         if self.torch_compile:

@@ -153,7 +153,39 @@ def build_model(model: ModelSpec, setup: TrainingSetup, depth: int):
                 m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
             else:
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        if setup.legacy_rope_cache != "none":
+            add_legacy_rope_caches(m, getattr(torch, TORCH_DTYPES[setup.legacy_rope_cache]))
     return m
+
+
+def add_legacy_rope_caches(m, dtype) -> int:
+    """The per-layer rotary caches of the transformers of early 2024, as buffers of each block's attention.
+
+    transformers 4.38-4.40 (modeling_llama.py, modeling_mistral.py, modeling_mixtral.py of 4.40.2):
+    every attention layer builds its own RotaryEmbedding, whose __init__ registers two non-persistent
+    buffers of [max_position_embeddings, head_dim] (Llama `_cos_cached`/`_sin_cached`, Mistral and Mixtral
+    `cos_cached`/`sin_cached`) in torch's default dtype, which from_pretrained sets to the load dtype.
+    They stay on the GPU for the whole run and FSDP/ZeRO never shard buffers. Today's transformers keeps
+    one rotary module per model and computes cos/sin per step (no table). Returns the bytes added.
+    """
+    import torch
+
+    cfg = m.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    if not max_pos or not heads:
+        return 0
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    added = 0
+    for blk in blocks(m):
+        attn = getattr(blk, "self_attn", None)
+        if attn is None:
+            continue
+        for name in ("legacy_rope_cos_cached", "legacy_rope_sin_cached"):
+            attn.register_buffer(name, torch.empty(max_pos, head_dim, dtype=dtype, device="meta"), persistent=False)
+            added += max_pos * head_dim * dtype.itemsize
+    return added
 
 
 def import_peft():
