@@ -6,7 +6,8 @@ counter. Per-rank resident bytes (sharded parameters and buffers, gradients, opt
 CPU offload keeps in host RAM) must agree byte for byte, and the step's peak within 2% of the worst
 real rank. Models: tiny Llama (untied head, vocabulary not divisible by 4: uneven shards) and tiny
 Qwen2 (q/k/v biases, tied embeddings), full fine-tuning, LoRA and QLoRA, FSDP2 full_shard and
-shard_grad_op, with and without CPU offload, and DeepSpeed ZeRO-3 through the shared partitioning.
+shard_grad_op, with and without CPU offload, and DeepSpeed ZeRO-2/3 through the shared partitioning (the step
+`simulate` runs; DeepSpeed's own gradient partition and buckets are modelled on top by tools.estimator).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ CASES = {
         ("llama-full-full_shard-offload", LLAMA, dict(method="full", fsdp="full_shard", offload="all")),
         ("llama-qlora-full_shard", LLAMA, dict(method="qlora", load_in_4bit=True, fsdp="full_shard", bnb_4bit_quant_storage="bf16")),
         ("qwen2-full-zero3", QWEN2, dict(method="full", zero_stage=3)),
+        # ZeRO-2: the 16-bit weights stay gathered through the step, frozen weights whole on every rank
+        ("llama-full-zero2", LLAMA, dict(method="full", zero_stage=2)),
+        ("qwen2-lora-zero2", QWEN2, dict(method="lora", zero_stage=2)),
     ],
     4: [
         ("qwen2-full-shard_grad_op-offload", QWEN2, dict(method="full", fsdp="shard_grad_op", offload="all")),

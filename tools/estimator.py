@@ -117,13 +117,22 @@ def _simulated_shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -
 
     Only DeepSpeed's own buffers (named components from the ds_config.json values) and the host side
     of CPU offload are added here."""
-    from tools.memory.distributed import deepspeed_buffers
+    from tools.memory.distributed import deepspeed_buffers, deepspeed_gradients
+    from tools.memory.segments import PHASE_OF_SEGMENT
 
     n = setup.num_gpus
     bd = {k: float(v) for k, v in step.peak_breakdown.items()}
     notes = [f"per-GPU step simulated sharded over {step.world_size} ranks (fake process group); rank {step.rank} reported: "
              "every parameter is split on dim 0 with rank 0 holding the largest chunk, and the padded all-gather "
              "buffers are equal on all ranks, so rank 0 is the worst rank"]
+    if setup.zero_stage and setup.offload == "none" and step.segment_breakdowns:
+        # DeepSpeed's gradients instead of FSDP2's in every segment of the simulated step, then the largest segment
+        segs = {seg: deepspeed_gradients(setup, seg, b, step.trainable_parameters) for seg, b in step.segment_breakdowns.items()}
+        best = max(segs, key=lambda seg: sum(segs[seg].values()))
+        bd = {k: float(v) for k, v in segs[best].items()}
+        notes.append(f"DeepSpeed ZeRO-{setup.zero_stage} gradients: a 16-bit partition through the step, fp32 only inside the optimizer step"
+                     + (" (one sub_group_size at a time)" if setup.zero_stage == 3 else "")
+                     + f"; per-GPU peak in {PHASE_OF_SEGMENT.get(best, best)}")
     if setup.zero_stage:
         extra = deepspeed_buffers(setup, model.hidden_size, step.trainable_parameters,
                                   comm_factor=float(_const("zero_comm_buffer_factor")["value"]))

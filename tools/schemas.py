@@ -761,6 +761,10 @@ class StepMemory(_Strict):
     peak_bytes: int = Field(description="Peak of live storage bytes over forward, backward, optimizer step (train step).")
     peak_breakdown: dict[str, int] = Field(description="Bytes by category at the peak moment; keys from STEP_CATEGORIES; sums to peak_bytes.")
     peak_phase: str = Field(default="", description="Where the peak happened: forward, backward, optimizer, generation (GRPO), eval.")
+    segment_breakdowns: Optional[dict[str, dict[str, int]]] = Field(
+        default=None, description="Simulated tier: every segment's peak breakdown at full depth (forward, backward-loss, backward, "
+        "backward-tail, optimizer, ...); the estimator re-chooses the peak where it models an engine on top of the simulated "
+        "step (DeepSpeed's gradients: tools.memory.distributed.deepspeed_gradients).")
     eval_peak_bytes: Optional[int] = Field(default=None, description="Peak of an evaluation step when the setup evaluates.")
     largest_layer_param_bytes: int = Field(default=0, description="Bytes of the largest single transformer block's parameters (for ZeRO-3/FSDP all-gather buffers).")
     per_layer_bytes: Optional[int] = Field(default=None, description="Peak growth per extra transformer block (the extrapolation slope).")

@@ -10,7 +10,7 @@ is the largest segment at full depth. No torch here.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from tools.memory.build import DEPTH_KEYS, layer_types
 from tools.memory.segments import PHASE_OF_SEGMENT, SHARDED_CATEGORIES
@@ -77,8 +77,7 @@ def depths_to_simulate(model: ModelSpec, extrapolate: bool = True, *, min_blocks
     return total, ([k1, k2] if extrapolate and k2 < total else [total])
 
 
-def combine(runs: list[RunResult], depths: list[int], total: int, *, gathered_per_block: bool = False,
-            adjust: Callable[[str, dict, int], dict] | None = None) -> StepMemory:
+def combine(runs: list[RunResult], depths: list[int], total: int, *, gathered_per_block: bool = False) -> StepMemory:
     """Extend each segment's breakdown linearly in depth; the step peak is the largest segment at full depth.
 
     Peaks are tracked per segment because the segment holding the peak can change with depth
@@ -87,9 +86,8 @@ def combine(runs: list[RunResult], depths: list[int], total: int, *, gathered_pe
     gathered_per_block: the sharding keeps every unit's gathered parameters after its forward (FSDP
     shard_grad_op, DeepSpeed ZeRO-1/2: reshard_after_forward False), so `fsdp_all_gather` holds one more
     block per block and is extended like any other category; under full_shard it is the units in flight.
-    adjust(segment, breakdown, trainable parameters at full depth): a segment's breakdown at full depth
-    as the engine the dry run stands for holds it (DeepSpeed's gradients:
-    tools.memory.distributed.deepspeed_gradients), applied before the largest segment is chosen.
+    Every segment's extended breakdown is kept (`segment_breakdowns`): the estimator re-chooses the peak
+    where it models an engine on top of the simulated step (DeepSpeed's gradients).
     """
     a = runs[0]
     notes = list(dict.fromkeys(n for r in runs for n in r.notes))
@@ -114,9 +112,6 @@ def combine(runs: list[RunResult], depths: list[int], total: int, *, gathered_pe
                   for c in a.segments[seg]}
             for seg in a.segments if seg in b.segments
         }
-    if adjust is not None:
-        trainable = ext(a.trainable_parameters, b.trainable_parameters)
-        segs = {seg: adjust(seg, bd, trainable) for seg, bd in segs.items()}
     best = max(segs, key=lambda seg: sum(segs[seg].values()))
     breakdown = segs[best]
     if len(runs) == 2:
@@ -163,6 +158,7 @@ def combine(runs: list[RunResult], depths: list[int], total: int, *, gathered_pe
         gradient_bytes=ext(a.gradient_bytes, b.gradient_bytes),
         optimizer_bytes=ext(a.optimizer_bytes, b.optimizer_bytes),
         peak_bytes=sum(breakdown.values()), peak_breakdown=breakdown, peak_phase=PHASE_OF_SEGMENT[best],
+        segment_breakdowns={seg: dict(bd) for seg, bd in segs.items()},
         eval_peak_bytes=eval_peak,
         largest_layer_param_bytes=max(a.largest_layer_param_bytes, b.largest_layer_param_bytes),
         per_layer_bytes=per_layer, layers_simulated=list(depths), notes=notes, op_trace=op_trace,

@@ -77,14 +77,7 @@ def simulate(model: ModelSpec, setup: TrainingSetup, *, extrapolate: bool = True
             f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; use --fast (analytic)"
         ) from e
     plan = plan_for(setup)
-    adjust = None
-    if plan and plan.engine == "zero":
-        from functools import partial
-
-        from tools.memory.distributed import deepspeed_gradients
-
-        adjust = partial(deepspeed_gradients, setup)
-    result = combine(runs, depths, total, gathered_per_block=bool(plan and not plan.reshard_after_forward), adjust=adjust)
+    result = combine(runs, depths, total, gathered_per_block=bool(plan and not plan.reshard_after_forward))
     result.seconds = round(time.perf_counter() - t0, 3)
     if len(depths) == 2:
         result.notes.append(
