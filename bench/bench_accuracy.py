@@ -79,6 +79,26 @@ INLINE = {
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 5000000.0, "tie_word_embeddings": False,
         "hidden_act": "silu", "torch_dtype": "bfloat16",
     },
+    # IBM PowerLM-3b (GraniteForCausalLM; fms-acceleration's refs/a100_80gb_granite.csv). Shapes from the PowerLM paper
+    # (arXiv 2408.13359, Table 4 'Hyperparameter for 1B and 3B models', as quoted in the code corpus): embedding size 2304,
+    # 40 layers, head size 64, 36 attention heads, 36 KV heads, MLP hidden 9216 (swiglu), muP multipliers m_emb 12,
+    # m_residual 0.22; '#Parameters 3.5B' -> tied embeddings (the meta count of this config: 3.51B; untied would be 3.62B).
+    # vocab 49152 (the Granite/StarCoder tokenizer size; not in the table: assumed) and max positions 4096 (the table's
+    # sequence length); attention_multiplier / logits_scaling do not change memory.
+    "powerlm-3b": {
+        "architectures": ["GraniteForCausalLM"], "model_type": "granite", "hidden_size": 2304, "intermediate_size": 9216,
+        "num_hidden_layers": 40, "num_attention_heads": 36, "num_key_value_heads": 36, "vocab_size": 49152,
+        "max_position_embeddings": 4096, "tie_word_embeddings": True, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "attention_multiplier": 0.015625, "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 8.0,
+        "torch_dtype": "bfloat16",
+    },
+    # https://huggingface.co/bigscience/bloomz-7b1/blob/main/config.json (BLOOM 7B1: hidden 4096, 30 layers, 32 heads, vocab
+    # 250880, ALiBi, head tied to the embedding; n_layer/n_head written under their attribute_map names); the meta count of this config: 7.07B (bloomz-7b1 is published as 7B1).
+    "bloomz-7b1": {
+        "architectures": ["BloomForCausalLM"], "model_type": "bloom", "hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 30,
+        "vocab_size": 250880, "layer_norm_epsilon": 1e-5, "apply_residual_connection_post_layernorm": False,
+        "attention_dropout": 0.0, "hidden_dropout": 0.0, "pretraining_tp": 1, "slow_but_exact": False, "torch_dtype": "float16",
+    },
 }
 CATALOG_STANDIN = {"qwen-7b": "Qwen/Qwen1.5-7B"}  # identical shapes to Qwen-7B (v1)
 
