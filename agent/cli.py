@@ -257,6 +257,7 @@ def _refuse_beyond_context(spec, seq_len: Optional[int]) -> None:
 def estimate(
     model_ref: str = typer.Argument(..., metavar="MODEL", help="Hub id, catalog name or local path (config.json or model dir)."),
     setup_file: Optional[Path] = typer.Option(None, "--setup", help="Setup file (YAML/JSON) to start from; flags override it."),
+    ds_config: Optional[Path] = typer.Option(None, "--ds-config", help="DeepSpeed JSON of the run (stage, offload, bucket sizes, sub_group_size, precision, micro-batch); over --setup, under the flags."),
     method: Optional[str] = typer.Option(None, "--method", help="full | lora | qlora | dora | ia3 | prompt-tuning | prefix-tuning | p-tuning."),
     r: Optional[int] = typer.Option(None, "--r", help="LoRA rank."),
     lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA alpha."),
@@ -347,6 +348,14 @@ def estimate(
         data: dict = {}
         if setup_file is not None:
             data = TrainingSetup.load(setup_file).model_dump(exclude_unset=False)
+        if ds_config is not None:
+            from tools.dsconfig import setup_fields
+
+            ds_fields, ds_notes = setup_fields(ds_config)
+            if data.get("fsdp", "none") != "none" or fsdp not in (None, "none"):
+                fail("--ds-config/--fsdp: a DeepSpeed config and FSDP exclude each other; drop one")
+            data.update(ds_fields)
+            notes.extend(ds_notes)
         data["model_id"] = spec.model_id
         given = {
             "method": method, "r": r, "lora_alpha": lora_alpha, "per_device_train_batch_size": batch, "max_length": seq,

@@ -263,6 +263,7 @@ class TrainingSetup(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = Field(default=0, description="DeepSpeed ZeRO stage (0 = none / plain data parallel).")
     zero_reduce_bucket_size: int = Field(default=0, ge=0, description="DeepSpeed reduce_bucket_size in elements (0 = 'auto': hidden_size^2, what transformers fills in; DeepSpeed's own default without a config is 5e8).")
     zero_prefetch_bucket_size: int = Field(default=0, ge=0, description="DeepSpeed stage3_prefetch_bucket_size in elements (0 = 'auto': 0.9 x hidden_size^2; DeepSpeed's own default is 5e7).")
+    zero_sub_group_size: int = Field(default=1_000_000_000, ge=1, description="DeepSpeed ZeRO-3 sub_group_size in elements: the optimizer step makes the fp32 gradient of one sub-group at a time (DeepSpeed's default 1e9).")
     fsdp: FSDPMode = Field(default="none", description="PyTorch FSDP sharding: none, full_shard (like ZeRO-3) or shard_grad_op (like ZeRO-2).")
     fsdp_version: Literal[1, 2] = Field(default=2, description="FSDP implementation accelerate uses: 2 = FSDP2 (per-parameter DTensor sharding, fully_shard; the default) or 1 = FSDP1 (FlatParameter, use_orig_params).")
     offload: Offload = Field(default="none", description="CPU offload with ZeRO/FSDP: none, optimizer (states on host), all (states and parameters).")

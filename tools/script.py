@@ -192,8 +192,6 @@ def _accelerate_config(setup: TrainingSetup) -> str:
 
 def _ds_config(setup: TrainingSetup) -> str:
     """ds_config.json: ZeRO stage and CPU offload of this setup; "auto" values come from the script's SFTConfig."""
-    from tools.memory.distributed import ZERO3_SUB_GROUP_SIZE  # the dry run's ZeRO-3 step uses the same value
-
     # "auto" only where transformers fills in the value from the model (reduce_bucket_size = hidden^2,
     # stage3_prefetch_bucket_size = 0.9 hidden^2, stage3_param_persistence_threshold = 10 hidden: the
     # estimator uses the same rules); every other buffer size is written out, so the run uses exactly the
@@ -212,7 +210,7 @@ def _ds_config(setup: TrainingSetup) -> str:
             "stage3_param_persistence_threshold": "auto",
             "stage3_max_live_parameters": 1_000_000_000,
             "stage3_max_reuse_distance": 1_000_000_000,
-            "sub_group_size": ZERO3_SUB_GROUP_SIZE,
+            "sub_group_size": setup.zero_sub_group_size,
             "stage3_gather_16bit_weights_on_model_save": True,
         })
     cfg: dict = {

@@ -580,9 +580,6 @@ def deepspeed_buffers(setup, hidden_size: int, trainable: int, *, comm_factor: f
     return out
 
 
-ZERO3_SUB_GROUP_SIZE = 1_000_000_000  # ds_config.json `sub_group_size` (tools.script writes this value)
-
-
 def deepspeed_gradients(setup, segment: str, breakdown: dict[str, int], trainable: int) -> dict[str, int]:
     """One segment of the dry run's step with DeepSpeed's gradients instead of FSDP2's.
 
@@ -592,7 +589,8 @@ def deepspeed_gradients(setup, segment: str, breakdown: dict[str, int], trainabl
     gradient only inside the optimizer step, from a flattened copy (`self.flatten(averaged_gradients)
     .to(fp32)`): ZeRO-1/2 for each parameter group (the whole partition: the Trainer's no-decay group is
     the small one), ZeRO-3 for one sub-group of `sub_group_size` elements at a time
-    (`_prepare_fp32_grad_for_sub_group`, released after that sub-group's step). So: `gradients`
+    (`_prepare_fp32_grad_for_sub_group`, released after that sub-group's step; setup.zero_sub_group_size,
+    written into ds_config.json). So: `gradients`
     (fp32) are 0 outside the optimizer segment and at most one sub-group in it; `zero_grad_partition`
     is the 16-bit partition, in every segment (ZeRO-2/3; ZeRO-1 keeps full 16-bit gradients, counted
     as `zero1_full_gradients`). Under CPU offload the gradients go to pinned host buffers and the step
@@ -605,8 +603,8 @@ def deepspeed_gradients(setup, segment: str, breakdown: dict[str, int], trainabl
     grads = out.get("gradients", 0)
     if segment != "optimizer":
         out["gradients"] = 0
-    elif setup.zero_stage == 3 and per_rank > ZERO3_SUB_GROUP_SIZE:
-        out["gradients"] = round(grads * ZERO3_SUB_GROUP_SIZE / per_rank)
+    elif setup.zero_stage == 3 and per_rank > setup.zero_sub_group_size:
+        out["gradients"] = round(grads * setup.zero_sub_group_size / per_rank)
     if setup.zero_stage >= 2:
         half = 2 if (setup.bf16 or setup.fp16 or setup.dtype != "fp32") else 4
         out["zero_grad_partition"] = round(half * per_rank)
