@@ -99,6 +99,15 @@ INLINE = {
         "vocab_size": 250880, "layer_norm_epsilon": 1e-5, "apply_residual_connection_post_layernorm": False,
         "attention_dropout": 0.0, "hidden_dropout": 0.0, "pretraining_tp": 1, "slow_but_exact": False, "torch_dtype": "float16",
     },
+    # https://huggingface.co/bigcode/gpt_bigcode-santacoder/blob/main/config.json (SantaCoder in the GPTBigCode layout:
+    # n_embd 2048, 24 layers, 16 heads with multi-query attention, n_inner 8192, vocab 49280, 2048 positions, head tied to
+    # wte; written under the attribute_map names); published as 1.1B, the meta count of this config: 1.12B.
+    "gpt_bigcode-santacoder": {
+        "architectures": ["GPTBigCodeForCausalLM"], "model_type": "gpt_bigcode", "hidden_size": 2048, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "n_inner": 8192, "vocab_size": 49280, "max_position_embeddings": 2048,
+        "multi_query": True, "activation_function": "gelu_pytorch_tanh", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
+        "torch_dtype": "float32",
+    },
 }
 CATALOG_STANDIN = {"qwen-7b": "Qwen/Qwen1.5-7B"}  # identical shapes to Qwen-7B (v1)
 
