@@ -109,6 +109,21 @@ def test_cuda_terms_are_named_and_ordered():
     assert estimate(SPEC, full(num_gpus=2), step=step(), advice=False, reshard_moments=False).breakdown["nccl_buffers"] > 0
 
 
+def test_nccl_buffers_follow_the_link_and_the_ranks():
+    from tools.gpus import parse_hardware
+
+    def nccl(n, hw=None):
+        e = estimate(SPEC, full(num_gpus=n), parse_hardware(hw) if hw else None, step=step(), advice=False, reshard_moments=False)
+        return e.breakdown["nccl_buffers"], e.provenance
+
+    mib = 2**20 / 2**30
+    # NVIDIA/nccl #964 (PyTorch, A100 NVLink): 544 MB for a 2-GPU communicator, 688 MB for more GPUs
+    assert nccl(2)[0] == pytest.approx(544 * mib, abs=0.002) and nccl(4)[0] == pytest.approx(688 * mib, abs=0.002)
+    assert nccl(2, "2x H100")[0] == pytest.approx(544 * mib, abs=0.002)
+    pcie, notes = nccl(2, "2x RTX 4090")  # no NVLink: two PCIe channels
+    assert pcie == pytest.approx(0.25, abs=0.002) and any("PCIe" in p for p in notes)
+
+
 def test_fits_and_headroom():
     e = estimate(SPEC, full(), HardwareSpec(gpu=gpu(80)), step=step(), advice=False, reshard_moments=False)
     assert e.fits is True

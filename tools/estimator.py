@@ -311,14 +311,14 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
     ctx = _const("cuda_context_gib")
     bd["cuda_context"] = float(ctx["value"]) * gib
     if setup.num_gpus > 1:
-        bd["nccl_buffers"] = float(_const("nccl_buffers_gib")["value"]) * gib
+        bd["nccl_buffers"], nccl_note = _nccl_bytes(setup, hardware)
     total = reserved + bd["cuda_context"] + bd.get("nccl_buffers", 0.0)
     total += _vllm_reserved(model, setup, hardware, bd, provenance)
     for name in ("cublas_workspace_mib", "cuda_context_gib"):
         c = _const(name)
         provenance.append(f"{name} = {c['value']} ({c['unit']}); source: {c['source']}")
     if setup.num_gpus > 1:
-        provenance.append(f"nccl_buffers_gib = {_const('nccl_buffers_gib')['value']}; source: {_const('nccl_buffers_gib')['source']}")
+        provenance.append(nccl_note)
 
     pct = _uncertainty_pct(step.tier, setup, model)
     ctx_abs = (float(ctx["high"]) - float(ctx["value"])) * gib
@@ -361,6 +361,19 @@ def estimate(model: ModelSpec, setup: TrainingSetup, hardware: HardwareSpec | No
     if advice:
         est.advice = _advice(model, setup, bd, dominant, total)
     return est
+
+
+def _nccl_bytes(setup: TrainingSetup, hardware: HardwareSpec | None) -> tuple[float, str]:
+    """NCCL's own device buffers per GPU (one communicator) and the provenance line: the NVLink figure
+    measured with PyTorch (2 ranks / more) unless the GPU is known to talk over PCIe (fewer channels)."""
+    gib = float(BYTES_PER_GIB)
+    if hardware is not None and not hardware.gpu.nvlink_gbs:
+        c = _const("nccl_buffers_gib")
+        return float(c["value"]) * gib, f"nccl_buffers_gib = {c['value']} ({hardware.gpu.name}: PCIe, 2 channels); source: {c['source']}"
+    c = _const("nccl_buffers_nvlink_mib")
+    mib = c["two_ranks"] if setup.num_gpus == 2 else c["more_ranks"]
+    where = hardware.gpu.name + ": NVLink" if hardware is not None else "GPU not given: the NVLink figure"
+    return float(mib) * MIB, f"nccl_buffers = {mib} MiB ({where}, {setup.num_gpus} ranks); source: {c['source']}"
 
 
 def _allocator_overhead(step: StepMemory, setup: TrainingSetup, allocated: float) -> tuple[float, str]:
