@@ -120,3 +120,133 @@ def run_real(world: int, cases: list, timeout: float = 120.0) -> dict:
     if errors:
         raise RuntimeError("; ".join(errors))
     return {name: [results[r][name] for r in range(world)] for name, *_ in cases}
+
+
+def real_fsdp1_step(spec, st, depth: int, _mesh=None) -> dict:
+    """One rank's measured second step under torch's own FSDP1 (FullyShardedDataParallel, which runs on CPU with
+    gloo and device_id=cpu), wrapped as transformers' Trainer of 2024 had accelerate wrap a LoRA model: peft's
+    `fsdp_auto_wrap_policy` (every trainable leaf its own unit, the decoder layers units, the rest the root),
+    FULL_SHARD, BACKWARD_PRE, use_orig_params, limit_all_gathers; and checkpointed as transformers 4.40 did:
+    `checkpoint(decoder_layer.__call__, hidden_states, ...)` with torch's reentrant default around the FSDP1
+    unit (transformers 5 checkpoints the layer's forward inside it). FSDP1's in-place storage resizes are
+    followed by the same ledger; the step functions and the counter are the dry run's."""
+    import functools
+
+    import torch
+    from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import _flat_param
+
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from tools.memory import distributed
+    from tools.memory import step as S
+    from tools.memory.build import retie
+    from tools.memory.tracker import make_tracker
+
+    torch.manual_seed(0)
+    prep = S.build(spec, st, depth)
+    tracker = make_tracker(fake=False)
+    ledger = distributed.FsdpLedger(tracker)
+    alloc0, free0 = _flat_param._alloc_storage, _flat_param._free_storage
+
+    def alloc(t, size):
+        alloc0(t, size)
+        ledger.resize(t, t.untyped_storage().nbytes(), distributed.TAG_ALL_GATHER)
+
+    def free(t):
+        free0(t)
+        ledger.resize(t, 0)
+
+    class Checkpointed2024(torch.nn.Module):
+        def __init__(self, unit):
+            super().__init__()
+            self.unit = unit
+
+        def forward(self, hidden_states, **kwargs):
+            return torch.utils.checkpoint.checkpoint(functools.partial(self.unit, **kwargs), hidden_states, use_reentrant=True)
+
+    _flat_param._alloc_storage, _flat_param._free_storage = alloc, free
+    try:
+        with warnings.catch_warnings(), S.TrainingMaskPolicy(False), S.CudaLikeDropout(), tracker, ledger:
+            warnings.simplefilter("ignore")
+            prep.pm.to_empty(device="cpu")
+            retie(prep.base)
+            with torch.no_grad():
+                for p in prep.pm.parameters():
+                    p.normal_(0, 0.02) if p.is_floating_point() else p.zero_()
+                del p
+            prep.pm.enable_input_require_grads()
+            prep.pm.train()
+            S.count_parameters(prep, st)
+            S.instrument(prep, tracker)
+            model = FSDP(prep.pm, sharding_strategy=ShardingStrategy.FULL_SHARD, auto_wrap_policy=fsdp_auto_wrap_policy(prep.pm),
+                         backward_prefetch=BackwardPrefetch.BACKWARD_PRE, use_orig_params=True, limit_all_gathers=True,
+                         device_id=torch.device("cpu"))
+            layers = prep.base.model.layers
+            for i, unit in enumerate(layers):
+                unit._fsdp_wrapped_module.gradient_checkpointing = False  # transformers 5's checkpoint inside the unit: off
+                layers[i] = Checkpointed2024(unit)
+            prep.pm, prep.params = model, [p for p in model.parameters() if p.requires_grad]
+            optimizer = S.make_optimizer(model, st, prep.params)
+            amp = torch.autocast("cpu", enabled=False)
+            S.train_step(prep, optimizer, st, tracker, amp)
+            optimizer.zero_grad(set_to_none=True)
+            tracker.phase = "forward"
+            for t in list(model.parameters()) + list(model.buffers()):
+                tracker.add(t)
+            tracker.reset_peak()
+            S.train_step(prep, optimizer, st, tracker, amp)
+            tracker.finish()
+            segments = {k: v for k, v in tracker.seg_peak.items()}
+    finally:
+        _flat_param._alloc_storage, _flat_param._free_storage = alloc0, free0
+    return {"peak": max(segments.values()), "segments": segments}
+
+
+def _fsdp1_worker(rank: int, world: int, port: int, cases: list, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    out: dict = {}
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        for name, spec, st, depth in cases:
+            out[name] = real_fsdp1_step(spec, st, depth)
+        queue.put((rank, out, None))
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        import traceback
+
+        queue.put((rank, out, f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_real_fsdp1(world: int, cases: list, timeout: float = 180.0) -> dict:
+    """{case name: [rank results]} of real FSDP1 steps (`real_fsdp1_step`) in `world` gloo processes."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_fsdp1_worker, args=(r, world, port, cases, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict = {}
+    errors = []
+    try:
+        for _ in procs:
+            rank, out, err = queue.get(timeout=timeout)
+            results[rank] = out
+            if err:
+                errors.append(f"rank {rank}: {err}")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return {name: [results[r][name] for r in range(world)] for name, *_ in cases}

@@ -105,6 +105,11 @@ def shard(prep, setup, mesh, plan: ShardPlan, ledger) -> list[str]:
     if plan.engine == "fsdp1":
         notes[-1] = ("FSDP1 (fsdp_version 1) modelled by the FSDP2 step of the same units: FullyShardedDataParallel "
                      "needs an accelerator device and cannot run on this CPU-only torch; " + notes[-1])
+        if setup.gradient_checkpointing and setup.reentrant_checkpointing:
+            n = fsdp1_reentrant_input_retention(prep.base)
+            if n:
+                notes.append(f"FSDP1 + reentrant checkpointing: {n} frozen block units keep their recomputed input and its "
+                             "gradient until the end of backward (the reshard-only hook's AccumulateGrad holds the detached input)")
     if plan.engine == "zero" and plan.zero_stage < 3:
         # ZeRO-1/2 never partition the 16-bit parameters: the model's flat 16-bit groups stay whole on every
         # GPU through backward and the optimizer step (DeepSpeed stage_1_and_2.py `bit16_groups_flat`); the
@@ -130,6 +135,88 @@ def shard(prep, setup, mesh, plan: ShardPlan, ledger) -> list[str]:
                          if not x.requires_grad}
     prep.sharded = True
     return notes
+
+
+def _fsdp1_unit_frozen(block) -> bool:
+    """FSDP1 gives a block one FlatParameter; with peft's `fsdp_auto_wrap_policy` (transformers' Trainer sets it
+    for LoRA) every leaf module with a trainable weight (lora_A, lora_B, ...) is a unit of its own, so the block's
+    FlatParameter is frozen when nothing else in it trains."""
+    for m in block.modules():
+        if not any(p.requires_grad for p in m.parameters(recurse=False)):
+            continue
+        own_unit = not list(m.children()) and getattr(m, "weight", None) is not None and m.weight.requires_grad
+        if not own_unit:
+            return False
+    return True
+
+
+# what the emulation below keeps (the tests switch it off to show the real FSDP1 step holds these bytes)
+FSDP1_KEEPS_RECOMPUTED_INPUTS = True
+
+
+def fsdp1_reentrant_input_retention(base) -> int:
+    """FSDP1 + reentrant activation checkpointing: what a frozen unit's recomputed forward leaves alive.
+
+    FSDP1 reshards a FlatParameter that does not require grad from a multi-grad hook on the unit's input
+    tensors (torch/distributed/fsdp/_runtime_utils.py `_register_post_backward_reshard_only_hook`, torch
+    2.2 to today). In the recompute of reentrant checkpointing those inputs are the detached leaves
+    CheckpointFunction.backward makes, and `register_multi_grad_hook` holds each one's AccumulateGrad node
+    (`_get_grad_fn_or_grad_acc`), which holds the leaf variable, whose `.grad` is the block's input gradient.
+    The hook handle lives in `flat_param._post_backward_hook_state` until `_finalize_params` at the end of
+    backward: every frozen block keeps its recomputed input (the checkpointed hidden state's storage) and
+    that gradient until backward ends, where they would be freed after its own backward. A real FSDP1 step
+    on this CPU (gloo, transformers 4.40 + peft 0.10) holds exactly these tensors (tests/test_distributed.py).
+
+    Emulated on the dry run's units: the function each frozen block hands to its checkpoint is wrapped to keep
+    the tensors requiring grad it is called with inside backward (the recompute; transformers 5 checkpoints
+    `forward`, so module hooks do not see the recompute), and an end-of-backward callback (FSDP1 queues its
+    own) drops them. Returns the number of blocks wrapped."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    from tools.memory.build import blocks
+
+    kept: list = []
+    queued = [False]
+
+    def release():
+        kept.clear()
+        queued[0] = False
+
+    def keep(args, kwargs):
+        if not FSDP1_KEEPS_RECOMPUTED_INPUTS:
+            return
+        inputs = [t for t in pytree.arg_tree_leaves(*args, **kwargs) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not inputs:
+            return
+        kept.extend(inputs)
+        if not queued[0]:
+            torch.autograd.Variable._execution_engine.queue_callback(release)
+            queued[0] = True
+
+    n = 0
+    for blk in blocks(base):
+        ckpt = getattr(blk, "_gradient_checkpointing_func", None)
+        if ckpt is None or not _fsdp1_unit_frozen(blk):
+            continue
+
+        def wrapped(fn, *args, _ckpt=ckpt, **kwargs):
+            def recomputed(*a, **k):
+                if torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1:
+                    keep(a, k)
+                return fn(*a, **k)
+
+            return _ckpt(recomputed, *args, **kwargs)
+
+        blk._gradient_checkpointing_func = wrapped
+        # nor is a frozen unit ever prefetched in backward: FSDP1 prefetches a handle only when its
+        # `_needs_pre_backward_unshard` is set, which only a forward with grad (here its own recompute) sets
+        # (`_runtime_utils._get_handle_to_prefetch`); FSDP2's implicit prefetch of it is skipped (FsdpLedger)
+        state = blk._get_fsdp_state() if hasattr(blk, "_get_fsdp_state") else None
+        for group in getattr(state, "_fsdp_param_groups", None) or []:
+            group.tunepilot_no_backward_prefetch = True
+        n += 1
+    return n
 
 
 def fake_mesh(world_size: int):
@@ -457,6 +544,15 @@ class FsdpLedger:
             return out
 
         patches.append((_fsdp_collectives, "foreach_reduce_scatter_copy_in", reduce_scatter_copy_in))
+        # FSDP1 + reentrant checkpointing never prefetches a frozen unit in backward (fsdp1_reentrant_input_retention)
+        orig_prefetch = _fsdp_param_group.FSDPParamGroup._prefetch_unshard
+
+        def prefetch_unshard(target, pass_type):
+            if pass_type == "backward" and getattr(target, "tunepilot_no_backward_prefetch", False):
+                return None
+            return orig_prefetch(target, pass_type)
+
+        patches.append((_fsdp_param_group.FSDPParamGroup, "_prefetch_unshard", staticmethod(prefetch_unshard)))
         # DTensor's sharding propagation runs each new op once on fake arguments made in the active
         # fake mode (ours): metadata, not memory, so the counter must not see it
         from torch.distributed.tensor import _sharding_prop
@@ -498,7 +594,9 @@ class FsdpLedger:
 
             patches.append((_fsdp_param_group.FSDPParamGroup, "post_backward", post_backward))
         for obj, name, new in patches:
-            self._saved.append((obj, name, getattr(obj, name)))
+            # a class attribute is saved as stored (a staticmethod stays one when put back)
+            old = obj.__dict__[name] if isinstance(obj, type) and name in obj.__dict__ else getattr(obj, name)
+            self._saved.append((obj, name, old))
             setattr(obj, name, new)
         return self
 
