@@ -106,7 +106,7 @@ def shard(prep, setup, mesh, plan: ShardPlan, ledger) -> list[str]:
         notes[-1] = ("FSDP1 (fsdp_version 1) modelled by the FSDP2 step of the same units: FullyShardedDataParallel "
                      "needs an accelerator device and cannot run on this CPU-only torch; " + notes[-1])
         if setup.gradient_checkpointing and setup.reentrant_checkpointing:
-            n = fsdp1_reentrant_input_retention(prep.base)
+            n = fsdp1_reentrant_input_retention(prep.base, prep.is_peft and setup.method in ("lora", "qlora", "dora"))
             if n:
                 notes.append(f"FSDP1 + reentrant checkpointing: {n} frozen block units keep their recomputed input and its "
                              "gradient until the end of backward (the reshard-only hook's AccumulateGrad holds the detached input)")
@@ -137,14 +137,15 @@ def shard(prep, setup, mesh, plan: ShardPlan, ledger) -> list[str]:
     return notes
 
 
-def _fsdp1_unit_frozen(block) -> bool:
-    """FSDP1 gives a block one FlatParameter; with peft's `fsdp_auto_wrap_policy` (transformers' Trainer sets it
-    for LoRA) every leaf module with a trainable weight (lora_A, lora_B, ...) is a unit of its own, so the block's
-    FlatParameter is frozen when nothing else in it trains."""
+def _fsdp1_unit_frozen(block, peft_policy: bool) -> bool:
+    """FSDP1 gives a block one FlatParameter. With peft's `fsdp_auto_wrap_policy` (transformers' Trainer sets it
+    for a peft LoRA model: `_fsdp_qlora_plugin_updates`) every leaf module with a trainable weight (lora_A,
+    lora_B, ...) is a unit of its own, so the block's FlatParameter is frozen when nothing else in it trains;
+    otherwise (the transformer-layer policy alone) when nothing in the block trains."""
     for m in block.modules():
         if not any(p.requires_grad for p in m.parameters(recurse=False)):
             continue
-        own_unit = not list(m.children()) and getattr(m, "weight", None) is not None and m.weight.requires_grad
+        own_unit = peft_policy and not list(m.children()) and getattr(m, "weight", None) is not None and m.weight.requires_grad
         if not own_unit:
             return False
     return True
@@ -154,7 +155,7 @@ def _fsdp1_unit_frozen(block) -> bool:
 FSDP1_KEEPS_RECOMPUTED_INPUTS = True
 
 
-def fsdp1_reentrant_input_retention(base) -> int:
+def fsdp1_reentrant_input_retention(base, peft_policy: bool) -> int:
     """FSDP1 + reentrant activation checkpointing: what a frozen unit's recomputed forward leaves alive.
 
     FSDP1 reshards a FlatParameter that does not require grad from a multi-grad hook on the unit's input
@@ -197,7 +198,15 @@ def fsdp1_reentrant_input_retention(base) -> int:
     n = 0
     for blk in blocks(base):
         ckpt = getattr(blk, "_gradient_checkpointing_func", None)
-        if ckpt is None or not _fsdp1_unit_frozen(blk):
+        if ckpt is None:
+            continue
+        # no block unit is ever prefetched in backward: FSDP1 prefetches a handle only when its
+        # `_needs_pre_backward_unshard` is set, which only a forward with grad (here the unit's own recompute)
+        # sets (`_runtime_utils._get_handle_to_prefetch`); FSDP2's implicit prefetch of it is skipped (FsdpLedger)
+        state = blk._get_fsdp_state() if hasattr(blk, "_get_fsdp_state") else None
+        for group in getattr(state, "_fsdp_param_groups", None) or []:
+            group.tunepilot_no_backward_prefetch = True
+        if not _fsdp1_unit_frozen(blk, peft_policy):
             continue
 
         def wrapped(fn, *args, _ckpt=ckpt, **kwargs):
@@ -209,12 +218,6 @@ def fsdp1_reentrant_input_retention(base) -> int:
             return _ckpt(recomputed, *args, **kwargs)
 
         blk._gradient_checkpointing_func = wrapped
-        # nor is a frozen unit ever prefetched in backward: FSDP1 prefetches a handle only when its
-        # `_needs_pre_backward_unshard` is set, which only a forward with grad (here its own recompute) sets
-        # (`_runtime_utils._get_handle_to_prefetch`); FSDP2's implicit prefetch of it is skipped (FsdpLedger)
-        state = blk._get_fsdp_state() if hasattr(blk, "_get_fsdp_state") else None
-        for group in getattr(state, "_fsdp_param_groups", None) or []:
-            group.tunepilot_no_backward_prefetch = True
         n += 1
     return n
 
