@@ -160,3 +160,50 @@ def test_liger_layer_stand_ins_equal_transformers_modules():
     (r[0].square().sum() + r[1].square().sum()).backward()
     (got[0].square().sum() + got[1].square().sum()).backward()
     assert torch.allclose(qr.grad, q2.grad, atol=1e-4) and torch.allclose(kr.grad, k2.grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("legacy", ["upcast_in_model", "upcast_in_loss", "no_upcast"])
+def test_legacy_hf_losses_simulated_equal_real_cpu_steps_and_cost_their_shifted_copy(legacy):
+    """Older transformers' loss (TrainingSetup.legacy_loss): the shifted contiguous copy of the logits."""
+    spec = _spec()
+    st = _st(loss_impl="hf", legacy_loss=legacy, gradient_checkpointing=False, optim="sgd")
+    sim = simulate(spec, st, extrapolate=False)
+    real = real_step(spec, st)
+    assert sim.peak_bytes == pytest.approx(real["peak_bytes"], rel=0.01), legacy
+    today = simulate(spec, _st(loss_impl="hf", gradient_checkpointing=False, optim="sgd"), extrapolate=False)
+    V, T, N = 128256, 2 * 64, 2 * 63  # vocabulary, tokens, shifted (scored) tokens
+    fwd = sim.segment_breakdowns["forward"]["logits_loss"]
+    extra = fwd - today.segment_breakdowns["forward"]["logits_loss"]
+    # at the loss, today: 16-bit logits + fp32 upcast + fp32 log-softmax over every token (labels padded) = 10 B per
+    # logit. 4.36-4.45: fp32 logits (the 16-bit ones freed), a shifted fp32 copy and its log-softmax; 4.46-4.49: the
+    # 16-bit logits too; no upcast, under autocast: 16-bit logits and shifted copy, cross_entropy's fp32 cast of its
+    # input and its fp32 log-softmax
+    now = 10 * T
+    want = {"upcast_in_model": 4 * T + 8 * N, "upcast_in_loss": 6 * T + 8 * N, "no_upcast": 2 * T + 10 * N}[legacy] - now
+    assert extra == pytest.approx(want * V, rel=0.02), (legacy, extra / V / T)
+    # the analytic tier's loss path says the same
+    from tools.analytic import loss_path_bytes
+
+    ana = loss_path_bytes("hf", T=128, N=126, H=64, V=128256, c=2, hb=2, wb=2, head_trainable=False, legacy=legacy)[0]
+    assert ana == pytest.approx(fwd, rel=0.05)
+
+
+def test_legacy_loss_needs_the_hf_loss():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="legacy_loss"):
+        _st(loss_impl="trl_fused", legacy_loss="upcast_in_model")
+
+
+def test_deepspeed_trains_its_16bit_module_without_autocast():
+    """accelerate gives DeepSpeed no native AMP: the 16-bit logits' log-softmax stays 16-bit there."""
+    spec = _spec()
+    kw = dict(loss_impl="hf", legacy_loss="no_upcast", gradient_checkpointing=False, optim="sgd", num_gpus=2)
+    ds = simulate(spec, _st(**kw, zero_stage=3), extrapolate=False)
+    fsdp = simulate(spec, _st(**kw, fsdp="full_shard"), extrapolate=False)
+    assert any("without autocast" in n for n in ds.notes)
+    V, T, N = 128256, 2 * 64, 2 * 63
+    # DeepSpeed: 16-bit logits, their shifted copy, a 16-bit log-softmax; FSDP under autocast: cross_entropy's
+    # fp32 cast of its input and an fp32 log-softmax
+    assert ds.segment_breakdowns["forward"]["logits_loss"] == pytest.approx((2 * T + 4 * N) * V, rel=0.02)
+    assert fsdp.segment_breakdowns["forward"]["logits_loss"] == pytest.approx((2 * T + 10 * N) * V, rel=0.02)

@@ -538,7 +538,7 @@ def liger_chunk_rows(bt: int, hidden: int, vocab: int) -> int:
 
 
 def loss_path_bytes(impl: str, *, T: int, N: int, H: int, V: int, c: int, hb: int, wb: int,
-                    head_trainable: bool) -> tuple[int, int, int]:
+                    head_trainable: bool, legacy: str = "none", autocast: bool = True) -> tuple[int, int, int]:
     """(forward peak, backward-start peak, saved for backward) bytes of the causal-LM head + loss of one micro-batch.
 
     T tokens, N of them scored (labels shifted), hidden H in `hb` bytes, vocabulary V, compute dtype `c`
@@ -547,6 +547,16 @@ def loss_path_bytes(impl: str, *, T: int, N: int, H: int, V: int, c: int, hb: in
     hidden states); liger: the gradient computed in forward chunk by chunk; cce: no logits at all.
     """
     if impl == "hf":
+        # legacy (TrainingSetup.legacy_loss): the shifted contiguous copy of older releases' loss
+        if legacy == "upcast_in_model":  # fp32 logits + fp32 shifted copy + fp32 log-softmax
+            return 12 * V * T, 12 * V * T, 4 * V * T
+        if legacy == "upcast_in_loss":  # + the 16-bit logits the output keeps
+            return (c + 12) * V * T, 12 * V * T, 4 * V * T
+        if legacy == "no_upcast":  # 16-bit logits + 16-bit shifted copy + log-softmax; autocast runs
+            # cross_entropy in fp32: one more fp32 copy of its input, an fp32 log-softmax and fp32 gradients
+            if autocast:
+                return (2 * c + 8) * V * T, 12 * V * T, 4 * V * T
+            return 3 * c * V * T, 3 * c * V * T, c * V * T
         return (c + 4 + 4) * V * T, 12 * V * T, 4 * V * T
     head_grad = V * H * 4 if head_trainable else 0
     if impl == "trl_fused":
@@ -641,7 +651,8 @@ def analytic_step_memory(model: ModelSpec, setup: TrainingSetup, *, moments: dic
     if setup.task == "causal-lm":
         logits_fwd, logits_bwd, logits_saved = loss_path_bytes(
             setup.loss_impl, T=T, N=T - 1 if packed else b * (seq - 1), H=h, V=V, c=c, hb=max(c, wb), wb=wb,
-            head_trainable=head_trainable)
+            head_trainable=head_trainable, legacy=setup.legacy_loss,
+            autocast=(setup.bf16 or setup.fp16) and not setup.zero_stage)
         if setup.loss_impl != "hf":
             notes.append(f"loss path {setup.loss_impl}: no (batch, seq, vocab) logits")
     else:

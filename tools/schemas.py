@@ -206,6 +206,15 @@ class TrainingSetup(_Strict):
     # memory/time knobs
     gradient_checkpointing: bool = Field(default=True, description="Recompute activations in backward (HF non-reentrant checkpointing): far less activation memory, ~33% more compute.")
     reentrant_checkpointing: bool = Field(default=False, description="gradient_checkpointing_kwargs use_reentrant=True (transformers 4.35-4.5x's default, torch.utils.checkpoint's old default): the whole block is recomputed in backward, where non-reentrant checkpointing stops once every saved tensor is back.")
+    legacy_loss: Literal["none", "upcast_in_model", "upcast_in_loss", "no_upcast"] = Field(
+        default="none",
+        description="transformers' causal-LM loss of older releases (loss_impl 'hf' only), to reproduce their measurements: "
+                    "'upcast_in_model' = 4.36-4.45 (the model casts its logits to fp32, the 16-bit ones are freed, and the loss "
+                    "takes a shifted contiguous fp32 copy: logits[..., :-1, :].contiguous()); 'upcast_in_loss' = 4.46-4.49 "
+                    "(ForCausalLMLoss upcasts while the output keeps the 16-bit logits, then the same shifted copy); "
+                    "'no_upcast' = the shifted copy in the compute dtype, no upcast (transformers <= 4.30 Llama, remote-code "
+                    "models such as Qwen v1). 'none' (default) = today's ForCausalLMLoss (fp32 upcast, labels padded instead of "
+                    "the logits shifted: no copy).")
     legacy_rope_cache: Literal["none", "fp16", "bf16", "fp32"] = Field(
         default="none",
         description="Rotary caches of the transformers of early 2024 (4.38-4.40 checked: modeling_llama/mistral/mixtral.py): every "
@@ -358,6 +367,9 @@ class TrainingSetup(_Strict):
         if self.method == "dora" and not self.use_dora:
             # normalised rather than rejected: method 'dora' means LoRA with use_dora
             object.__setattr__(self, "use_dora", True)
+        if self.legacy_loss != "none" and (self.loss_impl != "hf" or self.task != "causal-lm"):
+            p.append(f"legacy_loss: {self.legacy_loss!r} is transformers' own causal-LM loss of older releases; set loss_impl 'hf' "
+                     "(task causal-lm) or legacy_loss 'none'")
         if self.zero_stage and self.fsdp != "none":
             p.append("zero_stage/fsdp: use DeepSpeed ZeRO or FSDP, not both")
         if self.offload != "none" and not self.zero_stage and self.fsdp == "none":
@@ -552,6 +564,8 @@ class TrainingSetup(_Strict):
             parts.append(f"loss {self.loss_impl}")
         if self.legacy_rope_cache != "none":
             parts.append(f"per-layer rope caches {self.legacy_rope_cache}")
+        if self.legacy_loss != "none":
+            parts.append(f"legacy loss {self.legacy_loss}")
         if self.use_liger_kernel:
             parts.append("liger kernels")
         if self.torch_compile:

@@ -84,10 +84,43 @@ def trl_fused_forward(pm, setup: TrainingSetup, batch: dict, amp):
 
 
 def hf_forward(pm, setup: TrainingSetup, batch: dict, amp):
-    """transformers' own loss inside the model (full logits, fp32 upcast)."""
+    """transformers' own loss inside the model (full logits, fp32 upcast); an older release's (legacy_loss)."""
     from tools.memory.step import forward_loss
 
+    if setup.legacy_loss != "none" and setup.task == "causal-lm":
+        return legacy_hf_forward(pm, setup, batch, amp)
     return forward_loss(pm, setup, batch, amp)
+
+
+def legacy_hf_forward(pm, setup: TrainingSetup, batch: dict, amp):
+    """The causal-LM loss of older transformers, inside the model's forward (TrainingSetup.legacy_loss).
+
+    4.36-4.45 (`upcast_in_model`, modeling_llama/mistral.py of those releases):
+        logits = self.lm_head(hidden_states); logits = logits.float()
+        shift_logits = logits[..., :-1, :].contiguous(); shift_labels = labels[..., 1:].contiguous()
+        loss = CrossEntropyLoss()(shift_logits.view(-1, V), shift_labels.view(-1))   # returns the fp32 logits
+    4.46-4.49 (`upcast_in_loss`, loss_utils.ForCausalLMLoss): the same, with the upcast inside the loss
+    function while the output keeps the 16-bit logits. `no_upcast`: the shifted copy of the 16-bit logits.
+    The model runs without labels here (its logits are today's), and the loss is computed as those
+    releases did, in the same autocast.
+    """
+    import torch
+
+    labels = batch["labels"]
+    with amp:
+        out = pm(**{k: v for k, v in batch.items() if k != "labels"})
+        logits = out.logits
+        out["logits"] = None  # the output's reference is the one the release kept (or not), below
+        kept = None
+        if setup.legacy_loss == "upcast_in_model":
+            logits = logits.float()  # the 16-bit logits die with this rebinding
+        elif setup.legacy_loss == "upcast_in_loss":
+            kept, logits = logits, logits.float()  # CausalLMOutputWithPast.logits stays 16-bit
+        shift = logits[..., :-1, :].contiguous()
+        shift_labels = labels[..., 1:].contiguous()
+        loss = torch.nn.functional.cross_entropy(shift.view(-1, shift.shape[-1]), shift_labels.view(-1), ignore_index=-100)
+        del shift
+    return _output(loss, logits, (out, kept))
 
 
 def fused_hidden_loss(base, hidden, labels, impl: str):

@@ -80,7 +80,8 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, cuda_path: bool |
             prepare_reference(ref, setup, tracker)
         attach_heads(prep, ref, setup, tracker)
         optimizer = _step.make_step_optimizer(prep, setup, tracker)
-        amp = torch.autocast("cpu", dtype=compute) if (setup.bf16 or setup.fp16) else nullcontext()
+        # DeepSpeed: no autocast (tools.memory.step.run)
+        amp = torch.autocast("cpu", dtype=compute) if (setup.bf16 or setup.fp16) and not setup.zero_stage else nullcontext()
         _step.state_step(prep, optimizer, setup, tracker)
         kept = None
         if setup.objective == "grpo":

@@ -162,7 +162,10 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
     mesh = distributed.fake_mesh(plan.world_size) if plan else None  # (built outside the fake mode)
     prep = build(model, setup, depth)
     compute = getattr(torch, TORCH_DTYPES[setup.compute_dtype])
-    autocast = setup.bf16 or setup.fp16
+    # accelerate gives DeepSpeed no native AMP (Accelerator: native_amp only when distributed_type is not
+    # DEEPSPEED): its engine trains the 16-bit module itself, so no autocast there (the 16-bit weights are
+    # the sharded step's mixed-precision policy)
+    autocast = (setup.bf16 or setup.fp16) and not setup.zero_stage
     tracker = make_tracker()  # the FakeTensorMode, counting storages
     trace = None
     if _TRACE_OPS:
@@ -534,7 +537,10 @@ def _kernel_notes(setup: TrainingSetup) -> list[str]:
         notes.append(f"{setup.optim}: paged optimizer state counted as resident GPU memory (it is unified memory, evicted only under pressure)")
     if setup.fp16:
         notes.append("fp16: GradScaler's scaled loss and in-place unscale of the gradients simulated")
-    if setup.bf16 or setup.fp16:
+    if (setup.bf16 or setup.fp16) and setup.zero_stage:
+        notes.append(f"DeepSpeed {setup.compute_dtype}: the engine trains the {setup.compute_dtype} module without autocast "
+                     "(accelerate enables native AMP for every backend but DeepSpeed)")
+    elif setup.bf16 or setup.fp16:
         notes.append(f"mixed precision simulated with torch.autocast('cpu', {setup.compute_dtype}); the Trainer uses CUDA autocast (same policy for matmuls)")
     return notes
 
