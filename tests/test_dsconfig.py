@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
+from tests.test_sharding_flags import LLAMA8, _cli, _estimate  # the same CLI runner and `estimate --fast --json`
 from tools.schemas import TrainingSetup
-
-LLAMA8 = "meta-llama/Llama-3.1-8B"
 # the shape of Qwen's finetune/ds_config_zero2.json: explicit 2e8 buckets, "auto" elsewhere
 ZERO2 = {
     "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
@@ -24,18 +22,6 @@ def _write(tmp_path, cfg, name="ds_config.json"):
     p = tmp_path / name
     p.write_text(json.dumps(cfg) if not isinstance(cfg, str) else cfg)
     return p
-
-
-def _cli(*args):
-    from agent.cli import app
-
-    return CliRunner().invoke(app, list(args))
-
-
-def _estimate(*args) -> dict:
-    r = _cli("estimate", LLAMA8, "--fast", "--json", *args)
-    assert r.exit_code == 0, r.output
-    return json.loads(r.stdout)
 
 
 def test_a_zero2_config_sets_stage_and_buckets(tmp_path):
