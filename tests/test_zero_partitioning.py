@@ -99,11 +99,19 @@ def test_explicit_bucket_sizes_reach_the_estimate_and_the_ds_config(tiny):
     auto = estimate(tiny, TrainingSetup(**base, zero_stage=3), advice=False)
     own = TrainingSetup(**base, zero_stage=3, zero_reduce_bucket_size=500_000_000, zero_prefetch_bucket_size=50_000_000)
     given = estimate(tiny, own, advice=False)
-    # ZeRO-3: two reduce buckets and the prefetch bucket, bf16 ("auto": hidden^2 and 0.9 hidden^2, a few hundred KiB
-    # for this model; DeepSpeed's defaults when no JSON sets them: 5e8 and 5e7)
+    # ZeRO-3: two reduce buckets, bf16 ("auto": hidden^2, a few hundred KiB for this model; DeepSpeed's default
+    # when no JSON sets it: 5e8); the prefetch bucket (0.9 hidden^2 / 5e7) is what the coordinator replay
+    # prefetches, counted in zero_gathered_params (tools.memory.zero3): a larger bucket gathers more ahead
     assert auto.breakdown["zero_buckets"] < 0.001
     assert any("reduce_bucket_size 6.55e+04 (auto = hidden^2)" in p for p in auto.provenance)
-    assert given.breakdown["zero_buckets"] * 2**30 == pytest.approx(2 * (2 * 5e8 + 5e7), rel=0.01)
+    assert given.breakdown["zero_buckets"] * 2**30 == pytest.approx(2 * (2 * 5e8), rel=0.01)
+    from tools.memory.zero3 import coordinator_config, replay, step_trace
+
+    def first(st):  # gathered while the embedding runs: itself + what one prefetch launches
+        return replay(step_trace(tiny, st), coordinator_config(st, tiny.hidden_size))[0].gathered_numel
+
+    assert first(own) > 2 * first(TrainingSetup(**base, zero_stage=3))
+    assert any("stage3_prefetch_bucket_size 5e+07" in p for p in given.provenance)
     assert any("reduce_bucket_size 5e+08" in p for p in given.provenance)
     z3 = json.loads(render_script(own).files["ds_config.json"])["zero_optimization"]
     assert z3["reduce_bucket_size"] == 500_000_000 and z3["stage3_prefetch_bucket_size"] == 50_000_000

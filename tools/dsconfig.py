@@ -19,6 +19,9 @@ _SIZES = {
     "reduce_bucket_size": "zero_reduce_bucket_size",
     "stage3_prefetch_bucket_size": "zero_prefetch_bucket_size",
     "sub_group_size": "zero_sub_group_size",
+    "stage3_max_live_parameters": "zero_max_live_parameters",
+    "stage3_max_reuse_distance": "zero_max_reuse_distance",
+    "stage3_param_persistence_threshold": "zero_param_persistence_threshold",
 }
 # keys the estimate does not model differently from its own ds_config.json (said once, in a note)
 _FIXED = {

@@ -57,6 +57,7 @@ _LABELS = {
     "zero_param_partition": "DeepSpeed 16-bit partitions",
     "zero1_full_gradients": "ZeRO-1 full gradients",
     "zero_grad_partition": "DeepSpeed gradient partition",
+    "zero_gathered_params": "DeepSpeed ZeRO-3 gathered parameters",
     "cublas_workspace": "cuBLAS workspaces",
     "allocator_overhead": "allocator overhead",
     "cuda_context": "CUDA context",
@@ -125,17 +126,41 @@ def _simulated_shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -
     notes = [f"per-GPU step simulated sharded over {step.world_size} ranks (fake process group); rank {step.rank} reported: "
              "every parameter is split on dim 0 with rank 0 holding the largest chunk, and the padded all-gather "
              "buffers are equal on all ranks, so rank 0 is the worst rank"]
-    if setup.zero_stage and setup.offload == "none" and step.segment_breakdowns:
-        # DeepSpeed's gradients instead of FSDP2's in every segment of the simulated step, then the largest segment
-        segs = {seg: deepspeed_gradients(setup, seg, b, step.trainable_parameters) for seg, b in step.segment_breakdowns.items()}
+    gathered_modelled = False
+    if setup.zero_stage and step.segment_breakdowns and (setup.offload == "none" or setup.zero_stage == 3):
+        segs = {seg: dict(b) for seg, b in step.segment_breakdowns.items()}
+        if setup.offload == "none":
+            # DeepSpeed's gradients instead of FSDP2's in every segment of the simulated step
+            segs = {seg: deepspeed_gradients(setup, seg, b, step.trainable_parameters) for seg, b in segs.items()}
+            notes.append(f"DeepSpeed ZeRO-{setup.zero_stage} gradients: a 16-bit partition through the step, fp32 only inside the optimizer step"
+                         + (" (one sub_group_size at a time)" if setup.zero_stage == 3 else ""))
+        if setup.zero_stage == 3:
+            # DeepSpeed's per-submodule gathering instead of FSDP2's per-block units (tools.memory.zero3)
+            from tools.memory.zero3 import coordinator_config, gathered_by_segment
+
+            gathered, moments = gathered_by_segment(model, setup)
+            for seg, b in segs.items():
+                if seg in gathered:
+                    b.pop("fsdp_all_gather", None)
+                    b["zero_gathered_params"] = gathered[seg]
+            gathered_modelled = True
+            cfg = coordinator_config(setup, model.hidden_size)
+            where = ", ".join(f"{seg} {gathered[seg] / BYTES_PER_GIB:.2f} GiB" + (f" (at {moments[seg].module})" if seg in moments else "")
+                              for seg in ("forward", "backward-loss", "backward", "backward-tail", "optimizer") if seg in gathered)
+            notes.append("DeepSpeed ZeRO-3 gathered parameters (zero_gathered_params, in place of FSDP2's per-block all-gather): "
+                         "the PartitionedParameterCoordinator's per-submodule fetch / prefetch / release replayed over the step's "
+                         f"module trace{' with gradient checkpointing recompute' if setup.gradient_checkpointing else ''} "
+                         f"(stage3_prefetch_bucket_size {cfg.prefetch_bucket_size:.3g}, stage3_max_live_parameters {cfg.max_live_parameters:.3g}, "
+                         f"stage3_max_reuse_distance {cfg.max_reuse_distance:.3g}, stage3_param_persistence_threshold "
+                         f"{cfg.param_persistence_threshold:.3g}{' (auto = 10 hidden)' if not setup.zero_param_persistence_threshold else ''}); "
+                         f"most gathered per segment: {where}")
         best = max(segs, key=lambda seg: sum(segs[seg].values()))
         bd = {k: float(v) for k, v in segs[best].items()}
-        notes.append(f"DeepSpeed ZeRO-{setup.zero_stage} gradients: a 16-bit partition through the step, fp32 only inside the optimizer step"
-                     + (" (one sub_group_size at a time)" if setup.zero_stage == 3 else "")
-                     + f"; per-GPU peak in {PHASE_OF_SEGMENT.get(best, best)}")
+        notes.append(f"DeepSpeed ZeRO-{setup.zero_stage}: per-GPU peak in {PHASE_OF_SEGMENT.get(best, best)}")
     if setup.zero_stage:
         extra = deepspeed_buffers(setup, model.hidden_size, step.trainable_parameters,
-                                  comm_factor=float(_const("zero_comm_buffer_factor")["value"]))
+                                  comm_factor=float(_const("zero_comm_buffer_factor")["value"]),
+                                  prefetch_in_gathered=gathered_modelled)
         if setup.offload == "all":
             extra.pop("zero_param_partition", None)  # offload_param: the 16-bit partitions live on the host
         for k, v in extra.items():

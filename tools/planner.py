@@ -1078,6 +1078,7 @@ _PART = {
     "fsdp_all_gather": "the gathered weights of the units in flight", "fsdp_reduce_scatter": "the reduce-scatter buffers",
     "zero_buckets": "DeepSpeed's communication buckets", "zero_param_partition": "DeepSpeed's 16-bit parameter partitions",
     "zero1_full_gradients": "ZeRO-1's full gradients", "zero_grad_partition": "DeepSpeed's gradient partitions",
+    "zero_gathered_params": "the parameters ZeRO-3 holds gathered",
     "zero_buffers": "the sharding buffers",
     "activations": "the activations", "temporaries": "the step temporaries", "allocator_overhead": "the allocator's reserve",
 }

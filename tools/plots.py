@@ -50,6 +50,7 @@ COMPONENTS: dict[str, tuple[str, str]] = {
     "optimizer_state": ("optimizer states", "#c44e52"),
     "zero_buffers": ("ZeRO/FSDP buffers", "#937860"),
     "fsdp_all_gather": ("FSDP all-gather", "#a58d6f"),
+    "zero_gathered_params": ("ZeRO-3 gathered", "#b89f7f"),
     "activations": ("activations", "#55a868"),
     "kv_cache": ("KV cache", "#64b5cd"),
     "logits_loss": ("logits and loss", "#8fd175"),

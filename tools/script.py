@@ -207,9 +207,9 @@ def _ds_config(setup: TrainingSetup) -> str:
     if setup.zero_stage == 3:
         zero.update({
             "stage3_prefetch_bucket_size": setup.zero_prefetch_bucket_size or "auto",
-            "stage3_param_persistence_threshold": "auto",
-            "stage3_max_live_parameters": 1_000_000_000,
-            "stage3_max_reuse_distance": 1_000_000_000,
+            "stage3_param_persistence_threshold": setup.zero_param_persistence_threshold or "auto",
+            "stage3_max_live_parameters": setup.zero_max_live_parameters,
+            "stage3_max_reuse_distance": setup.zero_max_reuse_distance,
             "sub_group_size": setup.zero_sub_group_size,
             "stage3_gather_16bit_weights_on_model_save": True,
         })

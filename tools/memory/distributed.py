@@ -645,7 +645,8 @@ def zero_bucket_sizes(setup, hidden_size: int) -> tuple[float, float]:
     return (float(setup.zero_reduce_bucket_size or h2), float(setup.zero_prefetch_bucket_size or 0.9 * h2))
 
 
-def deepspeed_buffers(setup, hidden_size: int, trainable: int, *, comm_factor: float = 4.5) -> dict[str, float]:
+def deepspeed_buffers(setup, hidden_size: int, trainable: int, *, comm_factor: float = 4.5,
+                      prefetch_in_gathered: bool = False) -> dict[str, float]:
     """Bytes per GPU of DeepSpeed's buffers beyond the partitioning the sharded dry run simulates.
 
     From the values tunepilot's ds_config.json resolves (the setup's zero_reduce_bucket_size /
@@ -656,7 +657,9 @@ def deepspeed_buffers(setup, hidden_size: int, trainable: int, *, comm_factor: f
 
     - zero_buckets: ZeRO-1/2 gradient reduction with overlap_comm = comm_factor (4.5, DeepSpeed's
       docs) x reduce_bucket_size elements in the 16-bit dtype; ZeRO-3: two reduce buckets
-      (double-buffered with overlap_comm) + the parameter prefetch bucket, 16-bit. The all-gather of
+      (double-buffered with overlap_comm) + the parameter prefetch bucket, 16-bit (without it when
+      `prefetch_in_gathered`: tools.memory.zero3 then counts the prefetched parameters among the gathered
+      ones, `zero_gathered_params`). The all-gather of
       updated partitions (allgather_bucket_size) writes into the full 16-bit parameter buffer: no
       memory of its own.
     - zero_param_partition: ZeRO-3 under mixed precision keeps a 16-bit partition of every trainable
@@ -673,7 +676,7 @@ def deepspeed_buffers(setup, hidden_size: int, trainable: int, *, comm_factor: f
     if setup.zero_stage in (1, 2):
         out["zero_buckets"] = comm_factor * reduce_bucket * half
     elif setup.zero_stage == 3:
-        out["zero_buckets"] = (2 * reduce_bucket + prefetch_bucket) * half
+        out["zero_buckets"] = (2 * reduce_bucket + (0 if prefetch_in_gathered else prefetch_bucket)) * half
         if mixed:
             out["zero_param_partition"] = 2.0 * trainable / n
     if setup.zero_stage == 1:
