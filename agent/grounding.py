@@ -69,7 +69,8 @@ def question_numbers(question: str) -> set[float]:
 def tool_numbers(texts: list[str]) -> list[float]:
     out = []
     for t in texts:
-        out.extend(float(x) for x in _RAW.findall(t or ""))
+        # digit runs of ids (a uuid's "2e345") can read as inf: no answer number matches those
+        out.extend(v for v in (float(x) for x in _RAW.findall(t or "")) if math.isfinite(v))
     return out
 
 

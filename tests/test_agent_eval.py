@@ -42,6 +42,14 @@ def test_grounding_at_the_answers_precision_with_units():
     assert ok == {"14.2", "14", "41", "3.5", "15.3", "24"}  # 15.3 GB = 14.23 GiB; 99.9 invented
 
 
+def test_ids_whose_digits_read_as_infinity_are_no_tool_numbers():
+    # a tool call id such as "...-2e345..." is a float overflow; it must not break (or ground) any claim
+    tools = ae.tool_numbers(['{"id": "call-2e345-ab", "peak_gib": 7.25}'])
+    assert tools == [7.25]
+    claims = ae.claimed_numbers("It needs 7.3 GiB on 1 GPU.", "")
+    assert [c["text"] for c in claims if ae.grounded(c, tools)] == ["7.3"]
+
+
 def test_verdict_language_and_request_kept():
     assert ae.verdict("It does not fit on one card.")["negative"]
     assert ae.verdict("네, T4에서 가능합니다")["positive"] and not ae.verdict("Here is a config.")["any"]
