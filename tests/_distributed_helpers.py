@@ -135,7 +135,6 @@ def real_fsdp1_step(spec, st, depth: int, _mesh=None) -> dict:
     import torch
     from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import _flat_param
 
     from peft.utils.other import fsdp_auto_wrap_policy
     from tools.memory import distributed
@@ -147,15 +146,7 @@ def real_fsdp1_step(spec, st, depth: int, _mesh=None) -> dict:
     prep = S.build(spec, st, depth)
     tracker = make_tracker(fake=False)
     ledger = distributed.FsdpLedger(tracker)
-    alloc0, free0 = _flat_param._alloc_storage, _flat_param._free_storage
-
-    def alloc(t, size):
-        alloc0(t, size)
-        ledger.resize(t, t.untyped_storage().nbytes(), distributed.TAG_ALL_GATHER)
-
-    def free(t):
-        free0(t)
-        ledger.resize(t, 0)
+    # FSDP1's in-place storage resizes: followed by the ledger (FsdpLedger patches _flat_param's)
 
     class Checkpointed2024(torch.nn.Module):
         def __init__(self, unit):
@@ -165,7 +156,6 @@ def real_fsdp1_step(spec, st, depth: int, _mesh=None) -> dict:
         def forward(self, hidden_states, **kwargs):
             return torch.utils.checkpoint.checkpoint(functools.partial(self.unit, **kwargs), hidden_states, use_reentrant=True)
 
-    _flat_param._alloc_storage, _flat_param._free_storage = alloc, free
     try:
         with warnings.catch_warnings(), S.TrainingMaskPolicy(False), S.CudaLikeDropout(), tracker, ledger:
             warnings.simplefilter("ignore")
@@ -199,7 +189,7 @@ def real_fsdp1_step(spec, st, depth: int, _mesh=None) -> dict:
             tracker.finish()
             segments = {k: v for k, v in tracker.seg_peak.items()}
     finally:
-        _flat_param._alloc_storage, _flat_param._free_storage = alloc0, free0
+        pass
     return {"peak": max(segments.values()), "segments": segments}
 
 

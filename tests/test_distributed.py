@@ -36,6 +36,13 @@ CASES = {
         # ZeRO-2: the 16-bit weights stay gathered through the step, frozen weights whole on every rank
         ("llama-full-zero2", LLAMA, dict(method="full", zero_stage=2)),
         ("qwen2-lora-zero2", QWEN2, dict(method="lora", zero_stage=2)),
+        # FSDP1 (fsdp_version 1): the real FullyShardedDataParallel in both (fake group / gloo), as accelerate 1.x wraps
+        ("llama-lora-full_shard-fsdp1", LLAMA, dict(method="lora", fsdp="full_shard", fsdp_version=1)),
+        ("llama-full-full_shard-fsdp1", LLAMA, dict(method="full", fsdp="full_shard", fsdp_version=1)),
+        ("llama-full-shard_grad_op-fsdp1", LLAMA, dict(method="full", fsdp="shard_grad_op", fsdp_version=1, gradient_checkpointing=False)),
+        ("qwen2-lora-shard_grad_op-fsdp1", QWEN2, dict(method="lora", fsdp="shard_grad_op", fsdp_version=1, target_modules=["q_proj", "v_proj"])),
+        ("llama-qlora-full_shard-fsdp1", LLAMA, dict(method="qlora", load_in_4bit=True, fsdp="full_shard", fsdp_version=1,
+                                                      bnb_4bit_quant_storage="bf16")),
     ],
     4: [
         ("qwen2-full-shard_grad_op-offload", QWEN2, dict(method="full", fsdp="shard_grad_op", offload="all")),
@@ -77,7 +84,10 @@ def test_resident_bytes_equal_every_rank_byte_for_byte(compared):
         # the host optimizer step's transient peak (clipping scalars differ by a few bytes): within 2% + 1 KiB
         tmp_sim, tmp_real = sim.offloaded_bytes.get("optimizer_step_temporaries", 0), r0["offloaded"].get("optimizer_step_temporaries", 0)
         assert abs(tmp_sim - tmp_real) <= 0.02 * tmp_real + 1024, f"{name}: host optimizer temporaries {tmp_sim} vs {tmp_real}"
-        # rank 0 holds the largest shard of every parameter: no rank has more resident bytes
+        if name.endswith("-fsdp1"):  # the dry run wrapped with the real FSDP1, not the FSDP2 units that model it
+            assert any("FSDP1 (FullyShardedDataParallel, the real one)" in n for n in sim.notes), (name, sim.notes)
+        # rank 0 holds the largest shard of every parameter (FSDP1: every rank's padded chunk of a FlatParameter is
+        # the same size, the padding on the last rank): no rank has more resident bytes
         for r, res in enumerate(ranks):
             total = res["weights_bytes"] + res["adapter_bytes"] + res["gradient_bytes"] + res["optimizer_bytes"]
             assert total <= sum(want), f"{name}: rank {r} holds more than rank 0"
@@ -86,7 +96,7 @@ def test_resident_bytes_equal_every_rank_byte_for_byte(compared):
 # QLoRA's peak is compared for residents only: on this CPU bitsandbytes runs its CPU 4-bit kernels in the
 # real step and its CUDA-shaped fake kernels in the dry run (the dequantisation transients differ), so
 # the peak gap there is the stand-in's, not the sharding's
-_PEAK_SKIP = {"llama-qlora-full_shard"}
+_PEAK_SKIP = {"llama-qlora-full_shard", "llama-qlora-full_shard-fsdp1"}
 
 
 def test_peak_within_2_percent_of_worst_real_rank(compared):
@@ -148,3 +158,36 @@ def test_fsdp1_reentrant_checkpointing_keeps_each_frozen_units_input_and_its_gra
         distributed.FSDP1_KEEPS_RECOMPUTED_INPUTS = True
     bare_slope = (backward(bare["L6"]) - backward(bare["L4"])) / 2
     assert real_slope - bare_slope > 1.2 * hidden_bytes
+
+
+def test_fsdp1_dry_run_runs_the_real_fsdp1_and_falls_back_to_the_fsdp2_units_when_it_fails(monkeypatch):
+    """fsdp_version 1: the fake-group dry run wraps with torch's FullyShardedDataParallel (flat parameters: its
+    all-gather output is tagged fsdp_all_gather) for Llama, Qwen2 and Mistral; should FSDP1 fail under fake tensors,
+    the same step runs on the FSDP2 units that model it and the notes say so; setups the real FSDP1 does not cover
+    (CPU offload) say which model stands in."""
+    from tools.memory import distributed, simulate
+    from tools.memory.runner import clear_cache
+
+    mistral = dict(LLAMA, model_type="mistral", sliding_window=None)
+    for cfg in (LLAMA, QWEN2, mistral):
+        for kw in (dict(method="full"), dict(method="lora"), dict(method="qlora", load_in_4bit=True, bnb_4bit_quant_storage="bf16")):
+            sim = simulate(tiny_spec(cfg), setup(num_gpus=2, **_BASE, fsdp="full_shard", fsdp_version=1, **kw), extrapolate=False)
+            assert any("FSDP1 (FullyShardedDataParallel, the real one)" in n for n in sim.notes), (cfg["model_type"], kw)
+            assert sim.peak_breakdown["fsdp_all_gather"] > 0
+    st = setup(num_gpus=2, **_BASE, method="lora", fsdp="full_shard", fsdp_version=1)
+    real = simulate(tiny_spec(LLAMA), st, extrapolate=False)
+
+    def broken(*a, **k):
+        raise RuntimeError("no FSDP1 here")
+
+    monkeypatch.setattr(distributed, "shard_fsdp1", broken)
+    clear_cache()
+    modelled = simulate(tiny_spec(LLAMA), st, extrapolate=False)
+    assert any("failed under fake tensors: RuntimeError: no FSDP1 here" in n for n in modelled.notes), modelled.notes
+    assert not any("the real one" in n for n in modelled.notes)
+    assert modelled.peak_bytes != real.peak_bytes  # another model of the step, not the same run
+    monkeypatch.undo()
+    clear_cache()
+    off = simulate(tiny_spec(LLAMA), setup(num_gpus=2, **_BASE, method="lora", fsdp="full_shard", fsdp_version=1, offload="all"),
+                   extrapolate=False)
+    assert any("modelled by the FSDP2 step" in n and "CPUOffload" in n for n in off.notes), off.notes

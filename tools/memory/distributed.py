@@ -52,6 +52,7 @@ TAG_ALL_GATHER_COPY_IN = TAG_ALL_GATHER + "@all_gather_copy_in"
 # sharded gradients) and what follows; plain TAG_REDUCE_SCATTER maps to the reduce-scatter stream
 TAG_REDUCE_SCATTER_INPUT = TAG_REDUCE_SCATTER + "@default"
 SHARDED_MIN_BLOCKS = 3  # a sharded step is simulated at >= 3 blocks (tools.memory.extrapolate.depths_to_simulate)
+_INHERITED = object()
 HOST_TAG = "host"  # a storage counted in host RAM (its device record has 0 bytes)
 
 
@@ -99,12 +100,13 @@ def shard(prep, setup, mesh, plan: ShardPlan, ledger) -> list[str]:
     """Wrap the prepared model as the plan says, inside the tracking mode; re-collect the trainable parameters."""
     # DeepSpeed offloads parameters only with offload_param ('all'); FSDP's CPU offload always moves them
     offload_params = plan.offload and (plan.engine != "zero" or setup.offload == "all")
+    if plan.engine == "fsdp1" and fsdp1_runs(setup) is None:
+        return shard_fsdp1(prep, setup, plan)
     notes = shard_fsdp2(prep.pm, prep.base, setup, mesh, reshard_after_forward=plan.reshard_after_forward,
                         offload_params=offload_params, fsdp1_root=plan.engine == "fsdp1",
                         replicate_frozen=plan.engine == "zero" and plan.zero_stage < 3)
     if plan.engine == "fsdp1":
-        notes[-1] = ("FSDP1 (fsdp_version 1) modelled by the FSDP2 step of the same units: FullyShardedDataParallel "
-                     "needs an accelerator device and cannot run on this CPU-only torch; " + notes[-1])
+        notes[-1] = (f"FSDP1 (fsdp_version 1) modelled by the FSDP2 step of the same units ({fsdp1_runs(setup)}); " + notes[-1])
         if setup.gradient_checkpointing and setup.reentrant_checkpointing:
             n = fsdp1_reentrant_input_retention(prep.base, prep.is_peft and setup.method in ("lora", "qlora", "dora"))
             if n:
@@ -135,6 +137,111 @@ def shard(prep, setup, mesh, plan: ShardPlan, ledger) -> list[str]:
                          if not x.requires_grad}
     prep.sharded = True
     return notes
+
+
+# the real FSDP1 (FullyShardedDataParallel) wraps the dry run's model where it runs under the fake group
+# (tests switch it off to compare with the FSDP2-units model)
+FSDP1_REAL = True
+
+
+_FSDP1_FAILED: list[str] = []  # why the real FSDP1 is not used for the run in progress (tools.memory.step.run)
+
+
+@contextlib.contextmanager
+def fsdp1_modelled(reason: str):
+    """Within: fsdp_version 1 runs on the FSDP2 units that model it, for `reason`."""
+    _FSDP1_FAILED.append(reason)
+    try:
+        yield
+    finally:
+        _FSDP1_FAILED.pop()
+
+
+def fsdp1_runs(setup) -> str | None:
+    """None when the dry run wraps the model with the real FSDP1; otherwise why the FSDP2-units model stands in."""
+    if _FSDP1_FAILED:
+        return _FSDP1_FAILED[-1]
+    if not FSDP1_REAL:
+        return "real FSDP1 switched off"
+    if setup.offload != "none":
+        return "FSDP1's CPUOffload host accounting is not followed by the ledger yet"
+    if setup.load_in_4bit and setup.bnb_4bit_quant_storage == "uint8":
+        return "4-bit weights stored as uint8 cannot share a FlatParameter with float weights"
+    if setup.load_in_8bit:
+        return "8-bit weights cannot be flattened by FSDP1"
+    if setup.gradient_checkpointing and setup.reentrant_checkpointing:
+        return "transformers 4.40's reentrant checkpoint around the FSDP1 unit is emulated on the FSDP2 units"
+    return None
+
+
+def shard_fsdp1(prep, setup, plan) -> list[str]:
+    """Wrap the prepared model with torch's FSDP1 as accelerate 1.x does for `fsdp_version: 1` (inside the
+    tracking mode; under the fake group in the dry run, under gloo in the tests' real steps).
+
+    TRANSFORMER_BASED_WRAP on the model's `_no_split_modules` blocks, or for a peft model the Trainer's
+    peft `fsdp_auto_wrap_policy` (transformers `update_fsdp_plugin_peft`: every trainable leaf its own unit);
+    FULL_SHARD / SHARD_GRAD_OP; `MixedPrecision(param_dtype=reduce_dtype=buffer_dtype)` of the compute dtype
+    (a 4-bit model with a float quant_storage: that dtype, as `update_fsdp_plugin_peft` sets); use_orig_params,
+    limit_all_gathers, BACKWARD_PRE, sync_module_states False; then accelerate's upcast of every trainable
+    FlatParameter to fp32 under mixed precision."""
+    import functools
+
+    import torch
+    from torch.distributed.fsdp import BackwardPrefetch, MixedPrecision, ShardingStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    pm, base = prep.pm, prep.base
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    if prep.is_peft:
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        policy, how = fsdp_auto_wrap_policy(pm), "peft's fsdp_auto_wrap_policy (adapters their own units)"
+    else:
+        classes = {type(m) for m in pm.modules() if type(m).__name__ in names}
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=classes)
+        how = "TRANSFORMER_BASED_WRAP"
+    mixed = setup.bf16 or setup.fp16
+    mp = None
+    if mixed:
+        name = setup.bnb_4bit_quant_storage if setup.load_in_4bit else ("bf16" if setup.bf16 else "fp16")
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+        # (a 4-bit model keeps its buffers' dtypes: the stand-ins' quantisation state is buffers, which
+        # bitsandbytes keeps outside the module's buffers, so FSDP never casts it; the model's own buffers
+        # are rotary frequencies of a few bytes)
+        mp = MixedPrecision(param_dtype=dt, reduce_dtype=dt, buffer_dtype=None if setup.load_in_4bit else dt)
+    strategy = ShardingStrategy.FULL_SHARD if plan.reshard_after_forward else ShardingStrategy.SHARD_GRAD_OP
+    model = FSDP(pm, sharding_strategy=strategy, auto_wrap_policy=policy, mixed_precision=mp,
+                 backward_prefetch=BackwardPrefetch.BACKWARD_PRE, use_orig_params=True, limit_all_gathers=True,
+                 device_id=torch.device("cpu"), sync_module_states=False)
+    units = len(FSDP.fsdp_modules(model))
+    upcast = 0
+    if mixed:  # accelerate's "FSDP upcast of low precision parameters to fp32" (FSDP1 path)
+        for module in FSDP.fsdp_modules(model):
+            if not module._has_params:
+                continue
+            fp = module._flat_param
+            if fp.dtype != torch.float32 and fp.requires_grad:
+                fp.data = fp.data.to(torch.float32)
+                module._handle._orig_param_dtype = torch.float32
+                upcast += 1
+    # FSDP's lazy init (a run's first forward does it): the original parameters become views of the (upcast)
+    # sharded FlatParameters before the optimizer makes its states
+    from torch.distributed.fsdp._runtime_utils import _lazy_init
+
+    _lazy_init(model, model)
+    if upcast:  # (a real first step re-points them in its first reshard)
+        for module in FSDP.fsdp_modules(model):
+            if module._has_params:
+                module._handle._use_sharded_views()
+    prep.pm = model
+    prep.params = [p for p in model.parameters() if p.requires_grad]
+    prep.frozen_store = {id(x.untyped_storage()) for x in list(model.parameters()) + list(model.buffers()) if not x.requires_grad}
+    prep.sharded = True
+    return [f"FSDP1 (FullyShardedDataParallel, the real one) {strategy.name} over {plan.world_size} ranks (fake process group, "
+            f"rank 0 simulated): {units} units by {how} on {', '.join(sorted(names)) or 'no _no_split_modules'}, use_orig_params, "
+            f"limit_all_gathers, BACKWARD_PRE, mixed precision {name if mixed else 'none'}"
+            + (f", {upcast} trainable FlatParameters upcast to fp32 (as accelerate does)" if upcast else "")]
 
 
 def _fsdp1_unit_frozen(block, peft_policy: bool) -> bool:
@@ -535,6 +642,55 @@ class FsdpLedger:
              wrap(_fsdp_param_group.foreach_all_gather_copy_out, TAG_ALL_GATHER)),
             (_fsdp_param_group, "foreach_reduce", wrap(_fsdp_param_group.foreach_reduce, TAG_REDUCE_SCATTER_INPUT)),
         ]
+        # FSDP1 (FlatParameter): the padded unsharded flat parameter (`_full_param_padded`) is allocated and
+        # freed by resizing its storage (torch.distributed.utils._alloc_storage / _free_storage); the all-gather
+        # (FlatParamHandle.unshard) and the reduce-scatter (_runtime_utils._reduce_grad: padded unsharded
+        # gradient, its chunks, the sharded output) are tagged like FSDP2's
+        from torch.distributed.fsdp import _flat_param, _runtime_utils
+
+        alloc1, free1 = _flat_param._alloc_storage, _flat_param._free_storage
+
+        def alloc_storage1(tensor, size):
+            alloc1(tensor, size)
+            ledger.resize(tensor, tensor.untyped_storage().nbytes(), TAG_ALL_GATHER)
+
+        def free_storage1(tensor):
+            free1(tensor)
+            ledger.resize(tensor, 0)
+
+        # FSDP1 tells sharded from unsharded by data pointers (`_same_storage`, `_data_ptr_allocated`, the
+        # already-resharded check of `_runtime_utils._catch_all_reshard`); fake tensors have none (all 0, so every
+        # check would say "same" / "not allocated"): inside the step they compare storages instead (a fake tensor's
+        # data_ptr is its storage's address plus its offset, 0 once its storage is resized to 0)
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        same0, allocated0 = _flat_param._same_storage, _flat_param._data_ptr_allocated
+
+        def _fake(t):
+            return isinstance(getattr(t, "_local_tensor", t), FakeTensor)
+
+        def same_storage(a, b):
+            if not (_fake(a) or _fake(b)):
+                return same0(a, b)
+            a, b = _local(a), _local(b)
+            return a.untyped_storage()._cdata == b.untyped_storage()._cdata
+
+        def data_ptr_allocated(t):
+            return t.untyped_storage().nbytes() > 0 if _fake(t) else allocated0(t)
+
+        def fake_data_ptr(t):
+            st = t.untyped_storage()
+            return st._cdata + t.storage_offset() * t.itemsize if st.nbytes() else 0
+
+        patches += [
+            (_flat_param, "_same_storage", same_storage),
+            (_flat_param, "_data_ptr_allocated", data_ptr_allocated),
+            (FakeTensor, "data_ptr", fake_data_ptr),
+            (_flat_param, "_alloc_storage", alloc_storage1),
+            (_flat_param, "_free_storage", free_storage1),
+            (_flat_param.FlatParamHandle, "unshard", wrap(_flat_param.FlatParamHandle.unshard, TAG_ALL_GATHER)),
+            (_runtime_utils, "_reduce_grad", wrap(_runtime_utils._reduce_grad, TAG_REDUCE_SCATTER)),
+        ]
         from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 
         orig_copy_in = _fsdp_collectives.foreach_reduce_scatter_copy_in
@@ -598,7 +754,10 @@ class FsdpLedger:
             patches.append((_fsdp_param_group.FSDPParamGroup, "post_backward", post_backward))
         for obj, name, new in patches:
             # a class attribute is saved as stored (a staticmethod stays one when put back)
-            old = obj.__dict__[name] if isinstance(obj, type) and name in obj.__dict__ else getattr(obj, name)
+            if isinstance(obj, type):
+                old = obj.__dict__.get(name, _INHERITED)  # an inherited method is deleted again on exit
+            else:
+                old = getattr(obj, name)
             self._saved.append((obj, name, old))
             setattr(obj, name, new)
         return self
@@ -610,6 +769,8 @@ class FsdpLedger:
                     delattr(obj, name)
                 except AttributeError:
                     pass
+            elif old is _INHERITED:
+                delattr(obj, name)
             else:
                 setattr(obj, name, old)
         self._saved.clear()

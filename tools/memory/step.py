@@ -146,7 +146,28 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
     as `forward_loss`) for an objective variant. `cuda_loss=False` runs trl's fused head on its CPU
     path instead of its CUDA one (tests compare both with real CPU steps).
     Preference and RL objectives (dpo, kto, reward, grpo) run `tools.memory.objectives.run`.
+
+    fsdp_version 1: the real FSDP1 wraps the model (tools.memory.distributed.shard_fsdp1); should it fail
+    under fake tensors, the step runs again on the FSDP2 units that model it, and the notes say why.
     """
+    from tools.memory import distributed
+
+    plan = distributed.plan_for(setup)
+    if plan is None or plan.engine != "fsdp1" or distributed.fsdp1_runs(setup) is not None or setup.objective != "sft":
+        return _run(model, setup, depth, forward=forward, cuda_loss=cuda_loss)
+    try:
+        return _run(model, setup, depth, forward=forward, cuda_loss=cuda_loss)
+    except Exception as e:  # noqa: BLE001 - any failure of FSDP1 under fake tensors: the FSDP2-units model
+        from tools.schemas import TunepilotError
+
+        if isinstance(e, TunepilotError):
+            raise
+        with distributed.fsdp1_modelled(f"the real FSDP1 failed under fake tensors: {type(e).__name__}: {str(e)[:160]}"):
+            return _run(model, setup, depth, forward=forward, cuda_loss=cuda_loss)
+
+
+def _run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable[..., ForwardOutput] | None = None,
+         cuda_loss: bool = True) -> RunResult:
     if setup.objective != "sft" and forward is None:
         from tools.memory import objectives
 
@@ -364,7 +385,9 @@ def state_step(prep: Prepared, optimizer, setup: TrainingSetup, tracker, *, befo
     params = prep.params
     tracker.phase = "optimizer"
     for p in params:
-        p.grad = torch.zeros_like(p)
+        # (FSDP1 with use_orig_params: a parameter with no element on this rank never gets a gradient, so no state)
+        if p.numel():
+            p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     # state tensors no op produced (bitsandbytes' quantile maps, made fake above and shared by every
