@@ -12,6 +12,9 @@ shard_grad_op, with and without CPU offload, and DeepSpeed ZeRO-2/3 through the 
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 
 from tests._distributed_helpers import run_real
@@ -67,8 +70,26 @@ def compared(request):
 
     world = request.param
     cases = _cases(world)
-    real = run_real(world, cases)
-    return world, [(name, simulate(spec, st, extrapolate=False), real[name]) for name, spec, st, _ in cases]
+    with real_fsdp1():  # the -fsdp1 cases: the real FSDP1 in the dry run and in the gloo ranks (opt-in)
+        real = run_real(world, cases)
+        return world, [(name, simulate(spec, st, extrapolate=False), real[name]) for name, spec, st, _ in cases]
+
+
+@contextlib.contextmanager
+def real_fsdp1():
+    """TUNEPILOT_FSDP1=real within (this process and the ranks it spawns)."""
+    from tools.memory import distributed
+
+    old_env, old_flag = os.environ.get("TUNEPILOT_FSDP1"), distributed.FSDP1_REAL
+    os.environ["TUNEPILOT_FSDP1"], distributed.FSDP1_REAL = "real", True
+    try:
+        yield
+    finally:
+        distributed.FSDP1_REAL = old_flag
+        if old_env is None:
+            os.environ.pop("TUNEPILOT_FSDP1", None)
+        else:
+            os.environ["TUNEPILOT_FSDP1"] = old_env
 
 
 def test_resident_bytes_equal_every_rank_byte_for_byte(compared):
@@ -168,6 +189,7 @@ def test_fsdp1_dry_run_runs_the_real_fsdp1_and_falls_back_to_the_fsdp2_units_whe
     from tools.memory import distributed, simulate
     from tools.memory.runner import clear_cache
 
+    monkeypatch.setattr(distributed, "FSDP1_REAL", True)
     mistral = dict(LLAMA, model_type="mistral", sliding_window=None)
     for cfg in (LLAMA, QWEN2, mistral):
         for kw in (dict(method="full"), dict(method="lora"), dict(method="qlora", load_in_4bit=True, bnb_4bit_quant_storage="bf16")):
@@ -180,14 +202,19 @@ def test_fsdp1_dry_run_runs_the_real_fsdp1_and_falls_back_to_the_fsdp2_units_whe
     def broken(*a, **k):
         raise RuntimeError("no FSDP1 here")
 
+    shard_fsdp1 = distributed.shard_fsdp1
     monkeypatch.setattr(distributed, "shard_fsdp1", broken)
     clear_cache()
     modelled = simulate(tiny_spec(LLAMA), st, extrapolate=False)
     assert any("failed under fake tensors: RuntimeError: no FSDP1 here" in n for n in modelled.notes), modelled.notes
     assert not any("the real one" in n for n in modelled.notes)
     assert modelled.peak_bytes != real.peak_bytes  # another model of the step, not the same run
-    monkeypatch.undo()
+    monkeypatch.setattr(distributed, "shard_fsdp1", shard_fsdp1)
     clear_cache()
     off = simulate(tiny_spec(LLAMA), setup(num_gpus=2, **_BASE, method="lora", fsdp="full_shard", fsdp_version=1, offload="all"),
                    extrapolate=False)
     assert any("modelled by the FSDP2 step" in n and "CPUOffload" in n for n in off.notes), off.notes
+    monkeypatch.setattr(distributed, "FSDP1_REAL", False)  # the default: the FSDP2-units model, and it says so
+    clear_cache()
+    default = simulate(tiny_spec(LLAMA), st, extrapolate=False)
+    assert any("modelled by the FSDP2 step" in n and "TUNEPILOT_FSDP1=real" in n for n in default.notes), default.notes

@@ -230,11 +230,13 @@ def _check_supported(model: ModelSpec, setup: TrainingSetup) -> None:
 
 def _cache_key(model: ModelSpec, setup: TrainingSetup, extrapolate: bool) -> str:
     s = setup.model_dump(mode="json", exclude=_IRRELEVANT)
-    from tools.memory.distributed import plan_for
+    from tools.memory.distributed import fsdp1_runs, plan_for
 
     plan = plan_for(setup)
     if plan is not None:  # a sharded dry run (tools.memory.distributed): its bytes are one rank's
         s["_shard"] = [plan.engine, plan.world_size, plan.reshard_after_forward, plan.offload, plan.zero_stage, setup.offload]
+        if plan.engine == "fsdp1":  # the real FSDP1 or the FSDP2 units that model it
+            s["_shard"].append(fsdp1_runs(setup) is None)
     s["gradient_accumulation_steps"] = min(setup.gradient_accumulation_steps, 2)
     if setup.objective == "grpo":  # the generation batch follows the accumulation (trl's default)
         s["generation_batch_size"] = setup.grpo_generation_batch
