@@ -154,19 +154,19 @@ def run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable
 
     plan = distributed.plan_for(setup)
     if plan is None or plan.engine != "fsdp1" or distributed.fsdp1_runs(setup) is not None or setup.objective != "sft":
-        return _run(model, setup, depth, forward=forward, cuda_loss=cuda_loss)
+        return _run_step(model, setup, depth, forward=forward, cuda_loss=cuda_loss)
     try:
-        return _run(model, setup, depth, forward=forward, cuda_loss=cuda_loss)
+        return _run_step(model, setup, depth, forward=forward, cuda_loss=cuda_loss)
     except Exception as e:  # noqa: BLE001 - any failure of FSDP1 under fake tensors: the FSDP2-units model
         from tools.schemas import TunepilotError
 
         if isinstance(e, TunepilotError):
             raise
         with distributed.fsdp1_modelled(f"the real FSDP1 failed under fake tensors: {type(e).__name__}: {str(e)[:160]}"):
-            return _run(model, setup, depth, forward=forward, cuda_loss=cuda_loss)
+            return _run_step(model, setup, depth, forward=forward, cuda_loss=cuda_loss)
 
 
-def _run(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable[..., ForwardOutput] | None = None,
+def _run_step(model: ModelSpec, setup: TrainingSetup, depth: int, *, forward: Callable[..., ForwardOutput] | None = None,
          cuda_loss: bool = True) -> RunResult:
     if setup.objective != "sft" and forward is None:
         from tools.memory import objectives
