@@ -126,6 +126,9 @@ def _simulated_shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -
     notes = [f"per-GPU step simulated sharded over {step.world_size} ranks (fake process group); rank {step.rank} reported: "
              "every parameter is split on dim 0 with rank 0 holding the largest chunk, and the padded all-gather "
              "buffers are equal on all ranks, so rank 0 is the worst rank"]
+    if setup.fsdp != "none" and setup.fsdp_version == 1:
+        # which FSDP1 ran: the real FullyShardedDataParallel (opt-in) or the FSDP2 units that model it, and why
+        notes.extend([n for n in step.notes if n.startswith("FSDP1 (")][:1])  # (one per simulated depth: the same)
     gathered_modelled = False
     if setup.zero_stage and step.segment_breakdowns and (setup.offload == "none" or setup.zero_stage == 3):
         segs = {seg: dict(b) for seg, b in step.segment_breakdowns.items()}
