@@ -70,7 +70,8 @@ def real_sharded_step(spec, st, depth: int, mesh) -> dict:
             "segments": {k: sum(v.values()) for k, v in segments.items()}, "offloaded": host}
 
 
-def _worker(rank: int, world: int, port: int, cases: list, queue) -> None:
+def _worker(rank: int, world: int, port: int, cases: list, queue, fsdp1: bool = False) -> None:
+    """One gloo rank: every case's real step (FSDP2 over a CPU mesh, or torch's FSDP1 when `fsdp1`)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
     import torch.distributed as dist
@@ -79,11 +80,15 @@ def _worker(rank: int, world: int, port: int, cases: list, queue) -> None:
     out: dict = {}
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        from torch.distributed.device_mesh import init_device_mesh
+        if fsdp1:
+            for name, spec, st, depth in cases:
+                out[name] = real_fsdp1_step(spec, st, depth)
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", (world,))
-        for name, spec, st, depth in cases:
-            out[name] = real_sharded_step(spec, st, depth, mesh)
+            mesh = init_device_mesh("cpu", (world,))
+            for name, spec, st, depth in cases:
+                out[name] = real_sharded_step(spec, st, depth, mesh)
         queue.put((rank, out, None))
     except BaseException as e:  # noqa: BLE001 - reported to the test
         import traceback
@@ -94,14 +99,14 @@ def _worker(rank: int, world: int, port: int, cases: list, queue) -> None:
             dist.destroy_process_group()
 
 
-def run_real(world: int, cases: list, timeout: float = 120.0) -> dict:
+def run_real(world: int, cases: list, timeout: float = 120.0, *, fsdp1: bool = False) -> dict:
     """{case name: [rank 0 result, rank 1 result, ...]} from `world` real processes (gloo, spawn)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, cases, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, cases, queue, fsdp1)) for r in range(world)]
     for p in procs:
         p.start()
     results: dict = {}
@@ -193,50 +198,6 @@ def real_fsdp1_step(spec, st, depth: int, _mesh=None) -> dict:
     return {"peak": max(segments.values()), "segments": segments}
 
 
-def _fsdp1_worker(rank: int, world: int, port: int, cases: list, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    out: dict = {}
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        for name, spec, st, depth in cases:
-            out[name] = real_fsdp1_step(spec, st, depth)
-        queue.put((rank, out, None))
-    except BaseException as e:  # noqa: BLE001 - reported to the test
-        import traceback
-
-        queue.put((rank, out, f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_real_fsdp1(world: int, cases: list, timeout: float = 180.0) -> dict:
     """{case name: [rank results]} of real FSDP1 steps (`real_fsdp1_step`) in `world` gloo processes."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_fsdp1_worker, args=(r, world, port, cases, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict = {}
-    errors = []
-    try:
-        for _ in procs:
-            rank, out, err = queue.get(timeout=timeout)
-            results[rank] = out
-            if err:
-                errors.append(f"rank {rank}: {err}")
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise RuntimeError("; ".join(errors))
-    return {name: [results[r][name] for r in range(world)] for name, *_ in cases}
+    return run_real(world, cases, timeout, fsdp1=True)
