@@ -352,6 +352,10 @@ def correct_args(tool: str, args: dict, req: Request, *, first: bool) -> tuple[d
             setup["objective"] = req.objective
             notes.append(f"setup.objective {req.objective!r} from the person's message" + ("" if old in (None, "") else f" (the call had {old!r})"))
     # the method
+    if req.fsdp and tool == "plan_training" and (req.num_gpus or 0) > 1 and not new.get("fsdp"):
+        # "with FSDP": the plan searches FSDP setups only (not the ZeRO ones it would also rank)
+        new["fsdp"] = "shard_grad_op" if re.search(r"shard[\s_-]*grad[\s_-]*op", req.text.lower()) else "full_shard"
+        notes.append(f"planned FSDP {new['fsdp']} only, as the person asked")
     if req.method:
         if tool == "plan_training":
             if new.get("method") in (None, "", "auto") or (first and new.get("method") != req.method):

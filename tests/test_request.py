@@ -76,6 +76,21 @@ def test_two_methods_named_become_one_plan_each():
     assert new["method"] == "qlora" and "compare_methods" not in new
 
 
+def test_fsdp_named_on_several_gpus_plans_fsdp_only(tmp_path):
+    req = read_request("Llama-3.1-70B QLoRA on 2x RTX 3090 with FSDP: will it fit, and do I need CPU offload?")
+    new, notes = correct_args("plan_training", {"model": "meta-llama/Llama-3.1-70B", "hardware": "2x RTX 3090"}, req, first=True)
+    assert new["fsdp"] == "full_shard" and any("FSDP full_shard only" in n for n in notes)
+    one = read_request("Mistral-7B with FSDP on one RTX 4090?")
+    assert "fsdp" not in correct_args("plan_training", {"model": "mistral-7b", "hardware": "RTX 4090"}, one, first=True)[0]
+    # the real tool then ranks FSDP setups only (the planner's own engine restriction)
+    from tools.agent_tools import ToolContext, plan_training_tool, tool_context
+
+    with tool_context(ToolContext(workdir=tmp_path)):
+        _, art = plan_training_tool(model="mistral-7b", hardware="2x RTX 4090", seq_len=1024, exact=False, method="lora",
+                                    fsdp="full_shard")
+    assert art["setup"]["fsdp"] == "full_shard" and art["setup"]["zero_stage"] == 0
+
+
 def test_tools_without_setup_arguments_are_untouched():
     req = read_request("Llama-3.1-8B on a 4090, seq 4096")
     assert correct_args("lookup_model", {"model": "x"}, req, first=True) == ({"model": "x"}, [])

@@ -695,6 +695,8 @@ class PlanArgs(_ToolArgs):
     objective_knobs: SkipJsonSchema[dict] = {}
     # set by the agent when the person's message names two or more methods ("LoRA or QLoRA?"): one plan each
     compare_methods: SkipJsonSchema[list[Literal["full", "lora", "qlora"]]] = []
+    # set by the agent when the person's message asks for FSDP on several GPUs: only FSDP setups are planned
+    fsdp: SkipJsonSchema[Optional[Literal["full_shard", "shard_grad_op"]]] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -752,7 +754,7 @@ def plan_training_tool(**kw) -> tuple[str, dict]:
         seq_len=seq_len, dataset_tokens=args.dataset_tokens, dataset_examples=args.dataset_examples,
         effective_batch=args.effective_batch or 16, method=args.method, num_train_epochs=args.num_train_epochs,
         price_per_gpu_hour=args.price_per_gpu_hour, quality=args.quality or args.goal, confirm=args.exact,
-        objective=args.objective, objective_knobs=args.objective_knobs,
+        objective=args.objective, objective_knobs=args.objective_knobs, fsdp=args.fsdp,
     )
     result: Plan = make_plan(spec, hw, goals)
     best_setup = None
