@@ -113,13 +113,51 @@ def _check(setup: TrainingSetup, hardware: HardwareSpec | None, notes: list[str]
         )
 
 
+def _deepspeed_peak(step: StepMemory, setup: TrainingSetup, model: ModelSpec, notes: list[str]) -> tuple[dict[str, float], bool]:
+    """The per-GPU peak breakdown of a DeepSpeed setup from the simulated step's segments, and whether ZeRO-3's
+    gathering was modelled: DeepSpeed's gradients (tools.memory.distributed.deepspeed_gradients) and ZeRO-3's
+    per-submodule gathered parameters (tools.memory.zero3) in place of FSDP2's, then the largest segment."""
+    from tools.memory.distributed import deepspeed_gradients
+    from tools.memory.segments import PHASE_OF_SEGMENT
+
+    gathered_modelled = False
+    segs = {seg: dict(b) for seg, b in step.segment_breakdowns.items()}
+    if setup.offload == "none":
+        # DeepSpeed's gradients instead of FSDP2's in every segment of the simulated step
+        segs = {seg: deepspeed_gradients(setup, seg, b, step.trainable_parameters) for seg, b in segs.items()}
+        notes.append(f"DeepSpeed ZeRO-{setup.zero_stage} gradients: a 16-bit partition through the step, fp32 only inside the optimizer step"
+                     + (" (one sub_group_size at a time)" if setup.zero_stage == 3 else ""))
+    if setup.zero_stage == 3:
+        # DeepSpeed's per-submodule gathering instead of FSDP2's per-block units (tools.memory.zero3)
+        from tools.memory.zero3 import coordinator_config, gathered_by_segment
+
+        gathered, moments = gathered_by_segment(model, setup)
+        for seg, b in segs.items():
+            if seg in gathered:
+                b.pop("fsdp_all_gather", None)
+                b["zero_gathered_params"] = gathered[seg]
+        gathered_modelled = True
+        cfg = coordinator_config(setup, model.hidden_size)
+        where = ", ".join(f"{seg} {gathered[seg] / BYTES_PER_GIB:.2f} GiB" + (f" (at {moments[seg].module})" if seg in moments else "")
+                          for seg in ("forward", "backward-loss", "backward", "backward-tail", "optimizer") if seg in gathered)
+        notes.append("DeepSpeed ZeRO-3 gathered parameters (zero_gathered_params, in place of FSDP2's per-block all-gather): "
+                     "the PartitionedParameterCoordinator's per-submodule fetch / prefetch / release replayed over the step's "
+                     f"module trace{' with gradient checkpointing recompute' if setup.gradient_checkpointing else ''} "
+                     f"(stage3_prefetch_bucket_size {cfg.prefetch_bucket_size:.3g}, stage3_max_live_parameters {cfg.max_live_parameters:.3g}, "
+                     f"stage3_max_reuse_distance {cfg.max_reuse_distance:.3g}, stage3_param_persistence_threshold "
+                     f"{cfg.param_persistence_threshold:.3g}{' (auto = 10 hidden)' if not setup.zero_param_persistence_threshold else ''}); "
+                     f"most gathered per segment: {where}")
+    best = max(segs, key=lambda seg: sum(segs[seg].values()))
+    notes.append(f"DeepSpeed ZeRO-{setup.zero_stage}: per-GPU peak in {PHASE_OF_SEGMENT.get(best, best)}")
+    return {k: float(v) for k, v in segs[best].items()}, gathered_modelled
+
+
 def _simulated_shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -> tuple[dict[str, float], float, list[str]]:
     """A step the dry run already sharded (tools.memory.distributed): its bytes are one rank's.
 
     Only DeepSpeed's own buffers (named components from the ds_config.json values) and the host side
     of CPU offload are added here."""
-    from tools.memory.distributed import deepspeed_buffers, deepspeed_gradients
-    from tools.memory.segments import PHASE_OF_SEGMENT
+    from tools.memory.distributed import deepspeed_buffers
 
     n = setup.num_gpus
     bd = {k: float(v) for k, v in step.peak_breakdown.items()}
@@ -131,35 +169,7 @@ def _simulated_shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -
         notes.extend([n for n in step.notes if n.startswith("FSDP1 (")][:1])  # (one per simulated depth: the same)
     gathered_modelled = False
     if setup.zero_stage and step.segment_breakdowns and (setup.offload == "none" or setup.zero_stage == 3):
-        segs = {seg: dict(b) for seg, b in step.segment_breakdowns.items()}
-        if setup.offload == "none":
-            # DeepSpeed's gradients instead of FSDP2's in every segment of the simulated step
-            segs = {seg: deepspeed_gradients(setup, seg, b, step.trainable_parameters) for seg, b in segs.items()}
-            notes.append(f"DeepSpeed ZeRO-{setup.zero_stage} gradients: a 16-bit partition through the step, fp32 only inside the optimizer step"
-                         + (" (one sub_group_size at a time)" if setup.zero_stage == 3 else ""))
-        if setup.zero_stage == 3:
-            # DeepSpeed's per-submodule gathering instead of FSDP2's per-block units (tools.memory.zero3)
-            from tools.memory.zero3 import coordinator_config, gathered_by_segment
-
-            gathered, moments = gathered_by_segment(model, setup)
-            for seg, b in segs.items():
-                if seg in gathered:
-                    b.pop("fsdp_all_gather", None)
-                    b["zero_gathered_params"] = gathered[seg]
-            gathered_modelled = True
-            cfg = coordinator_config(setup, model.hidden_size)
-            where = ", ".join(f"{seg} {gathered[seg] / BYTES_PER_GIB:.2f} GiB" + (f" (at {moments[seg].module})" if seg in moments else "")
-                              for seg in ("forward", "backward-loss", "backward", "backward-tail", "optimizer") if seg in gathered)
-            notes.append("DeepSpeed ZeRO-3 gathered parameters (zero_gathered_params, in place of FSDP2's per-block all-gather): "
-                         "the PartitionedParameterCoordinator's per-submodule fetch / prefetch / release replayed over the step's "
-                         f"module trace{' with gradient checkpointing recompute' if setup.gradient_checkpointing else ''} "
-                         f"(stage3_prefetch_bucket_size {cfg.prefetch_bucket_size:.3g}, stage3_max_live_parameters {cfg.max_live_parameters:.3g}, "
-                         f"stage3_max_reuse_distance {cfg.max_reuse_distance:.3g}, stage3_param_persistence_threshold "
-                         f"{cfg.param_persistence_threshold:.3g}{' (auto = 10 hidden)' if not setup.zero_param_persistence_threshold else ''}); "
-                         f"most gathered per segment: {where}")
-        best = max(segs, key=lambda seg: sum(segs[seg].values()))
-        bd = {k: float(v) for k, v in segs[best].items()}
-        notes.append(f"DeepSpeed ZeRO-{setup.zero_stage}: per-GPU peak in {PHASE_OF_SEGMENT.get(best, best)}")
+        bd, gathered_modelled = _deepspeed_peak(step, setup, model, notes)
     if setup.zero_stage:
         extra = deepspeed_buffers(setup, model.hidden_size, step.trainable_parameters,
                                   comm_factor=float(_const("zero_comm_buffer_factor")["value"]),
@@ -209,6 +219,8 @@ def _shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -> tuple[di
 
     from tools.analytic import legacy_rope_cache_bytes
 
+    # buffers are never sharded nor offloaded: early-2024 transformers' per-layer rotary tables stay whole on every GPU
+    rope = float(legacy_rope_cache_bytes(model, setup))
     engine = "FSDP" if setup.fsdp != "none" else "DeepSpeed ZeRO"
     trainable = step.trainable_parameters
     mixed = setup.bf16 or setup.fp16
@@ -233,8 +245,6 @@ def _shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -> tuple[di
         bd["gradients"] = bd.get("gradients", 0.0) / n
     if stage >= 3:
         gathered = float(_const("zero3_prefetch_layers")["value"]) * step.largest_layer_param_bytes
-        # buffers are never sharded: early-2024 transformers' per-layer rotary tables stay whole on every GPU
-        rope = float(legacy_rope_cache_bytes(model, setup))
         bd["weights"] = max(0.0, bd.get("weights", 0.0) - rope) / n + rope
         if bd.get("reference_model"):
             bd["reference_model"] = bd["reference_model"] / n  # trl prepares the reference with the same ZeRO-3 / FSDP sharding
@@ -259,7 +269,6 @@ def _shard(step: StepMemory, setup: TrainingSetup, model: ModelSpec) -> tuple[di
     if setup.offload == "all" or (setup.fsdp != "none" and setup.offload != "none"):
         # FSDP's CPU offload moves parameters and gradients together with the optimizer
         per_node = max(1, n // max(setup.num_nodes, 1))
-        rope = float(legacy_rope_cache_bytes(model, setup))  # buffers: FSDP/DeepSpeed offload parameters only
         host += (bd.get("weights", 0.0) - rope + bd.get("adapters", 0.0) + bd.get("gradients", 0.0)) * per_node
         bd["weights"], bd["adapters"] = rope, 0.0
         if setup.fsdp != "none":
